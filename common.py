@@ -1,0 +1,1116 @@
+"""Plumbing shared by every method file: nothing in here is a method.
+
+Sections, in the order a method file uses them:
+  1. errors and arguments      UsageError, get_args_parser, parse_args (presets, dataset defaults)
+  2. distributed               setup (torchrun or one process), collectives, SyncBN, DDP wrapping
+  3. backbones                 torchvision ResNet (CIFAR stem, width) and a ViT (DINO / MoCo v3 style)
+  4. augmentations and views   augmentation(...) building block, Views (2 views, asymmetric, multi-crop)
+  5. data                      datasets (torchvision, folders, procedural), the epoch-seeded sampler, Loader
+  6. optimisation              parameter groups, LARS, schedules, EMA update
+  7. running                   autocast, checkpoints, MetricLogger, plots
+  8. evaluation                feature extraction, weighted kNN, the kNN monitor
+
+Training-loop contract (fixed, so method files never change when the input pipeline does):
+`loader.epoch(epoch)` yields `(views, labels, indices)`; `views` is a list of float tensors
+(B, 3, H, W), already on the training device and normalised; `indices` are dataset indices.
+The augmentation of image i in epoch e is a function of (seed, e, i) only, so a resumed run
+sees exactly the views an uninterrupted run would have seen.
+
+The method file decides every hyper-parameter and passes it in; nothing here picks a
+method's recipe.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = ('resnet18', 'resnet34', 'resnet50', 'vit_tiny', 'vit_small', 'vit_base')
+DATASETS = ('cifar10', 'cifar100', 'stl10', 'procedural')
+
+
+# =============================================================================
+# 1. Errors and arguments
+# =============================================================================
+
+class UsageError(Exception):
+    """Bad input: printed as one line `error: ...` and the process exits with code 2."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. a non-finite loss): one line, exit code 1."""
+
+
+def run(main):
+    """Call main() and turn UsageError/TrainingError into a one-line message and an exit code."""
+    try:
+        main()
+    except (UsageError, TrainingError) as e:
+        message = str(e).strip()
+        if 'Original Traceback' in message:  # raised inside a DataLoader worker: keep its last line
+            message = message.splitlines()[-1].split('Error: ', 1)[-1]
+        print(f'error: {message}', file=sys.stderr, flush=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
+def get_args_parser(description, method):
+    """The flags every method shares. The method file adds its own block and sets defaults."""
+    parser = argparse.ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(method=method)
+    g = parser.add_argument_group('data')
+    g.add_argument('--data', required=True,
+                   help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with train/ and val/ (or test/)')
+    g.add_argument('--data-dir', default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
+                   help='where torchvision datasets are downloaded / looked for')
+    g.add_argument('--image-size', type=int, default=None, help='training crop size (default: follows the dataset)')
+    g.add_argument('--workers', type=int, default=None, help='data-loading processes per GPU (default: CPUs / GPUs, at most 10)')
+    g = parser.add_argument_group('model')
+    g.add_argument('--arch', default='resnet50', help='one of ' + ', '.join(ARCHS))
+    g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = standard; smaller only for smoke runs)')
+    g.add_argument('--cifar-stem', action=argparse.BooleanOptionalAction, default=None,
+                   help='ResNet 3x3 stride-1 conv1 without max-pool (default: on for images <= 64 px)')
+    g.add_argument('--zero-init-residual', action=argparse.BooleanOptionalAction, default=False,
+                   help='ResNet: last BN of each residual block starts at zero')
+    g.add_argument('--patch-size', type=int, default=None, help='ViT patch size (default: 16, or 4 for images <= 64 px)')
+    g.add_argument('--num-heads', type=int, default=None, help='ViT attention heads (default: 3 / 6 / 12 for tiny / small / base)')
+    g.add_argument('--drop-path', type=float, default=0.0, help='ViT stochastic depth rate')
+    g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'), help='ViT position embedding')
+    g.add_argument('--freeze-patch-embed', action=argparse.BooleanOptionalAction, default=False,
+                   help='ViT: keep the patch projection at its random init (MoCo v3)')
+    g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=True,
+                   help='convert BatchNorm to SyncBatchNorm when training on several GPUs')
+    g = parser.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=100)
+    g.add_argument('--batch-size', type=int, default=256, help='GLOBAL batch size, all processes together')
+    g.add_argument('--optimizer', default='sgd', choices=('sgd', 'lars', 'adamw'))
+    g.add_argument('--lr', type=float, default=0.05, help='base learning rate per 256 images (scaled linearly by batch/256)')
+    g.add_argument('--min-lr', type=float, default=0.0, help='final learning rate of the cosine schedule (absolute)')
+    g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, in epochs')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD / LARS momentum')
+    g.add_argument('--weight-decay', type=float, default=1e-4)
+    g = parser.add_argument_group('running')
+    g.add_argument('--output-dir', default=None, help='checkpoints and logs (default: runs/<method>-<data>-<arch>); '
+                   'rerunning the same command resumes from it')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
+                   help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
+    g.add_argument('--log-every', type=int, default=50, help='steps between progress lines')
+    g.add_argument('--knn-every', type=int, default=10, help='epochs between kNN evaluations (0 = only at the end, -1 = never)')
+    g.add_argument('--knn-k', type=int, default=None, help='kNN monitor neighbours (default: 200 small images, 20 else)')
+    g.add_argument('--knn-t', type=float, default=None, help='kNN monitor temperature (default: 0.1 small images, 0.07 else)')
+    g.add_argument('--stop-after-epoch', type=int, default=None,
+                   help='exit after this epoch, e.g. to fit a job time limit; rerun the same command to resume')
+    return parser
+
+
+def explicit_flags(parser, argv):
+    """Destinations of the flags the user typed (so presets never override them)."""
+    typed = set()
+    for action in parser._actions:
+        for option in action.option_strings:
+            if any(a == option or a.startswith(option + '=') for a in argv):
+                typed.add(action.dest)
+    return typed
+
+
+def parse_args(parser, small_image_preset, argv=None):
+    """Parse, validate, and apply the dataset-dependent defaults and the method's preset.
+
+    `small_image_preset` (a dict, written in the method file) replaces the defaults when the
+    images are small (CIFAR-like, <= 64 px), for every flag the user did not type.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    typed = explicit_flags(parser, argv)
+    args.dataset_info = inspect_dataset(args.data, args.data_dir)
+    small = args.dataset_info['image_size'] <= 64
+    notes = []
+    if small and small_image_preset:
+        preset = {k: v for k, v in small_image_preset.items() if k not in typed}
+        for key, value in preset.items():
+            setattr(args, key, value)
+        notes.append('small-image preset (' + ', '.join(f'{k}={v}' for k, v in preset.items()) + ')')
+    if args.image_size is None:
+        args.image_size = args.dataset_info['image_size'] if small else 224
+    if args.cifar_stem is None:
+        args.cifar_stem = args.image_size <= 64
+    if args.patch_size is None:
+        args.patch_size = 4 if args.image_size <= 64 else 16
+    if args.knn_k is None:
+        args.knn_k = 200 if small else 20
+    if args.knn_t is None:
+        args.knn_t = 0.1 if small else 0.07
+    if args.output_dir is None:
+        data_name = os.path.basename(os.path.normpath(args.data)).replace(':', '')
+        args.output_dir = os.path.join('runs', f'{args.method}-{data_name}-{args.arch}')
+    validate_args(args)
+    info = args.dataset_info
+    notes.insert(0, f"data {args.data}: {info['num_train']} train / {info['num_test']} test images, "
+                    f"{info['num_classes']} classes, {info['image_size']} px -> image size {args.image_size}"
+                    + (', CIFAR stem' if args.cifar_stem and args.arch.startswith('resnet') else '')
+                    + (f', patch {args.patch_size}' if args.arch.startswith('vit') else ''))
+    args.notes = notes
+    return args
+
+
+def validate_args(args):
+    if args.arch not in ARCHS:
+        raise UsageError(f"unknown --arch '{args.arch}'; choose one of: {', '.join(ARCHS)}")
+    if args.arch.startswith('vit') and args.image_size % args.patch_size:
+        raise UsageError(f'--patch-size {args.patch_size} does not divide --image-size {args.image_size}; '
+                         'pick a patch size that divides the crop size')
+    if args.arch.startswith('resnet') and args.freeze_patch_embed:
+        raise UsageError('--freeze-patch-embed is a ViT option; drop it or use a --arch vit_*')
+    if args.batch_size <= 0 or args.epochs <= 0:
+        raise UsageError('--batch-size and --epochs must be positive')
+    if args.width <= 0:
+        raise UsageError('--width must be positive')
+
+
+def print0(*a, **k):
+    """print on the main process only."""
+    if get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+# =============================================================================
+# 2. Distributed: torchrun env, one-process fallback, collectives
+# =============================================================================
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def setup(args):
+    """Join the torchrun process group if there is one (multi-node too); else one process.
+
+    Returns (device, rank, world_size, is_main). Also sets the seed so that model
+    initialisation is identical on every rank, and creates the output directory.
+    """
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:  # DDP: launched by torchrun
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = torch.device('cuda', local_rank)
+            dist.init_process_group('nccl', device_id=device)
+        else:
+            device = torch.device('cpu')
+            dist.init_process_group('gloo')
+    else:  # one process: one GPU, or the CPU
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, world_size = get_rank(), get_world_size()
+    if args.batch_size % world_size:
+        raise UsageError(f'--batch-size {args.batch_size} is not divisible by the {world_size} processes; '
+                         f'use a multiple of {world_size}')
+    if args.workers is None:
+        per_gpu = (os.cpu_count() or 2) // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+        args.workers = max(0, min(10, per_gpu - 1))
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)  # model init identical on all ranks
+    np.random.seed(args.seed + rank)
+    if rank == 0:
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+        print(f'{args.method}: {world_size} process(es) on {device.type}'
+              + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''), flush=True)
+        for note in args.notes:
+            print('  ' + note, flush=True)
+        print('  args: ' + ' '.join(f'{k}={v}' for k, v in sorted(vars(args).items())
+                                   if k not in ('notes', 'dataset_info')), flush=True)
+    return device, rank, world_size, rank == 0
+
+
+def seed_epoch(args, epoch, rank):
+    """Re-seed the global RNG at every epoch start (seed + rank, offset by the epoch): dropout, drop-path,
+    random permutations... become a function of (seed, rank, epoch), so resuming is exact."""
+    torch.manual_seed(args.seed + rank + 100_003 * epoch)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # every rank's loss may depend on our slice: sum the gradients of all ranks, keep our slice
+        grad = torch.stack(grads)
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+def all_gather_with_grad(x):
+    """(n, ...) on each rank -> (world * n, ...), rank-major; gradients flow back to every rank's input.
+
+    Use it when the loss on one GPU depends on other GPUs' embeddings AND they need gradients
+    (SimCLR's negatives). A plain all_gather returns tensors detached from the graph.
+    """
+    if get_world_size() == 1:
+        return x
+    return torch.cat(_AllGatherWithGrad.apply(x))
+
+
+@torch.no_grad()
+def all_gather_no_grad(x):
+    """(n, ...) on each rank -> (world * n, ...), rank-major, no gradient (keys, queue entries, indices)."""
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_sum(x):
+    """Sum over all ranks, in place (no-op on one process)."""
+    if get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def prepare_model(model, args, device):
+    """SyncBN (several processes), device, channels-last (CNNs), torch.compile, DDP.
+
+    Returns (model, raw_model): call `model(...)` for the training forward pass (DDP syncs
+    its gradients) and use `raw_model` for everything else (EMA, checkpoints, evaluation).
+    """
+    world_size = get_world_size()
+    if world_size > 1 and args.sync_bn:
+        if device.type == 'cuda':
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP: BN statistics over the global batch
+        else:
+            print0('  note: SyncBatchNorm needs GPUs; on CPU processes each keeps per-process BN statistics')
+    model = model.to(device)
+    if device.type == 'cuda' and args.arch.startswith('resnet'):
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:  # DDP: averages gradients over processes during backward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return model, raw_model
+
+
+# =============================================================================
+# 3. Backbones: features only, `embed_dim` tells their size
+# =============================================================================
+
+class ResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with the classifier removed, an optional CIFAR stem
+    (3x3 stride-1 conv1, no max-pool) and a base width (64 = the standard network).
+    State-dict keys match torchvision's, so weights load into `torchvision.models.resnet50`."""
+
+    def __init__(self, block, layers, width=64, cifar_stem=False, zero_init_residual=False):
+        self._width = width
+        super().__init__(block, layers, zero_init_residual=zero_init_residual)
+        self.embed_dim = 8 * width * block.expansion
+        if cifar_stem or width != 64:
+            self.conv1 = nn.Conv2d(3, width, 3 if cifar_stem else 7, 1 if cifar_stem else 2,
+                                   1 if cifar_stem else 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
+        if cifar_stem:
+            self.maxpool = nn.Identity()
+        self.fc = nn.Identity()
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # first stage: the stem's output width
+            self.inplanes = self._width
+        return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: drop a residual branch for whole samples, rescale the kept ones."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        if return_attention:  # explicit softmax, to look at it
+            attention = (q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
+            x = attention @ v
+        else:  # fused kernel (flash / memory-efficient attention)
+            attention, x = None, F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C)), attention
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)), with drop-path."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path_rate):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x, return_attention=False):
+        y, attention = self.attn(self.norm1(x), return_attention)
+        x = x + drop_path(y, self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        return x, attention
+
+
+def sincos_pos_embed(grid_h, grid_w, dim, temperature=10000.0):
+    """Fixed 2-D sin-cos position embedding (MoCo v3): (1, 1 + h*w, dim), zeros for the CLS token.
+    A quarter of the channels each: sin(x*w_k), cos(x*w_k), sin(y*w_k), cos(y*w_k), w_k = T^(-k/(dim/4))."""
+    assert dim % 4 == 0, 'sin-cos position embedding needs a dim divisible by 4'
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing='ij')
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    out_x, out_y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (h*w, dim/4)
+    pe = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), pe]).float()[None]
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al. 2021) as used by DINO and MoCo v3: patch embedding, CLS token,
+    pre-norm blocks, final LayerNorm; returns the CLS token (B, D). The position embedding
+    (learned, or fixed 2-D sin-cos) is interpolated for inputs of another size than `image_size`."""
+
+    def __init__(self, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0,
+                 drop_path_rate=0.0, pos_embed='learned', freeze_patch_embed=False):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        grid = image_size // patch_size
+        if pos_embed == 'sincos':
+            self.register_buffer('pos_embed', sincos_pos_embed(grid, grid, embed_dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        if freeze_patch_embed:  # MoCo v3 "random patch projection": weight AND bias stay at init
+            self.patch_embed.weight.requires_grad_(False)
+            self.patch_embed.bias.requires_grad_(False)
+
+    def interpolate_pos_embed(self, grid_h, grid_w):
+        """(1, 1 + grid_h*grid_w, D): the stored embedding resampled (bicubic) to another grid."""
+        n = self.pos_embed.shape[1] - 1
+        side = int(math.sqrt(n))
+        if grid_h == grid_w == side:
+            return self.pos_embed
+        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+        patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode='bicubic', align_corners=False)
+        return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(cls.dtype)], dim=1)
+
+    def tokens(self, x):
+        B, _, H, W = x.shape
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
+        return x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)[:, 0]  # CLS token after the final norm, (B, D)
+
+    @torch.no_grad()
+    def get_last_selfattention(self, x):
+        """Attention of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS token's."""
+        x = self.tokens(x)
+        for block in self.blocks[:-1]:
+            x, _ = block(x)
+        return self.blocks[-1](x, return_attention=True)[1]
+
+
+VIT_SIZES = {'vit_tiny': (192, 12, 3), 'vit_small': (384, 12, 6), 'vit_base': (768, 12, 12)}  # dim, depth, heads
+
+
+def build_backbone(args):
+    """The backbone named by args.arch (features only; `.embed_dim` is their size)."""
+    if args.arch.startswith('resnet'):
+        block, layers = {'resnet18': (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
+                         'resnet34': (torchvision.models.resnet.BasicBlock, [3, 4, 6, 3]),
+                         'resnet50': (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3])}[args.arch]
+        return ResNet(block, layers, args.width, args.cifar_stem, args.zero_init_residual)
+    dim, depth, heads = VIT_SIZES[args.arch]
+    return VisionTransformer(args.image_size, args.patch_size, dim, depth, args.num_heads or heads,
+                             drop_path_rate=args.drop_path, pos_embed=args.pos_embed,
+                             freeze_patch_embed=args.freeze_patch_embed)
+
+
+# =============================================================================
+# 4. Augmentations and views
+# =============================================================================
+
+def augmentation(size, scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
+                 blur_prob=0.0, solarize_prob=0.0, flip=True, interpolation='bilinear'):
+    """One random view: RandomResizedCrop -> flip -> colour jitter -> grayscale -> blur -> solarize.
+
+    Every probability and strength is the method's to choose (they differ per paper and,
+    for BYOL/MoCo v3/DINO, per view). Blur: Gaussian, kernel ~10% of the crop, sigma in
+    [0.1, 2]. Returns a uint8 (3, size, size) tensor; normalisation happens on the device.
+    """
+    mode = {'bilinear': T.InterpolationMode.BILINEAR, 'bicubic': T.InterpolationMode.BICUBIC}[interpolation]
+    steps = [T.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True)]
+    if flip:
+        steps.append(T.RandomHorizontalFlip())
+    if jitter_prob > 0:
+        steps.append(T.RandomApply([T.ColorJitter(*jitter)], p=jitter_prob))
+    if grayscale_prob > 0:
+        steps.append(T.RandomGrayscale(p=grayscale_prob))
+    if blur_prob > 0:
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, ~10% of the image side
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
+    if solarize_prob > 0:
+        steps.append(T.RandomSolarize(threshold=128, p=solarize_prob))  # BYOL: invert pixels above 128
+    steps.append(T.PILToTensor())
+    return T.Compose(steps)
+
+
+def simclr_jitter(strength):
+    """SimCLR's colour distortion strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)."""
+    return (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+
+
+def eval_transform(image_size, native_size):
+    """Deterministic view for evaluation: small images as they are (resized if needed);
+    large ones resized to 256/224 of the crop, then centre-cropped."""
+    if native_size <= 64:
+        steps = [] if native_size == image_size else [T.Resize(image_size, antialias=True)]
+        return T.Compose(steps + [T.CenterCrop(image_size), T.PILToTensor()])
+    return T.Compose([T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC,
+                               antialias=True), T.CenterCrop(image_size), T.PILToTensor()])
+
+
+class Views:
+    """Applies a list of transforms to one image and returns the list of views:
+    [t, t] = two symmetric views (SimCLR, MoCo, SimSiam); [t1, t2] = asymmetric views (BYOL,
+    MoCo v3); [global1, global2, local, ..., local] = multi-crop (SwAV, DINO)."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+
+def multi_crop_views(global_transforms, local_transform, num_local):
+    """Multi-crop (SwAV, DINO): the global views (each its own transform, they may differ) then
+    `num_local` local views. Views of one size come next to each other, so a method can batch
+    them into one backbone call."""
+    return Views(list(global_transforms) + [local_transform] * num_local)
+
+
+# =============================================================================
+# 5. Data
+# =============================================================================
+
+def inspect_dataset(data, data_dir):
+    """What we know about --data before loading it: sizes, classes, native image size."""
+    if data == 'procedural' or data.startswith('procedural:'):
+        n = ProceduralTextures.parse(data)
+        return dict(kind='procedural', num_train=n, num_test=max(200, n // 5), num_classes=10, image_size=32)
+    known = {'cifar10': (50000, 10000, 10, 32), 'cifar100': (50000, 10000, 100, 32), 'stl10': (105000, 8000, 10, 96)}
+    if data in known:
+        n_train, n_test, classes, size = known[data]
+        return dict(kind='torchvision', num_train=n_train, num_test=n_test, num_classes=classes, image_size=size)
+    if not os.path.isdir(data):
+        raise UsageError(f"--data '{data}' is neither a dataset name ({', '.join(DATASETS)}) nor an existing folder")
+    train = os.path.join(data, 'train')
+    if not os.path.isdir(train):
+        raise UsageError(f"--data '{data}' has no train/ folder; expected train/<class>/*.jpg and val/ (or test/) alike")
+    test = next((os.path.join(data, s) for s in ('val', 'test') if os.path.isdir(os.path.join(data, s))), None)
+    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+    first = next((os.path.join(train, c, f) for c in classes for f in sorted(os.listdir(os.path.join(train, c)))
+                  if f.lower().endswith(IMAGE_EXTENSIONS)), None)
+    if first is None:
+        raise UsageError(f"--data '{data}': no images in {train}/<class>/ (expected {', '.join(IMAGE_EXTENSIONS)})")
+    size = max(load_image(first).size)
+    count = lambda root: sum(len(files) for _, _, files in os.walk(root)) if root else 0  # noqa: E731
+    return dict(kind='folder', num_train=count(train), num_test=count(test), num_classes=len(classes),
+                image_size=size, train=train, test=test)
+
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+def load_image(path):
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:
+        raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
+
+
+class ProceduralTextures(torch.utils.data.Dataset):
+    """An offline dataset for smoke runs and tests: 10 classes of two-tone textures
+    (horizontal, vertical and diagonal stripes, checkerboard, dots, cross-hatch, grid lines,
+    rings, sectors, blobs) at a random phase, period and rotation jitter, in two random grey
+    levels with a faint colour cast and pixel noise. Brightness says nothing about the class
+    and every crop of an image shows the same texture, so crop + colour augmentations teach
+    what the labels need: an untrained ResNet's kNN is near chance, a few hundred SimCLR
+    steps lift it far above. Image i is a pure function of (split, i)."""
+
+    def __init__(self, n, split, size=32):
+        self.n, self.split, self.size = n, split, size
+        self.targets = [i % 10 for i in range(n)]
+
+    @staticmethod
+    def parse(data):
+        try:
+            n = int(data.split(':', 1)[1]) if ':' in data else 5000
+        except ValueError:
+            n = 0
+        if n < 10:
+            raise UsageError(f"--data '{data}': write procedural or procedural:N with N >= 10 training images")
+        return n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([0 if self.split == 'train' else 1, i])
+        s, label = self.size, self.targets[i]
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        a = rng.uniform(-0.15, 0.15)  # small rotation jitter, radians
+        u, v = xx * np.cos(a) + yy * np.sin(a), -xx * np.sin(a) + yy * np.cos(a)
+        period, phase = rng.uniform(0.15, 0.3), rng.uniform(0, 1)
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        wave = lambda t: np.sin(2 * np.pi * (t / period + phase))  # noqa: E731
+        mask = [
+            lambda: wave(v) > 0,                                              # horizontal stripes
+            lambda: wave(u) > 0,                                              # vertical stripes
+            lambda: wave((u + rng.choice([-1, 1]) * v) / 1.4) > 0,            # diagonal stripes
+            lambda: wave(u) * wave(v) > 0,                                    # checkerboard
+            lambda: (wave(u) > 0.5) & (wave(v) > 0.5),                        # dots
+            lambda: (abs(wave((u + v) / 1.4)) > 0.8) | (abs(wave((u - v) / 1.4)) > 0.8),  # cross-hatch
+            lambda: (wave(u) > 0.8) | (wave(v) > 0.8),                        # grid lines
+            lambda: wave(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)) > 0,       # rings
+            lambda: np.sin(6 * np.arctan2(yy - cy, xx - cx) + 6 * phase) > 0,  # sectors
+            lambda: self._blobs(rng, s) > 0,                                  # blobs
+        ][label]()
+        tint = rng.uniform(-20, 20, 3)  # a faint colour cast; the two tones are grey levels
+        background, foreground = rng.uniform(0, 255) + tint, rng.uniform(0, 255) + tint
+        img = np.where(mask[..., None], foreground, background) + rng.normal(0, 8, (s, s, 3))
+        return Image.fromarray(img.clip(0, 255).astype(np.uint8)), label
+
+    @staticmethod
+    def _blobs(rng, s):
+        coarse = rng.normal(size=(4, 4)).astype(np.float32)
+        return np.asarray(Image.fromarray(coarse, mode='F').resize((s, s), Image.BICUBIC))
+
+
+def base_dataset(args, split):
+    """The raw dataset (PIL image, label) for split 'train' or 'test'; None if there is no such split."""
+    info, data = args.dataset_info, args.data
+    if info['kind'] == 'procedural':
+        return ProceduralTextures(info['num_train'] if split == 'train' else info['num_test'], split)
+    if info['kind'] == 'folder':
+        root = info['train'] if split == 'train' else info['test']
+        if root is None:
+            return None
+        try:
+            return torchvision.datasets.ImageFolder(root, loader=load_image)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UsageError(f"--data '{data}': {e}") from None
+    cls = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100,
+           'stl10': torchvision.datasets.STL10}[data]
+    kwargs = (dict(split={'train': 'train+unlabeled', 'labelled': 'train', 'test': 'test'}[split]) if data == 'stl10'
+              else dict(train=split != 'test'))
+    root = os.path.join(args.data_dir, data)
+    try:
+        return cls(root, download=False, **kwargs)
+    except RuntimeError:
+        pass
+    try:
+        if get_rank() == 0:
+            cls(root, download=True, **kwargs)
+        if get_world_size() > 1:
+            dist.barrier()
+        return cls(root, download=False, **kwargs)
+    except Exception as e:
+        raise UsageError(f"could not find or download {data} ({type(e).__name__}); without network, put torchvision's "
+                         f"{data} files in {root} (or pass --data-dir), or give --data an image folder") from None
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Wraps a raw dataset: item (epoch, i) -> (views, label, i). The random augmentation is
+    seeded from (seed, epoch, i), so it does not depend on workers, processes or resuming."""
+
+    def __init__(self, base, transform, seed):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        epoch, i = item
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 998_244_353 + i) % 2 ** 63)
+            views = self.transform(img)
+        return views, label, i
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler that yields (epoch, index): a permutation seeded by (seed, epoch),
+    split over ranks. drop_last trims the permutation to a multiple of world size * batch."""
+
+    def __init__(self, n, batch_size, rank, world_size, seed, shuffle=True, drop_last=True):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
+        self.seed, self.shuffle, self.drop_last, self.epoch = seed, shuffle, drop_last, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.drop_last:
+            order = order[:self.n // (self.world * self.batch_size) * self.world * self.batch_size]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in self._indices()])
+
+    def __len__(self):
+        return len(self._indices())
+
+
+class Loader:
+    """Batches of views already on the device: `for views, labels, indices in loader.epoch(e)`.
+    Workers decode and augment on the CPU and return uint8; the device converts to float,
+    normalises and (for CNNs) makes the tensors channels-last."""
+
+    def __init__(self, dataset, batch_size, sampler, workers, device, channels_last=False):
+        self.sampler, self.device, self.channels_last = sampler, device, channels_last
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=sampler.drop_last,
+            pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _to_device(self, images):
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+        for views, labels, indices in self.loader:
+            yield ([self._to_device(v) for v in views], labels.to(self.device, non_blocking=True),
+                   indices.to(self.device, non_blocking=True))
+
+
+def build_train_loader(args, transform, device):
+    """The training loader: `transform` makes the list of views from one image."""
+    rank, world_size = get_rank(), get_world_size()
+    dataset = ViewDataset(base_dataset(args, 'train'), transform, args.seed)
+    per_rank = args.batch_size // world_size
+    if len(dataset) < args.batch_size:
+        raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(dataset)} training images')
+    sampler = EpochSampler(len(dataset), per_rank, rank, world_size, args.seed)
+    return Loader(dataset, per_rank, sampler, args.workers, device, channels_last=uses_channels_last(args, device))
+
+
+def build_eval_loaders(args, device, batch_size=256):
+    """(train, test) loaders with the evaluation transform, each rank a shard, or None when
+    there is no labelled test split (kNN then skipped)."""
+    if getattr(args, 'knn_every', 0) < 0:
+        return None
+    test = base_dataset(args, 'test')
+    if test is None:
+        print0(f'  note: {args.data} has no val/ or test/ split; no kNN evaluation')
+        return None
+    split_train = 'labelled' if args.data == 'stl10' else 'train'
+    rank, world_size = get_rank(), get_world_size()
+    transform = Views([eval_transform(args.image_size, args.dataset_info['image_size'])])
+    loaders = []
+    for base in (base_dataset(args, split_train), test):
+        sampler = EpochSampler(len(base), batch_size, rank, world_size, args.seed, shuffle=False, drop_last=False)
+        loaders.append(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
+                              device, channels_last=uses_channels_last(args, device)))
+    return tuple(loaders)
+
+
+def uses_channels_last(args, device):
+    return device.type == 'cuda' and args.arch.startswith('resnet')
+
+
+# =============================================================================
+# 6. Optimisation
+# =============================================================================
+
+def scale_lr(base_lr, batch_size):
+    """The linear scaling rule, applied once: lr = base_lr * batch_size / 256."""
+    lr = base_lr * batch_size / 256
+    print0(f'  lr = {base_lr} x {batch_size} / 256 = {lr:.6g}')
+    return lr
+
+
+def param_groups(module, weight_decay, exclude_bias_and_norm=True):
+    """Two groups: weights with weight decay, and biases / norm parameters (1-d tensors)
+    without it, marked `bias_and_norm` so LARS skips its trust ratio for them too.
+    Parameters that do not require gradients are left out."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay, bias_and_norm=False)]
+    if no_decay:
+        groups.append(dict(params=no_decay, weight_decay=0.0, bias_and_norm=True))
+    return groups
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as in SimCLR/BYOL: for each parameter w with gradient g,
+        g' = g + wd * w;  g' *= trust * ||w|| / ||g'||  (if both norms > 0);
+        buf = momentum * buf + g';  w -= lr * buf.
+    Groups marked `bias_and_norm` get plain SGD with momentum and no decay."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, bias_and_norm=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group['bias_and_norm']:
+                    update = update.add(p, alpha=group['weight_decay'])
+                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0),
+                                        group['trust_coefficient'] * w_norm / u_norm, torch.ones_like(w_norm))
+                    update = update * trust
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p)
+                buf = state['momentum_buffer']
+                buf.mul_(group['momentum']).add_(update)
+                p.add_(buf, alpha=-group['lr'])
+
+
+def build_optimizer(name, groups, lr, momentum=0.9, betas=(0.9, 0.999)):
+    """SGD (momentum), LARS or AdamW over param groups that carry their own weight decay."""
+    if name == 'sgd':
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == 'lars':
+        return LARS(groups, lr=lr, momentum=momentum)
+    if name == 'adamw':
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    raise UsageError(f"unknown optimizer '{name}'; choose sgd, lars or adamw")
+
+
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0):
+    """One value per iteration: linear warm-up from `warmup_start` to `base` over
+    `warmup_epochs`, then half a cosine from `base` to `final`. Used for lr, weight decay
+    and EMA momentum (base 0.996 -> final 1)."""
+    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
+    warm = np.linspace(warmup_start, base, warmup, endpoint=False)
+    t = np.arange(total - warmup)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
+    return np.concatenate([warm, cosine])
+
+
+def step_schedule(base, epochs, steps_per_epoch, milestones, gamma=0.1):
+    """One value per iteration: `base`, multiplied by `gamma` at each milestone epoch."""
+    epoch = np.arange(epochs * steps_per_epoch) / steps_per_epoch
+    return base * gamma ** np.searchsorted(np.asarray(milestones), epoch, side='right')
+
+
+def set_lr(optimizer, lr):
+    """Set every group's lr, except groups marked `fixed_lr` (SimSiam's predictor)."""
+    for group in optimizer.param_groups:
+        if not group.get('fixed_lr', False):
+            group['lr'] = float(lr)
+
+
+def set_weight_decay(optimizer, weight_decay):
+    """Set the weight decay of every group except the biases and norms (DINO's schedule)."""
+    for group in optimizer.param_groups:
+        if not group.get('bias_and_norm', False):
+            group['weight_decay'] = float(weight_decay)
+
+
+@torch.no_grad()
+def ema_update(target, online, momentum):
+    """target <- momentum * target + (1 - momentum) * online, parameters only (buffers such as
+    BN statistics are the target's own). The target gets no gradient and no optimizer."""
+    target_params = [p for p in target.parameters()]
+    online_params = [p.detach() for p in online.parameters()]
+    torch._foreach_mul_(target_params, momentum)
+    torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
+
+
+# =============================================================================
+# 7. Running: precision, checkpoints, logging
+# =============================================================================
+
+def autocast(device, args):
+    """bf16 autocast on GPUs that support it (no loss scaling needed); float32 elsewhere."""
+    if device.type == 'cuda' and args.precision != 'fp32' and torch.cuda.is_bf16_supported():
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    if args.precision == 'bf16' and device.type != 'cuda':
+        return torch.autocast('cpu', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def checkpoint_path(args):
+    return os.path.join(args.output_dir, 'checkpoint.pth')
+
+
+def save_checkpoint(args, epoch, backbone, **objects):
+    """Atomically write <output-dir>/checkpoint.pth: method, args, epochs done, `backbone` (the
+    weights the paper evaluates, loadable by eval_knn.py) and the state of every named object
+    (model, optimizer, ...). A temporary file, flushed to disk, is renamed over the old one,
+    so a crash never leaves half a checkpoint."""
+    if get_rank() != 0:
+        return
+    state = dict(method=args.method, args={k: v for k, v in vars(args).items() if k != 'notes'}, epoch=epoch,
+                 backbone=backbone.state_dict(), **{name: obj.state_dict() for name, obj in objects.items()})
+    path = checkpoint_path(args)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """torch.load with a one-line error for missing, corrupt or truncated files."""
+    if not os.path.isfile(path):
+        raise UsageError(f'no checkpoint at {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UsageError(f'checkpoint {path} is corrupt or truncated ({type(e).__name__}); '
+                         'delete it to start over, or point --output-dir elsewhere') from None
+
+
+def resume(args, **objects):
+    """Resume from <output-dir>/checkpoint.pth if it exists: load each named object's state
+    (model, optimizer, ...) and return the number of epochs already done (0 for a fresh run).
+    Refuses a checkpoint written by another method or for another architecture."""
+    path = checkpoint_path(args)
+    if not os.path.exists(path):
+        return 0
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or 'method' not in state or 'args' not in state:
+        raise UsageError(f'{path} is not a checkpoint of this project; delete it or use another --output-dir')
+    if state['method'] != args.method:
+        raise UsageError(f"{path} was written by {state['method']}, not {args.method}; use another --output-dir")
+    for key in ('arch', 'width', 'patch_size', 'cifar_stem'):
+        if key in state['args'] and state['args'][key] != getattr(args, key):
+            raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
+                             f"not {getattr(args, key)}; use the same value or another --output-dir")
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    print0(f"  resumed from {path}: {state['epoch']} epoch(s) done")
+    return state['epoch']
+
+
+class MetricLogger:
+    """Progress lines on the main rank and a JSON-lines file `metrics.jsonl` in the output
+    directory. Values are read from the device (a host sync) only on logging steps; the
+    running loss sum lets every step's loss be checked for NaN/inf at those points."""
+
+    def __init__(self, args, steps_per_epoch):
+        self.args, self.steps_per_epoch = args, steps_per_epoch
+        self.total_steps = args.epochs * steps_per_epoch
+        self.path = os.path.join(args.output_dir, 'metrics.jsonl')
+        self.is_main = get_rank() == 0
+        self.loss_sum, self.count, self.start_step = None, 0, None
+
+    def log(self, **values):
+        """Append one record (e.g. kNN accuracy) to metrics.jsonl."""
+        if self.is_main:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(values) + '\n')
+
+    def step(self, epoch, step, loss, **values):
+        """Call once per training step. `values` may hold tensors; they are read only when logging."""
+        loss = loss.detach().float()
+        self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
+        self.count += 1
+        if self.start_step is None:
+            self.start_step, self.tic, self.tic_step = step, time.time(), step
+        if (step + 1) % self.args.log_every and step + 1 != self.total_steps:
+            return
+        loss_value = loss.item()
+        self.check_finite(float(self.loss_sum), epoch, step)
+        now = time.time()
+        images_per_s = (step + 1 - self.tic_step) * self.args.batch_size / max(now - self.tic, 1e-9)
+        self.tic, self.tic_step = now, step + 1
+        eta = (self.total_steps - step - 1) * self.args.batch_size / max(images_per_s, 1e-9)
+        values = {k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in values.items()}
+        record = dict(epoch=epoch, step=step + 1, loss=loss_value, images_per_s=images_per_s, **values)
+        if self.is_main:
+            print(f'epoch {epoch + 1}/{self.args.epochs} step {step + 1}/{self.total_steps} loss {loss_value:.4f} '
+                  + ' '.join(f'{k} {v:.4g}' for k, v in values.items())
+                  + f' | {images_per_s:.0f} img/s eta {datetime.timedelta(seconds=int(eta))}', flush=True)
+        self.log(**record)
+
+    def end_epoch(self, epoch):
+        """Mean loss of the epoch (checked to be finite), logged; resets the running sum."""
+        mean = float(self.loss_sum) / max(1, self.count)
+        self.check_finite(mean, epoch, None)
+        self.log(epoch=epoch + 1, epoch_loss=mean)
+        self.loss_sum, self.count = None, 0
+        return mean
+
+    def check_finite(self, value, epoch, step):
+        if not math.isfinite(value):
+            where = f'epoch {epoch + 1}' + (f' (by step {step + 1})' if step is not None else '')
+            raise TrainingError(f'the loss became {value} in {where}; stopping. The last good checkpoint, if any, is '
+                                f'{checkpoint_path(self.args)} (try a lower --lr or --precision fp32)')
+
+
+def plot_metrics(output_dir):
+    """metrics.jsonl -> metrics.png: loss and lr per step, kNN accuracy per epoch."""
+    if get_rank() != 0:
+        return
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    path = os.path.join(output_dir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    steps = [r for r in records if 'step' in r]
+    knn = [r for r in records if 'knn_top1' in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r['step'] for r in steps], [r['loss'] for r in steps])
+    axes[0].set(xlabel='step', ylabel='loss', title='training loss')
+    if steps and 'lr' in steps[0]:
+        axes[1].plot([r['step'] for r in steps], [r['lr'] for r in steps])
+    axes[1].set(xlabel='step', ylabel='lr', title='learning rate')
+    axes[2].plot([r['epoch'] for r in knn], [r['knn_top1'] for r in knn], marker='o')
+    axes[2].set(xlabel='epoch', ylabel='top-1 (%)', title='kNN accuracy')
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, 'metrics.png'), dpi=100)
+    plt.close(fig)
+
+
+# =============================================================================
+# 8. Evaluation: features and weighted kNN
+# =============================================================================
+
+@torch.no_grad()
+def extract_features(backbone, loader, device, args):
+    """L2-normalised backbone features and labels of a whole (sharded) dataset, gathered from
+    all ranks and put back in dataset order: ((N, D), (N,)). Runs in eval mode (BN frozen)."""
+    was_training = backbone.training
+    backbone.eval()
+    features, labels, indices = [], [], []
+    for views, y, i in loader.epoch(0):
+        with autocast(device, args):
+            features.append(F.normalize(backbone(views[0]).float(), dim=1))
+        labels.append(y)
+        indices.append(i)
+    backbone.train(was_training)
+    features, labels, indices = torch.cat(features), torch.cat(labels), torch.cat(indices)
+    if get_world_size() > 1:  # DDP: shards have different lengths; pad to the longest, gather, drop the padding
+        n = torch.tensor([len(indices)], device=device)
+        longest = int(all_gather_no_grad(n).max())
+        pad = longest - len(indices)
+        features = F.pad(features, (0, 0, 0, pad))
+        labels, indices = F.pad(labels, (0, pad), value=-1), F.pad(indices, (0, pad), value=-1)
+        features, labels, indices = all_gather_no_grad(features), all_gather_no_grad(labels), all_gather_no_grad(indices)
+        keep = indices >= 0
+        features, labels, indices = features[keep], labels[keep], indices[keep]
+    order = torch.argsort(indices)
+    return features[order], labels[order]
+
+
+@torch.no_grad()
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, ks, temperature, chunk=512):
+    """Weighted kNN classifier (Wu et al. 2018): each test feature's k most cosine-similar
+    training features vote for their class with weight exp(similarity / T). Features must be
+    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks`."""
+    k_max = min(max(ks), len(train_features))
+    correct = {k: torch.zeros(2, device=test_features.device) for k in ks}
+    for start in range(0, len(test_features), chunk):
+        similarity = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
+        top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
+        weights, neighbour_labels = (top_sim / temperature).exp(), train_labels[top_idx]
+        labels = test_labels[start:start + chunk, None]
+        for k in ks:
+            votes = torch.zeros(len(top_sim), num_classes, device=top_sim.device)
+            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])  # (c, classes)
+            top_votes, ranked = votes.topk(min(5, num_classes), dim=1)
+            hit = (ranked == labels) & (top_votes > 0)  # a class without votes is no prediction
+            correct[k] += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+    return {k: tuple((100 * c / len(test_features)).tolist()) for k, c in correct.items()}
+
+
+def extract_train_test_features(backbone, eval_loaders, device, args):
+    """Features and labels of the labelled train split and of the test split."""
+    return (*extract_features(backbone, eval_loaders[0], device, args),
+            *extract_features(backbone, eval_loaders[1], device, args))
+
+
+def knn_due(args, epoch):
+    """Is the kNN monitor due after `epoch`? Every --knn-every epochs and after the last."""
+    if args.knn_every < 0:
+        return False
+    return epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0)
+
+
+def knn_monitor(backbone, eval_loaders, device, args):
+    """kNN top-1/top-5 of `backbone` with the monitor's k and T: a dict to log, {} if no test split."""
+    if eval_loaders is None:
+        return {}
+    start = time.time()
+    features = extract_train_test_features(backbone, eval_loaders, device, args)
+    top1, top5 = knn_accuracy(*features, args.dataset_info['num_classes'], [args.knn_k], args.knn_t)[args.knn_k]
+    print0(f'  kNN (k={args.knn_k}, T={args.knn_t}): top-1 {top1:.2f}  top-5 {top5:.2f}  ({time.time() - start:.0f} s)')
+    return dict(knn_top1=top1, knn_top5=top5)

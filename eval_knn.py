@@ -1,0 +1,90 @@
+"""Weighted k-nearest-neighbour evaluation of frozen features, for any method's checkpoint.
+
+The backbone stored in the checkpoint (the weights each paper evaluates: the encoder, not the
+projection head; DINO's teacher) embeds every training and test image with the evaluation
+transform; features are L2-normalised; each test image takes the k most cosine-similar
+training images, which vote for their label with weight exp(similarity / T) (Wu et al. 2018).
+
+Conventions: ImageNet (DINO) k=20, T=0.07, also k=10/100/200 -- the default here;
+CIFAR (InstDisc, MoCo's CIFAR demo) k=200, T=0.1 -- `--temperature 0.1` and read the k=200 row.
+
+Run:
+  python eval_knn.py runs/simclr-cifar10-resnet18/checkpoint.pth --temperature 0.1
+  python eval_knn.py --random-init --arch resnet18 --data cifar10          # the untrained baseline
+  torchrun --nproc_per_node=8 eval_knn.py runs/dino-imagenet-vit_small/checkpoint.pth --json knn.json
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+import common
+
+parser = common.get_args_parser(__doc__, method='eval_knn')
+for action in parser._actions:  # --data defaults to the checkpoint's
+    if action.dest == 'data':
+        action.required = False
+evaluation = parser.add_argument_group('kNN evaluation')
+evaluation.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
+evaluation.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (--arch ...)')
+evaluation.add_argument('--k', type=int, nargs='+', default=[10, 20, 100, 200], help='numbers of neighbours')
+evaluation.add_argument('--temperature', type=float, default=0.07, help='T of the vote weights exp(sim / T)')
+evaluation.add_argument('--json', default=None, help='also write the results to this JSON file')
+# what the backbone is built from, taken from the checkpoint unless typed on the command line
+BACKBONE_KEYS = ('arch', 'width', 'cifar_stem', 'zero_init_residual', 'patch_size', 'num_heads', 'pos_embed',
+                 'image_size', 'freeze_patch_embed')
+
+
+def main():
+    argv = sys.argv[1:]
+    first = parser.parse_args(argv)
+    checkpoint_file = first.checkpoint
+    if bool(checkpoint_file) == first.random_init:
+        raise common.UsageError('give a checkpoint to evaluate, or --random-init with --arch and --data')
+    state = common.read_checkpoint(checkpoint_file) if checkpoint_file else None
+    if state is not None and not (isinstance(state, dict) and 'backbone' in state and 'args' in state):
+        raise common.UsageError(f'{checkpoint_file} is not a checkpoint of this project (no backbone / args)')
+    if state is not None:  # the checkpoint's data and backbone settings, unless typed
+        typed = common.explicit_flags(parser, argv)
+        defaults = {key: state['args'][key] for key in BACKBONE_KEYS + ('data', 'data_dir')
+                    if key in state['args'] and key not in typed}
+        parser.set_defaults(**defaults)
+    elif first.data is None:
+        raise common.UsageError('--random-init needs --data')
+    args = common.parse_args(parser, {}, argv)
+    args.output_dir, args.knn_every, args.drop_path, args.batch_size = None, 0, 0.0, 256
+    device, rank, world_size, is_main = common.setup(args)
+
+    backbone = common.build_backbone(args)
+    if state is not None:
+        backbone.load_state_dict(state['backbone'])
+        common.print0(f"  {state['method']} backbone from {checkpoint_file}, epoch {state['epoch']}")
+    backbone = backbone.to(device)
+    if common.uses_channels_last(args, device):
+        backbone = backbone.to(memory_format=torch.channels_last)
+    eval_loaders = common.build_eval_loaders(args, device)
+    if eval_loaders is None:
+        raise common.UsageError(f'{args.data} has no labelled test split to evaluate on')
+
+    start = time.time()
+    features = common.extract_train_test_features(backbone, eval_loaders, device, args)
+    results = common.knn_accuracy(*features, args.dataset_info['num_classes'], args.k, args.temperature)
+    common.print0(f'  features: {len(features[0])} train / {len(features[2])} test, {features[0].shape[1]}-d, '
+                  f'{time.time() - start:.0f} s')
+    for k, (top1, top5) in results.items():
+        common.print0(f'kNN k={k:<4d} T={args.temperature}: top-1 {top1:6.2f}  top-5 {top5:6.2f}')
+    if args.json and is_main:
+        record = dict(checkpoint=checkpoint_file, method=state['method'] if state else 'random-init',
+                      epoch=state['epoch'] if state else 0, data=args.data, arch=args.arch,
+                      temperature=args.temperature,
+                      results={str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in results.items()})
+        tmp = args.json + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == '__main__':
+    common.run(main)

@@ -1,0 +1,245 @@
+"""common.py against independent references: collectives, LARS, schedules, backbones, kNN, data."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from conftest import run_distributed
+
+
+def backbone_args(**kw):
+    defaults = dict(arch='resnet18', width=64, cifar_stem=False, zero_init_residual=False, image_size=32,
+                    patch_size=4, num_heads=None, drop_path=0.0, pos_embed='learned', freeze_patch_embed=False)
+    return argparse.Namespace(**{**defaults, **kw})
+
+
+# ---- distributed collectives -------------------------------------------------
+
+def _gather_grad(rank, world_size, n, d):
+    x = torch.randn(world_size, n, d, generator=torch.Generator().manual_seed(0))[rank].requires_grad_()
+    gathered = common.all_gather_with_grad(x)                       # (world * n, d)
+    weights = torch.arange(world_size * n * d, dtype=torch.float32).view(world_size * n, d) * (rank + 1)
+    (gathered * weights).sum().backward()                            # each rank's loss uses every rank's rows
+    return dict(gathered=gathered.detach(), grad=x.grad, no_grad=common.all_gather_no_grad(x.detach()))
+
+
+def test_all_gather_with_grad_matches_single_process(tmp_path):
+    world_size, n, d = 2, 3, 4
+    results = run_distributed(_gather_grad, n, d, tmp_path=tmp_path)
+    full = torch.randn(world_size, n, d, generator=torch.Generator().manual_seed(0))
+    for rank, r in enumerate(results):
+        assert torch.equal(r['gathered'], full.reshape(-1, d))
+        assert torch.equal(r['no_grad'], full.reshape(-1, d))
+        # single process: the sum of all ranks' losses, differentiated w.r.t. this rank's rows
+        x = full.clone().requires_grad_()
+        total = sum((x.reshape(-1, d) * torch.arange(world_size * n * d, dtype=torch.float32).view(-1, d) * (q + 1)).sum()
+                    for q in range(world_size))
+        total.backward()
+        assert torch.allclose(r['grad'], x.grad[rank])
+
+
+# ---- optimisation ------------------------------------------------------------
+
+def test_param_groups_exclude_bias_and_norm():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2, bias=False))
+    decay, no_decay = common.param_groups(model, 0.5)
+    assert {id(p) for p in decay['params']} == {id(model[0].weight), id(model[2].weight)}
+    assert {id(p) for p in no_decay['params']} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+    assert decay['weight_decay'] == 0.5 and no_decay['weight_decay'] == 0 and no_decay['bias_and_norm']
+
+
+def test_lars_step_matches_formula_and_excludes_bias():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    model.weight.grad, model.bias.grad = torch.randn(3, 6), torch.randn(3)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    wd, lr, trust = 0.1, 0.5, 0.001
+    optimizer = common.LARS(common.param_groups(model, wd), lr=lr, momentum=0.9, trust_coefficient=trust)
+    optimizer.step()
+    update = model.weight.grad + wd * w0
+    expected_w = w0 - lr * trust * w0.norm() / update.norm() * update
+    assert torch.allclose(model.weight, expected_w, atol=1e-7)
+    assert torch.allclose(model.bias, b0 - lr * model.bias.grad)  # plain SGD, no decay, no trust ratio
+    optimizer.step()  # momentum: buf = 0.9 * buf + update'
+    update2 = model.weight.grad + wd * expected_w
+    buf = 0.9 * (trust * w0.norm() / update.norm() * update) + trust * expected_w.norm() / update2.norm() * update2
+    assert torch.allclose(model.weight, expected_w - lr * buf, atol=1e-6)
+
+
+def test_cosine_schedule_values():
+    s = common.cosine_schedule(1.0, 0.1, epochs=10, steps_per_epoch=4, warmup_epochs=2, warmup_start=0.0)
+    assert len(s) == 40
+    assert s[0] == 0.0 and math.isclose(s[4], 0.5) and math.isclose(s[8], 1.0)  # linear warm-up, then base
+    t = np.arange(32)
+    assert np.allclose(s[8:], 0.1 + 0.45 * (1 + np.cos(np.pi * t / 32)))
+    assert s[-1] > 0.1 and np.all(np.diff(s[8:]) < 0)
+    momentum = common.cosine_schedule(0.996, 1.0, epochs=5, steps_per_epoch=10)
+    assert math.isclose(momentum[0], 0.996) and momentum[-1] > 0.9999
+
+
+def test_step_schedule_values():
+    s = common.step_schedule(0.03, epochs=200, steps_per_epoch=2, milestones=[120, 160])
+    assert math.isclose(s[0], 0.03) and math.isclose(s[239], 0.03)
+    assert math.isclose(s[240], 0.003) and math.isclose(s[319], 0.003) and math.isclose(s[320], 0.0003)
+
+
+def test_set_lr_skips_fixed_groups_and_weight_decay_skips_bias():
+    a, b = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([dict(params=[a], weight_decay=0.1), dict(params=[b], lr=0.05, fixed_lr=True,
+                                                                            bias_and_norm=True, weight_decay=0.0)], lr=1)
+    common.set_lr(optimizer, np.float64(0.3))
+    common.set_weight_decay(optimizer, 0.4)
+    assert optimizer.param_groups[0]['lr'] == 0.3 and type(optimizer.param_groups[0]['lr']) is float
+    assert optimizer.param_groups[1]['lr'] == 0.05
+    assert optimizer.param_groups[0]['weight_decay'] == 0.4 and optimizer.param_groups[1]['weight_decay'] == 0.0
+
+
+def test_ema_update_formula():
+    online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    expected = [0.9 * t.detach() + 0.1 * o.detach() for t, o in zip(target.parameters(), online.parameters())]
+    common.ema_update(target, online, 0.9)
+    for t, e in zip(target.parameters(), expected):
+        assert torch.allclose(t, e)
+
+
+# ---- backbones ---------------------------------------------------------------
+
+def test_resnet_cifar_stem_and_dims():
+    r18 = common.build_backbone(backbone_args(cifar_stem=True))
+    assert r18.conv1.kernel_size == (3, 3) and r18.conv1.stride == (1, 1) and isinstance(r18.maxpool, nn.Identity)
+    assert r18.embed_dim == 512 and r18(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    r50 = common.build_backbone(backbone_args(arch='resnet50'))
+    assert r50.conv1.kernel_size == (7, 7) and r50.embed_dim == 2048
+    assert r50(torch.randn(2, 3, 64, 64)).shape == (2, 2048)
+    # the standard network keeps torchvision's parameter names and shapes
+    import torchvision
+    reference = torchvision.models.resnet50()
+    reference.fc = nn.Identity()
+    assert {k: v.shape for k, v in r50.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    small = common.build_backbone(backbone_args(width=8, cifar_stem=True))
+    assert small.embed_dim == 64 and small(torch.randn(2, 3, 16, 16)).shape == (2, 64)
+    zero = common.build_backbone(backbone_args(zero_init_residual=True))
+    assert torch.all(zero.layer1[0].bn2.weight == 0)
+
+
+def test_sincos_position_embedding_values():
+    pe = common.sincos_pos_embed(3, 4, 8)  # (1, 1 + 12, 8)
+    assert pe.shape == (1, 13, 8) and torch.all(pe[0, 0] == 0)
+    row, col = 2, 3  # patch (y=2, x=3) is token 1 + 2*4 + 3
+    omega = 1 / 10000 ** (torch.arange(2) / 2)
+    expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)])
+    assert torch.allclose(pe[0, 1 + row * 4 + col], expected.float(), atol=1e-6)
+
+
+@pytest.mark.parametrize('pos_embed', ['learned', 'sincos'])
+def test_vit_position_embedding_interpolation(pos_embed):
+    torch.manual_seed(0)
+    vit = common.build_backbone(backbone_args(arch='vit_tiny', image_size=32, patch_size=4, pos_embed=pos_embed))
+    assert vit.pos_embed.shape == (1, 1 + 64, 192)
+    assert vit.interpolate_pos_embed(8, 8) is vit.pos_embed  # same grid: untouched
+    small = vit.interpolate_pos_embed(4, 4)
+    assert small.shape == (1, 17, 192) and torch.equal(small[:, 0], vit.pos_embed[:, 0])  # CLS kept
+    # bicubic resampling of a linear ramp is the ramp sampled at the new pixel centres
+    ramp = torch.arange(8.0).repeat(8, 1)  # value = x coordinate
+    vit.pos_embed.data[0, 1:, 0] = ramp.flatten()
+    resampled = vit.interpolate_pos_embed(4, 4)[0, 1:, 0].view(4, 4)
+    assert torch.allclose(resampled[1:3, 1:3], torch.tensor([[2.5, 4.5], [2.5, 4.5]]), atol=1e-4)
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 192) and vit(torch.randn(2, 3, 16, 16)).shape == (2, 192)
+
+
+def test_vit_attention_maps_and_frozen_patch_embed():
+    torch.manual_seed(0)
+    vit = common.build_backbone(backbone_args(arch='vit_tiny', freeze_patch_embed=True, drop_path=0.1))
+    vit.eval()
+    x = torch.randn(2, 3, 32, 32)
+    attention = vit.get_last_selfattention(x)
+    assert attention.shape == (2, 3, 65, 65) and torch.allclose(attention.sum(-1), torch.ones(2, 3, 65))
+    # the explicit attention path computes what the fused kernel computes
+    tokens = vit.tokens(x)
+    fused, _ = vit.blocks[0](tokens)
+    explicit, _ = vit.blocks[0](tokens, return_attention=True)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    vit.train()
+    weight = vit.patch_embed.weight.detach().clone()
+    optimizer = torch.optim.SGD(common.param_groups(vit, 0.1)[0]['params'], lr=1.0)
+    vit(x).sum().backward()
+    optimizer.step()
+    assert vit.patch_embed.weight.grad is None and torch.equal(vit.patch_embed.weight, weight)
+    assert all(p is not vit.patch_embed.weight for g in common.param_groups(vit, 0.1) for p in g['params'])
+
+
+# ---- kNN -------------------------------------------------------------------
+
+def test_knn_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    train_labels = torch.randint(0, 7, (300,), generator=g)
+    test = F.normalize(torch.randn(50, 16, generator=g), dim=1)
+    test_labels = torch.randint(0, 7, (50,), generator=g)
+    results = common.knn_accuracy(train, train_labels, test, test_labels, 7, [1, 5, 20], 0.1, chunk=7)
+    for k in (1, 5, 20):
+        top1 = top5 = 0
+        for i in range(50):  # the definition, one test image at a time
+            similarity = [float(test[i] @ train[j]) for j in range(300)]
+            neighbours = sorted(range(300), key=lambda j: -similarity[j])[:k]
+            votes = [0.0] * 7
+            for j in neighbours:
+                votes[int(train_labels[j])] += math.exp(similarity[j] / 0.1)
+            ranked = sorted(range(7), key=lambda c: -votes[c])
+            top1 += ranked[0] == int(test_labels[i])
+            top5 += int(test_labels[i]) in [c for c in ranked[:5] if votes[c] > 0]
+        assert results[k][0] == pytest.approx(100 * top1 / 50) and results[k][1] == pytest.approx(100 * top5 / 50)
+
+
+# ---- data ------------------------------------------------------------------
+
+def test_views_are_a_function_of_seed_epoch_and_index():
+    base = common.ProceduralTextures(20, 'train')
+    view = common.augmentation(16, (0.2, 1.0), common.simclr_jitter(1.0), blur_prob=0.5, solarize_prob=0.5)
+    dataset = common.ViewDataset(base, common.Views([view, view]), seed=3)
+    a, label, index = dataset[(2, 5)]
+    torch.manual_seed(123)  # the global RNG does not matter
+    b, _, _ = dataset[(2, 5)]
+    assert label == 5 % 10 and index == 5 and a[0].dtype == torch.uint8 and a[0].shape == (3, 16, 16)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1])                      # two different views
+    assert not torch.equal(a[0], dataset[(3, 5)][0][0])    # another epoch, other views
+    assert np.array_equal(np.asarray(base[7][0]), np.asarray(common.ProceduralTextures(20, 'train')[7][0]))
+
+
+def test_epoch_sampler_shards_cover_the_data_once():
+    shards = [list(common.EpochSampler(103, 10, rank, 3, seed=0)) for rank in range(3)]
+    indices = [i for shard in shards for _, i in shard]
+    assert all(len(s) == 30 for s in shards) and len(set(indices)) == 90  # 103 trimmed to 3 ranks x 3 batches x 10
+    assert all(e == 0 for shard in shards for e, _ in shard)
+    sampler = common.EpochSampler(103, 10, 0, 1, seed=0)
+    sampler.set_epoch(1)
+    assert [i for _, i in sampler] != [i for _, i in shards[0]]
+    eval_shards = [list(common.EpochSampler(7, 4, r, 2, 0, shuffle=False, drop_last=False)) for r in range(2)]
+    assert sorted(i for s in eval_shards for _, i in s) == list(range(7))
+
+
+def test_loader_yields_normalised_views_on_device():
+    base = common.ProceduralTextures(16, 'train')
+    dataset = common.ViewDataset(base, common.Views([common.eval_transform(16, 32)] * 2), seed=0)
+    loader = common.Loader(dataset, 8, common.EpochSampler(16, 8, 0, 1, 0), 0, torch.device('cpu'))
+    views, labels, indices = next(loader.epoch(0))
+    assert len(views) == 2 and views[0].shape == (8, 3, 16, 16) and views[0].dtype == torch.float32
+    raw = common.eval_transform(16, 32)(base[int(indices[0])][0]).float()
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(common.IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(views[0][0], (raw / 255 - mean) / std, atol=1e-5)
+    assert torch.equal(labels, indices % 10)
+
+
+def test_metric_logger_stops_on_non_finite_loss(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path), epochs=1, log_every=100, batch_size=4)
+    logger = common.MetricLogger(args, steps_per_epoch=10)
+    logger.step(0, 0, torch.tensor(1.0))
+    logger.step(0, 1, torch.tensor(float('nan')))  # not a logging step: no host sync yet
+    with pytest.raises(common.TrainingError, match='nan'):
+        logger.end_epoch(0)
