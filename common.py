@@ -312,8 +312,11 @@ def prepare_model(model, args, device):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if world_size > 1:  # DDP: averages gradients over processes during backward
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if world_size > 1:  # DDP: averages gradients over processes during backward. Buffers (BN statistics,
+        # queues, memory banks) are not re-broadcast from rank 0 every step: each rank keeps its own,
+        # and the methods keep the ones that must agree identical by updating them from gathered data.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                    broadcast_buffers=False)
     return model, raw_model
 
 
