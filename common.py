@@ -961,6 +961,15 @@ def resume(args, **objects):
     return state['epoch']
 
 
+@torch.no_grad()
+def normalized_output_std(z):
+    """Collapse indicator (SimSiam, Sec. 4.1 and Fig. 2): the standard deviation over the batch of
+    each channel of z / ||z||, averaged over the channels. About 1/sqrt(d) when the (n, d) outputs
+    spread over the unit sphere, 0 when they collapse to one point. Returns a tensor, so that
+    MetricLogger reads it (a host sync) only on logging steps."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
 class MetricLogger:
     """Progress lines on the main rank and a JSON-lines file `metrics.jsonl` in the output
     directory. Values are read from the device (a host sync) only on logging steps; the

@@ -107,6 +107,19 @@ def test_ema_update_formula():
         assert torch.allclose(t, e)
 
 
+def test_normalized_output_std_healthy_and_collapsed():
+    d = 256
+    spread = torch.randn(4096, d, generator=torch.Generator().manual_seed(0))  # isotropic: unit vectors spread evenly
+    assert abs(float(common.normalized_output_std(spread)) - 1 / math.sqrt(d)) < 0.002
+    collapsed = torch.ones(64, d) + 1e-4 * spread[:64]  # every output (almost) the same point
+    assert float(common.normalized_output_std(collapsed)) < 1e-3
+    # per channel over the batch, then averaged: a plain loop
+    z = spread[:10, :5]
+    unit = [[float(v) / float(row.norm()) for v in row] for row in z]
+    per_channel = [float(torch.tensor([unit[i][c] for i in range(10)]).std()) for c in range(5)]
+    assert math.isclose(float(common.normalized_output_std(z)), sum(per_channel) / 5, rel_tol=1e-5)
+
+
 # ---- backbones ---------------------------------------------------------------
 
 def test_resnet_cifar_stem_and_dims():
