@@ -18,6 +18,18 @@ def backbone_args(**kw):
     return argparse.Namespace(**{**defaults, **kw})
 
 
+def test_apply_epoch_preset_picks_the_row_and_keeps_set_flags():
+    presets = {100: dict(lr=0.45, tau_base=0.99), 300: dict(lr=0.3, tau_base=0.99), 1000: dict(lr=0.2, tau_base=0.996)}
+    for epochs, lr, tau_base in ((50, 0.45, 0.99), (100, 0.45, 0.99), (200, 0.3, 0.99), (1000, 0.2, 0.996),
+                                 (2000, 0.2, 0.996)):
+        args = argparse.Namespace(epochs=epochs, lr=None, tau_base=None, notes=[])
+        common.apply_epoch_preset(args, presets)
+        assert (args.lr, args.tau_base) == (lr, tau_base) and 'epoch preset' in args.notes[-1]
+    args = argparse.Namespace(epochs=200, lr=1.5, tau_base=None, notes=[])  # a typed / preset flag wins
+    common.apply_epoch_preset(args, presets)
+    assert (args.lr, args.tau_base) == (1.5, 0.99) and args.notes == ['300-epoch preset (tau_base=0.99)']
+
+
 # ---- distributed collectives -------------------------------------------------
 
 def _gather_grad(rank, world_size, n, d):
