@@ -52,9 +52,10 @@ SMALL_IMAGE_PRESET = dict(arch='resnet18', batch_size=512, epochs=200,
 # The method: encoder f (backbone, projector), predictor h, and the loss
 # -----------------------------------------------------------------------------
 def mlp(in_dim, hidden_dim, out_dim):
-    """Linear - BN - ReLU - Linear, no BN on the output: BYOL's projector and predictor, SimSiam's predictor."""
+    """Linear - BN - ReLU - Linear, no BN on the output: BYOL's projector and predictor, SimSiam's predictor.
+    The first Linear has no bias: the BN after it would cancel it (its shift plays that role)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))  # no bias before BN: BN's shift replaces it
+                         nn.Linear(hidden_dim, out_dim))
 
 
 def projection_mlp(in_dim, hidden_dim, out_dim, num_layers):
