@@ -171,6 +171,18 @@ def parse_args(parser, small_image_preset, argv=None):
     return args
 
 
+def apply_epoch_preset(args, presets):
+    """Recipes that depend on the training length (BYOL's lr, weight decay and EMA rate): `presets`
+    maps a number of epochs to {flag: value}, written in the method file. Every flag still None
+    (not typed, not set by the small-image preset) takes the value of the row of the shortest
+    listed length >= --epochs (the longest row beyond it); the choice is added to the printed notes."""
+    length = min([epochs for epochs in presets if epochs >= args.epochs] or [max(presets)])
+    chosen = {key: value for key, value in presets[length].items() if getattr(args, key) is None}
+    vars(args).update(chosen)
+    if chosen:
+        args.notes.append(f'{length}-epoch preset (' + ', '.join(f'{k}={v}' for k, v in chosen.items()) + ')')
+
+
 def validate_args(args):
     if args.arch not in ARCHS:
         raise UsageError(f"unknown --arch '{args.arch}'; choose one of: {', '.join(ARCHS)}")
@@ -961,6 +973,15 @@ def resume(args, **objects):
         obj.load_state_dict(state[name])
     print0(f"  resumed from {path}: {state['epoch']} epoch(s) done")
     return state['epoch']
+
+
+@torch.no_grad()
+def normalized_output_std(z):
+    """Collapse indicator (SimSiam, Sec. 4.1 and Fig. 2): the standard deviation over the batch of
+    each channel of z / ||z||, averaged over the channels. About 1/sqrt(d) when the (n, d) outputs
+    spread over the unit sphere, 0 when they collapse to one point. Returns a tensor, so that
+    MetricLogger reads it (a host sync) only on logging steps."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 class MetricLogger:

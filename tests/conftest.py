@@ -1,5 +1,6 @@
 """Shared helpers: run a method file as a subprocess (alone or under torchrun), run a function
 on 2 gloo processes, and the tiny settings that keep every training run to seconds on 2 CPUs."""
+import json
 import os
 import socket
 import subprocess
@@ -31,6 +32,17 @@ def run_script(script, *args, nproc=None, timeout=600, check=True):
         raise AssertionError(f'{script} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n'
                              f'stderr:\n{result.stderr[-3000:]}')
     return result
+
+
+def knn_trained_and_untrained(tmp_path, script, *train_args):
+    """Train `script` with `train_args` into tmp_path/run, then return the kNN top-1 (k=20, T=0.1, eval_knn.py
+    --json) of its checkpoint and of the same backbone untrained (--random-init), on the same --data."""
+    run_script(script, *train_args, '--output-dir', tmp_path / 'run')
+    knn = ['--workers', '0', '--k', '20', '--temperature', '0.1', '--json']
+    run_script('eval_knn.py', tmp_path / 'run' / 'checkpoint.pth', *knn, tmp_path / 'trained.json')
+    data = train_args[list(train_args).index('--data') + 1]
+    run_script('eval_knn.py', '--random-init', '--data', data, *TINY, *knn, tmp_path / 'random.json')
+    return tuple(json.load(open(tmp_path / name))['results']['20']['top1'] for name in ('trained.json', 'random.json'))
 
 
 def free_port():

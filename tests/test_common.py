@@ -18,6 +18,18 @@ def backbone_args(**kw):
     return argparse.Namespace(**{**defaults, **kw})
 
 
+def test_apply_epoch_preset_picks_the_row_and_keeps_set_flags():
+    presets = {100: dict(lr=0.45, tau_base=0.99), 300: dict(lr=0.3, tau_base=0.99), 1000: dict(lr=0.2, tau_base=0.996)}
+    for epochs, lr, tau_base in ((50, 0.45, 0.99), (100, 0.45, 0.99), (200, 0.3, 0.99), (1000, 0.2, 0.996),
+                                 (2000, 0.2, 0.996)):
+        args = argparse.Namespace(epochs=epochs, lr=None, tau_base=None, notes=[])
+        common.apply_epoch_preset(args, presets)
+        assert (args.lr, args.tau_base) == (lr, tau_base) and 'epoch preset' in args.notes[-1]
+    args = argparse.Namespace(epochs=200, lr=1.5, tau_base=None, notes=[])  # a typed / preset flag wins
+    common.apply_epoch_preset(args, presets)
+    assert (args.lr, args.tau_base) == (1.5, 0.99) and args.notes == ['300-epoch preset (tau_base=0.99)']
+
+
 # ---- distributed collectives -------------------------------------------------
 
 def _gather_grad(rank, world_size, n, d):
@@ -105,6 +117,19 @@ def test_ema_update_formula():
     common.ema_update(target, online, 0.9)
     for t, e in zip(target.parameters(), expected):
         assert torch.allclose(t, e)
+
+
+def test_normalized_output_std_healthy_and_collapsed():
+    d = 256
+    spread = torch.randn(4096, d, generator=torch.Generator().manual_seed(0))  # isotropic: unit vectors spread evenly
+    assert abs(float(common.normalized_output_std(spread)) - 1 / math.sqrt(d)) < 0.002
+    collapsed = torch.ones(64, d) + 1e-4 * spread[:64]  # every output (almost) the same point
+    assert float(common.normalized_output_std(collapsed)) < 1e-3
+    # per channel over the batch, then averaged: a plain loop
+    z = spread[:10, :5]
+    unit = [[float(v) / float(row.norm()) for v in row] for row in z]
+    per_channel = [float(torch.tensor([unit[i][c] for i in range(10)]).std()) for c in range(5)]
+    assert math.isclose(float(common.normalized_output_std(z)), sum(per_channel) / 5, rel_tol=1e-5)
 
 
 # ---- backbones ---------------------------------------------------------------

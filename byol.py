@@ -1,0 +1,160 @@
+"""BYOL: Bootstrap Your Own Latent - A New Approach to Self-Supervised Learning.
+Jean-Bastien Grill, Florian Strub, Florent Altche, Corentin Tallec, et al. NeurIPS 2020. arXiv:2006.07733.
+
+The idea: no negative pairs. An online network (encoder f, projector g, predictor q) predicts the
+projection that a target network (f' and g', no predictor) makes of another view of the image.
+The target gets no gradient: it is a slow moving average of the online weights.
+
+Paper -> code:
+  Sec. 3.3, Table 6  views v = t(x), v' = t'(x) with t ~ T, t' ~ T' (asymmetric) -> main(): `view`, `view_prime`
+  Sec. 3.1           online prediction q(g(f(v))); target projection z' = g'(f'(v')) -> BYOL.forward
+  Eq. (2), Sec. 3.1  L = 2 - 2 cos(q, sg(z')); L_BYOL = L + L~ (the views swapped)   -> regression_loss, byol_loss
+  Eq. (3), Eq. (1)   theta <- optimizer(theta, grad L_BYOL); xi <- tau xi + (1 - tau) theta -> main()
+  Sec. 3.3           LARS, lr 0.2 x bs/256, wd 1.5e-6, 10 warm-up epochs, cosine, bs 4096, tau 0.996 -> 1
+
+Run:
+  python byol.py --data cifar10                                # one GPU (or CPU): CIFAR preset, ResNet-18
+  torchrun --nproc_per_node=8 byol.py --data /imagenet         # the paper's recipe: ResNet-50, batch 4096
+  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 byol.py --data /imagenet
+"""
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# -----------------------------------------------------------------------------
+# Arguments: shared flags from common.py, then BYOL's own.
+# Defaults: the paper's ImageNet recipe (ResNet-50, batch 4096, 1000 epochs, Sec. 3.3).
+# -----------------------------------------------------------------------------
+parser = common.get_args_parser(__doc__, method='byol')
+parser.set_defaults(arch='resnet50', epochs=1000, batch_size=4096, optimizer='lars', lr=None, weight_decay=None,
+                    warmup_epochs=10)
+method = parser.add_argument_group('BYOL')
+method.add_argument('--tau-base', type=float, default=None, help='EMA rate of the target at step 0 (tau_base)')
+method.add_argument('--proj-hidden-dim', type=int, default=4096, help='hidden width of the projector')
+method.add_argument('--proj-dim', type=int, default=256, help='output width of the projector (z)')
+method.add_argument('--pred-hidden-dim', type=int, default=4096, help='hidden width of the predictor')
+method.add_argument('--blur-probs', type=float, nargs=2, default=(1.0, 0.1), help="blur probability of T, T'")
+method.add_argument('--solarize-probs', type=float, nargs=2, default=(0.0, 0.2), help="solarize probability of T, T'")
+method.add_argument('--jitter', type=float, nargs=4, default=(0.4, 0.4, 0.2, 0.1), help='ColorJitter strengths (p 0.8)')
+method.add_argument('--min-scale', type=float, default=0.08, help='RandomResizedCrop scale lower bound')
+# The ImageNet lr, weight decay and tau_base depend on the training length (the authors' config).
+EPOCH_PRESETS = {40: dict(lr=0.45, weight_decay=1e-6, tau_base=0.97), 100: dict(lr=0.45, weight_decay=1e-6, tau_base=0.99),
+                 300: dict(lr=0.3, weight_decay=1e-6, tau_base=0.99), 1000: dict(lr=0.2, weight_decay=1.5e-6, tau_base=0.996)}
+# Small images (CIFAR): SGD lr 0.12 per 256, wd 5e-4 (Lightly's CIFAR-10 benchmark), tau_base 0.99, no blur;
+# ResNet-18, batch 512, 200 epochs (this project's budget).
+SMALL_IMAGE_PRESET = dict(arch='resnet18', batch_size=512, epochs=200,
+                          optimizer='sgd', lr=0.12, weight_decay=5e-4, tau_base=0.99, blur_probs=(0.0, 0.0))
+
+
+# -----------------------------------------------------------------------------
+# The method: online network (f, g, q), target network (f', g'), and the loss
+# -----------------------------------------------------------------------------
+def mlp(in_dim, hidden_dim, out_dim):
+    """Linear - BN - ReLU - Linear, no BN on the output: BYOL's projector and predictor, SimSiam's predictor.
+    The first Linear has no bias: the BN after it would cancel it (its shift plays that role)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class BYOL(nn.Module):
+    """Online network theta: encoder f (the backbone, evaluated), projector g, predictor q (Sec. 3.1). Target
+    network xi: a copy of f and g that gets no gradient, moves only by the EMA of Eq. (1) and keeps its own BN."""
+
+    def __init__(self, backbone, proj_hidden_dim, proj_dim, pred_hidden_dim):
+        super().__init__()
+        self.online = nn.Sequential(OrderedDict(backbone=backbone,  # f_theta, g_theta
+                                                projector=mlp(backbone.embed_dim, proj_hidden_dim, proj_dim)))
+        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim)  # q_theta
+        self.target = copy.deepcopy(self.online).requires_grad_(False)  # f_xi, g_xi: no gradient, no optimizer
+
+    def forward(self, views):
+        p, z = [], []
+        for x in views:  # each view in its own call: BatchNorm statistics per view
+            p.append(self.predictor(self.online(x)))   # (n, d) q_theta(z_theta), the online prediction
+            with torch.no_grad():
+                z.append(self.target(x))               # (n, d) z'_xi, the target projection
+        return p[0], p[1], z[0], z[1]                  # (n, d) each: view 1, view 2
+
+
+def regression_loss(p, z):
+    """Eq. (2): || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z), averaged over the batch; z is a constant (sg)."""
+    p = F.normalize(p.float(), dim=1)                  # (n, d) unit prediction
+    z = F.normalize(z.detach().float(), dim=1)         # (n, d) unit target, stop-gradient
+    return (2 - 2 * (p * z).sum(dim=1)).mean()         # (n,) -> scalar in [0, 4]
+
+
+def byol_loss(p1, p2, z1, z2):
+    """L_BYOL = L + L~ (Sec. 3.1): each view's prediction regresses the other view's target; summed."""
+    return regression_loss(p1, z2) + regression_loss(p2, z1)
+
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+def main():
+    args = common.parse_args(parser, SMALL_IMAGE_PRESET)
+    common.apply_epoch_preset(args, EPOCH_PRESETS)          # the paper's lr, wd, tau_base for this many epochs
+    device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
+
+    # ---- data: two views of every image, from two DIFFERENT distributions T and T' (Sec. 3.3, Table 6)
+    view = common.augmentation(args.image_size, scale=(args.min_scale, 1.0), jitter=args.jitter,
+                               jitter_prob=0.8, grayscale_prob=0.2, blur_prob=args.blur_probs[0],
+                               solarize_prob=args.solarize_probs[0])
+    view_prime = common.augmentation(args.image_size, scale=(args.min_scale, 1.0), jitter=args.jitter,
+                                     jitter_prob=0.8, grayscale_prob=0.2, blur_prob=args.blur_probs[1],
+                                     solarize_prob=args.solarize_probs[1])
+    loader = common.build_train_loader(args, common.Views([view, view_prime]), device)
+    eval_loaders = common.build_eval_loaders(args, device)  # for the kNN monitor
+
+    # ---- model: online (f, g, q) and target (f', g'); SyncBN and DDP when on several GPUs
+    model = BYOL(common.build_backbone(args), args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim)
+    model, raw_model = common.prepare_model(model, args, device)
+
+    # ---- optimizer and schedules: LARS (biases and BN excluded), linear warm-up then cosine; tau cosine to 1
+    lr = common.scale_lr(args.lr, args.batch_size)
+    optimizer = common.build_optimizer(args.optimizer, common.param_groups(raw_model, args.weight_decay), lr,
+                                       args.momentum)  # param_groups leaves out the target: it has no gradient
+    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs)
+    tau_schedule = common.cosine_schedule(args.tau_base, 1.0, args.epochs, len(loader))  # 1-(1-tau_base)(cos+1)/2
+
+    # ---- resume from the output directory, if a checkpoint is there
+    start_epoch = common.resume(args, model=raw_model, optimizer=optimizer)
+
+    logger = common.MetricLogger(args, len(loader))
+    for epoch in range(start_epoch, args.epochs):
+        common.seed_epoch(args, epoch, rank)
+        model.train()
+        for it, (views, labels, indices) in enumerate(loader.epoch(epoch)):
+            step = epoch * len(loader) + it
+            common.set_lr(optimizer, lr_schedule[step])
+
+            # ======== BYOL (Sec. 3.1) ========
+            with common.autocast(device, args):
+                p1, p2, z1, z2 = model(views)                         # (n, d) each: predictions p, projections z
+            loss = byol_loss(p1, p2, z1, z2)                          # Eq. (2), symmetrised, float32
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()                                          # Eq. (3): theta only; DDP: same on all ranks
+            common.ema_update(raw_model.target, raw_model.online, tau_schedule[step])  # Eq. (1), after the step
+            # ======== end of BYOL ========
+
+            logger.step(epoch, step, loss, lr=lr_schedule[step], tau=tau_schedule[step],
+                        output_std=common.normalized_output_std(z1))  # collapse indicator: ~1/sqrt(d) healthy, 0 collapsed
+
+        # ---- end of epoch: loss check, checkpoint, kNN monitor
+        logger.end_epoch(epoch)
+        common.save_checkpoint(args, epoch + 1, backbone=raw_model.online.backbone, model=raw_model, optimizer=optimizer)
+        if common.knn_due(args, epoch):
+            logger.log(epoch=epoch + 1, **common.knn_monitor(raw_model.online.backbone, eval_loaders, device, args))
+        if epoch + 1 == args.stop_after_epoch:
+            break
+    common.plot_metrics(args.output_dir)
+
+
+if __name__ == '__main__':
+    common.run(main)
