@@ -1,6 +1,5 @@
 """instdisc.py: the non-parametric softmax and NCE against the paper's equations, the normaliser Z,
 the memory-bank update, identical banks under DDP, learning, torchrun, bad input."""
-import json
 import math
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 import instdisc
 from conftest import TINY, run_distributed, run_script
 from test_cli import expect_error
-from test_moco import tiny_backbone
+from test_moco import knn_trained_and_untrained, tiny_backbone
 
 
 def dot(a, b):
@@ -119,12 +118,7 @@ TRAIN = ['--data', 'procedural:960', *TINY, '--epochs', '16', '--batch-size', '6
 
 
 def test_instdisc_learns_beyond_the_untrained_network(tmp_path):
-    run_script('instdisc.py', *TRAIN, '--output-dir', tmp_path / 'run')
-    knn = ['--workers', '0', '--k', '20', '--temperature', '0.1', '--json']
-    run_script('eval_knn.py', tmp_path / 'run' / 'checkpoint.pth', *knn, tmp_path / 'trained.json')
-    run_script('eval_knn.py', '--random-init', '--data', 'procedural:960', *TINY, *knn, tmp_path / 'random.json')
-    trained = json.load(open(tmp_path / 'trained.json'))['results']['20']['top1']
-    untrained = json.load(open(tmp_path / 'random.json'))['results']['20']['top1']
+    trained, untrained = knn_trained_and_untrained('instdisc.py', TRAIN, tmp_path)
     assert trained > untrained + 10, (trained, untrained)
 
 

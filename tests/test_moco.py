@@ -136,13 +136,17 @@ TRAIN = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '3
          '--queue-size', '512', '--key-momentum', '0.99', '--no-symmetric', '--knn-every', '-1']
 
 
-def test_moco_learns_beyond_the_untrained_network(tmp_path):
-    run_script('moco.py', *TRAIN, '--output-dir', tmp_path / 'run')
+def knn_trained_and_untrained(script, train_args, tmp_path):
+    """Train `script`, then eval_knn.py (k=20, T=0.1) on its checkpoint and on the untrained network."""
+    run_script(script, *train_args, '--output-dir', tmp_path / 'run')
     knn = ['--workers', '0', '--k', '20', '--temperature', '0.1', '--json']
     run_script('eval_knn.py', tmp_path / 'run' / 'checkpoint.pth', *knn, tmp_path / 'trained.json')
     run_script('eval_knn.py', '--random-init', '--data', 'procedural:960', *TINY, *knn, tmp_path / 'random.json')
-    trained = json.load(open(tmp_path / 'trained.json'))['results']['20']['top1']
-    untrained = json.load(open(tmp_path / 'random.json'))['results']['20']['top1']
+    return [json.load(open(tmp_path / f'{name}.json'))['results']['20']['top1'] for name in ('trained', 'random')]
+
+
+def test_moco_learns_beyond_the_untrained_network(tmp_path):
+    trained, untrained = knn_trained_and_untrained('moco.py', TRAIN, tmp_path)
     assert trained > untrained + 10, (trained, untrained)
 
 
