@@ -306,6 +306,14 @@ def all_reduce_sum(x):
     return x
 
 
+def broadcast(x, src=0):
+    """Overwrite x, in place, with rank `src`'s x on every rank (no-op on one process): a random
+    draw that all ranks must share (e.g. MoCo's shuffle-BN permutation)."""
+    if get_world_size() > 1:
+        dist.broadcast(x, src)
+    return x
+
+
 def prepare_model(model, args, device):
     """SyncBN (several processes), device, channels-last (CNNs), torch.compile, DDP.
 
@@ -970,9 +978,21 @@ def resume(args, **objects):
             raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
                              f"not {getattr(args, key)}; use the same value or another --output-dir")
     for name, obj in objects.items():
+        if isinstance(obj, nn.Module):
+            check_shapes(path, name, state[name], obj.state_dict())
         obj.load_state_dict(state[name])
     print0(f"  resumed from {path}: {state['epoch']} epoch(s) done")
     return state['epoch']
+
+
+def check_shapes(path, name, saved, current):
+    """One-line error when a checkpoint's tensor has another shape than the model's (e.g. a memory
+    bank with one row per training image, resumed on another dataset), instead of a traceback."""
+    for key, tensor in current.items():
+        if key in saved and saved[key].shape != tensor.shape:
+            raise UsageError(f'{path}: {name}.{key} has shape {tuple(saved[key].shape)} in the checkpoint but '
+                             f'{tuple(tensor.shape)} in this run (other data or settings?); use the same --data '
+                             'and settings, or another --output-dir')
 
 
 @torch.no_grad()

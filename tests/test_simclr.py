@@ -4,7 +4,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 import simclr
 from conftest import TINY, run_distributed, run_script
