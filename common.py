@@ -197,6 +197,43 @@ def validate_args(args):
         raise UsageError('--width must be positive')
 
 
+def apply_arch_preset(parser, args, presets, small_image_preset, argv=None):
+    """A method's recipe for one family of architectures, e.g. MoCo v3's ResNet-50 recipe next to
+    its ViT default. `presets` maps an --arch prefix ('resnet', 'vit', 'vit_small') to flag values;
+    every matching preset is applied to the flags the user did not type and the small-image preset
+    did not set (precedence: typed > small-image preset > architecture preset > parser defaults).
+    Noted (printed at start) and validated again."""
+    argv = sys.argv[1:] if argv is None else argv
+    keep = explicit_flags(parser, argv)
+    if args.dataset_info['image_size'] <= 64 and small_image_preset:
+        keep |= set(small_image_preset)
+    for prefix, preset in presets.items():
+        if not args.arch.startswith(prefix):
+            continue
+        applied = {k: v for k, v in preset.items() if k not in keep}
+        for key, value in applied.items():
+            setattr(args, key, value)
+        if applied:
+            args.notes.append(f'{prefix} preset (' + ', '.join(f'{k}={v}' for k, v in applied.items()) + ')')
+    validate_args(args)
+    return args
+
+
+def check_crops(args, sizes, scales):
+    """Crops a method trains on: a ViT's patch size must divide every crop size (global AND local),
+    and every RandomResizedCrop scale range (low, high) must satisfy 0 < low <= high <= 1."""
+    for size in sizes:
+        if size <= 0:
+            raise UsageError(f'crop size {size} must be positive')
+        if args.arch.startswith('vit') and size % args.patch_size:
+            raise UsageError(f'--patch-size {args.patch_size} does not divide the {size}-px crops; '
+                             'pick a patch size that divides every crop size')
+    for low, high in scales:
+        if not 0 < low <= high <= 1:
+            raise UsageError(f'crop scale range ({low}, {high}) is outside (0, 1]; '
+                             'give two numbers 0 < low <= high <= 1')
+
+
 def print0(*a, **k):
     """print on the main process only."""
     if get_rank() == 0:
@@ -915,6 +952,19 @@ def ema_update(target, online, momentum):
     torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
 
 
+@torch.no_grad()
+def clip_gradients(module, max_norm):
+    """Per-parameter gradient clipping (DINO): each parameter's gradient whose L2 norm exceeds
+    `max_norm` is rescaled to that norm, independently of the others (unlike
+    torch.nn.utils.clip_grad_norm_, which uses one global norm). 0 = off."""
+    if max_norm <= 0:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            norm = torch.linalg.vector_norm(p.grad)
+            p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
 # =============================================================================
 # 7. Running: precision, checkpoints, logging
 # =============================================================================
@@ -1083,6 +1133,45 @@ def plot_metrics(output_dir):
     axes[2].set(xlabel='epoch', ylabel='top-1 (%)', title='kNN accuracy')
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, 'metrics.png'), dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def attention_maps(backbone, image):
+    """The last block's attention from the CLS token to every patch, per head, as DINO's
+    figures show it: image (3, H, W) normalised, H and W multiples of the patch size ->
+    (heads, H / patch, W / patch); each map is a probability over patches minus the CLS's own share."""
+    if not isinstance(backbone, VisionTransformer):
+        raise UsageError('attention maps need a ViT backbone (--arch vit_*); this one is a ResNet')
+    was_training = backbone.training
+    backbone.eval()
+    attention = backbone.get_last_selfattention(image[None])  # (1, heads, 1 + N, 1 + N)
+    backbone.train(was_training)
+    grid_h, grid_w = image.shape[1] // backbone.patch_size, image.shape[2] // backbone.patch_size
+    return attention[0, :, 0, 1:].reshape(-1, grid_h, grid_w).float()  # (heads, grid_h, grid_w)
+
+
+def plot_attention_maps(image, maps, path, title=''):
+    """The image, then one panel per head with its CLS attention map upsampled (nearest) to
+    the image and drawn over it. image: uint8 (3, H, W); maps: (heads, h, w)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    picture = image.permute(1, 2, 0).cpu().numpy()
+    upsampled = F.interpolate(maps[None].cpu(), size=picture.shape[:2], mode='nearest')[0]  # (heads, H, W)
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.6), squeeze=False)
+    axes[0, 0].imshow(picture)
+    axes[0, 0].set_title('image')
+    for head, (ax, heat) in enumerate(zip(axes[0, 1:], upsampled)):
+        ax.imshow(picture)
+        ax.imshow(heat.numpy(), cmap='inferno', alpha=0.6)
+        ax.set_title(f'head {head}')
+    for ax in axes[0]:
+        ax.axis('off')
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

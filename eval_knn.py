@@ -12,6 +12,10 @@ Run:
   python eval_knn.py runs/simclr-cifar10-resnet18/checkpoint.pth --temperature 0.1
   python eval_knn.py --random-init --arch resnet18 --data cifar10          # the untrained baseline
   torchrun --nproc_per_node=8 eval_knn.py runs/dino-imagenet-vit_small/checkpoint.pth --json knn.json
+  python eval_knn.py runs/dino-cifar10-vit_tiny/checkpoint.pth --attention-image img.jpg --attention-out maps.png
+
+ViT checkpoints: `--attention-image` draws, instead of evaluating, the last block's attention from the
+CLS token to every patch, one panel per head, over the image (as in the DINO paper's figures).
 """
 import json
 import os
@@ -19,6 +23,7 @@ import sys
 import time
 
 import torch
+import torchvision.transforms as T
 
 import common
 
@@ -32,6 +37,9 @@ evaluation.add_argument('--random-init', action='store_true', help='evaluate an 
 evaluation.add_argument('--k', type=int, nargs='+', default=[10, 20, 100, 200], help='numbers of neighbours')
 evaluation.add_argument('--temperature', type=float, default=0.07, help='T of the vote weights exp(sim / T)')
 evaluation.add_argument('--json', default=None, help='also write the results to this JSON file')
+evaluation.add_argument('--attention-image', default=None, help='ViT: draw the CLS attention maps over this image '
+                        '(resized to --image-size) instead of evaluating')
+evaluation.add_argument('--attention-out', default='attention.png', help='where to write the attention figure')
 # what the backbone is built from, taken from the checkpoint unless typed on the command line
 BACKBONE_KEYS = ('arch', 'width', 'cifar_stem', 'zero_init_residual', 'patch_size', 'num_heads', 'pos_embed',
                  'image_size', 'freeze_patch_embed')
@@ -62,6 +70,21 @@ def main():
         backbone.load_state_dict(state['backbone'])
         common.print0(f"  {state['method']} backbone from {checkpoint_file}, epoch {state['epoch']}")
     backbone = backbone.to(device)
+    if args.attention_image:
+        if not isinstance(backbone, common.VisionTransformer):
+            raise common.UsageError('--attention-image needs a ViT checkpoint (--arch vit_*); this backbone is a ResNet')
+        resize = T.Compose([T.Resize(args.image_size, antialias=True), T.CenterCrop(args.image_size), T.PILToTensor()])
+        image = resize(common.load_image(args.attention_image))  # uint8 (3, H, W)
+        x = (image.float().to(device) - 255 * torch.tensor(common.IMAGENET_MEAN, device=device)[:, None, None]) \
+            / (255 * torch.tensor(common.IMAGENET_STD, device=device)[:, None, None])  # (3, H, W) as in training
+        maps = common.attention_maps(backbone, x)  # (heads, H / patch, W / patch)
+        if is_main:
+            common.plot_attention_maps(image, maps, args.attention_out,
+                                       title=f"{state['method'] if state else 'random-init'} {args.arch}: "
+                                             'last-layer CLS attention per head')
+        common.print0(f'  attention maps of {maps.shape[0]} heads ({maps.shape[1]}x{maps.shape[2]} patches) '
+                      f'-> {args.attention_out}')
+        return
     if common.uses_channels_last(args, device):
         backbone = backbone.to(memory_format=torch.channels_last)
     eval_loaders = common.build_eval_loaders(args, device)
