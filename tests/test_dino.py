@@ -1,6 +1,5 @@
 """dino.py: the loss against a plain loop over crop pairs, the center across 2 processes, the teacher
 (no gradient, no drop-path), the head, clipping, bad input, learning, torchrun + attention maps."""
-import json
 import math
 
 import pytest

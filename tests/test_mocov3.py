@@ -1,6 +1,5 @@
 """mocov3.py: ctr(q, k) against Alg. 1, its rank-offset labels across 2 processes, the heads, the frozen
 patch projection, bad input, learning, torchrun with a ViT."""
-import json
 import math
 
 import pytest
