@@ -643,11 +643,13 @@ def load_image(path):
 class ProceduralTextures(torch.utils.data.Dataset):
     """An offline dataset for smoke runs and tests: 10 classes of two-tone textures
     (horizontal, vertical and diagonal stripes, checkerboard, dots, cross-hatch, grid lines,
-    rings, sectors, blobs) at a random phase, period and rotation jitter, in two random grey
-    levels with a faint colour cast and pixel noise. Brightness says nothing about the class
-    and every crop of an image shows the same texture, so crop + colour augmentations teach
-    what the labels need: an untrained ResNet's kNN is near chance, a few hundred SimCLR
-    steps lift it far above. Image i is a pure function of (split, i)."""
+    rings, sectors, blobs) at a random phase, period and rotation jitter: a dark and a light
+    grey (which is which at random), a faint colour cast and pixel noise. Brightness says
+    nothing about the class and every crop of an image shows the same texture, so crop +
+    colour augmentations teach what the labels need, and the grey levels vary little between
+    images, so they are no shortcut to telling images apart (with tones drawn anywhere in
+    0-255, only SimCLR learned the textures in a few hundred steps). Image i is a pure
+    function of (split, i)."""
 
     def __init__(self, n, split, size=32):
         self.n, self.split, self.size = n, split, size
@@ -687,8 +689,10 @@ class ProceduralTextures(torch.utils.data.Dataset):
             lambda: np.sin(6 * np.arctan2(yy - cy, xx - cx) + 6 * phase) > 0,  # sectors
             lambda: self._blobs(rng, s) > 0,                                  # blobs
         ][label]()
-        tint = rng.uniform(-20, 20, 3)  # a faint colour cast; the two tones are grey levels
-        background, foreground = rng.uniform(0, 255) + tint, rng.uniform(0, 255) + tint
+        tint = rng.uniform(-20, 20, 3)  # a faint colour cast
+        dark = rng.uniform(40, 80)
+        background, foreground = (dark, 255 - dark) if rng.random() < 0.5 else (255 - dark, dark)
+        background, foreground = background + tint, foreground + tint
         img = np.where(mask[..., None], foreground, background) + rng.normal(0, 8, (s, s, 3))
         return Image.fromarray(img.clip(0, 255).astype(np.uint8)), label
 
