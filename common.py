@@ -1015,6 +1015,17 @@ def read_checkpoint(path):
                          'delete it to start over, or point --output-dir elsewhere') from None
 
 
+def checkpoint_args(args):
+    """The args saved in <output-dir>/checkpoint.pth (a dict), or None when there is no checkpoint
+    yet. Lets a method refuse, before anything is loaded, a resume with settings it cannot change
+    mid-run (e.g. a queue's length)."""
+    path = checkpoint_path(args)
+    if not os.path.exists(path):
+        return None
+    state = read_checkpoint(path)
+    return state.get('args', {}) if isinstance(state, dict) else {}
+
+
 def resume(args, **objects):
     """Resume from <output-dir>/checkpoint.pth if it exists: load each named object's state
     (model, optimizer, ...) and return the number of epochs already done (0 for a fresh run).
