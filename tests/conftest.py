@@ -34,6 +34,9 @@ def run_script(script, *args, nproc=None, timeout=600, check=True):
     return result
 
 
+_UNTRAINED = {}  # kNN of the untrained TINY backbone, per --data: measured once per test session
+
+
 def knn_trained_and_untrained(tmp_path, script, *train_args):
     """Train `script` with `train_args` into tmp_path/run, then return the kNN top-1 (k=20, T=0.1, eval_knn.py
     --json) of its checkpoint and of the same backbone untrained (--random-init), on the same --data."""
@@ -41,8 +44,10 @@ def knn_trained_and_untrained(tmp_path, script, *train_args):
     knn = ['--workers', '0', '--k', '20', '--temperature', '0.1', '--json']
     run_script('eval_knn.py', tmp_path / 'run' / 'checkpoint.pth', *knn, tmp_path / 'trained.json')
     data = train_args[list(train_args).index('--data') + 1]
-    run_script('eval_knn.py', '--random-init', '--data', data, *TINY, *knn, tmp_path / 'random.json')
-    return tuple(json.load(open(tmp_path / name))['results']['20']['top1'] for name in ('trained.json', 'random.json'))
+    if data not in _UNTRAINED:
+        run_script('eval_knn.py', '--random-init', '--data', data, *TINY, *knn, tmp_path / 'random.json')
+        _UNTRAINED[data] = json.load(open(tmp_path / 'random.json'))['results']['20']['top1']
+    return json.load(open(tmp_path / 'trained.json'))['results']['20']['top1'], _UNTRAINED[data]
 
 
 def free_port():

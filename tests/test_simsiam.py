@@ -91,14 +91,14 @@ def test_predictor_keeps_its_fixed_lr_through_training(tmp_path):
 # The TINY recipe, tweaked: SimSiam (no negatives) starts slower than SimCLR on the procedural textures, so it
 # trains 30 epochs (900 steps) at lr 2.0 per 256. Measured: ~30.5% vs ~22.5% untrained after 900 steps (10 epochs:
 # no gain over the untrained network yet).
-TRAIN = ['--data', 'procedural:960', *TINY, '--epochs', '30', '--batch-size', '32', '--lr', '2.0', '--min-scale', '0.3',
+TRAIN = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '32', '--lr', '2.0', '--min-scale', '0.3',
          '--proj-hidden-dim', '128', '--proj-dim', '128', '--pred-hidden-dim', '32', '--warmup-epochs', '1',
          '--log-every', '30', '--knn-every', '-1']
 
 
 def test_simsiam_learns_beyond_the_untrained_network(tmp_path):
     trained, untrained = knn_trained_and_untrained(tmp_path, 'simsiam.py', *TRAIN)
-    assert trained > untrained + 5, (trained, untrained)
+    assert trained > untrained + 10, (trained, untrained)  # measured: 74.5 vs 42.5 (300 steps)
     steps = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl') if '"step"' in line]
     assert steps[0]['loss'] > steps[-1]['loss'] and all(r['output_std'] > 0.02 for r in steps)  # no collapse
 
