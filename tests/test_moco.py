@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import moco
-from conftest import TINY, knn_trained_and_untrained, run_distributed, run_script
+from conftest import TINY, run_distributed, run_script
 from test_cli import expect_error
 
 
@@ -129,15 +129,6 @@ def test_after_ddp_steps_the_queue_is_identical_on_both_ranks(tmp_path):
     assert torch.equal(results[0]['queue'], results[1]['queue'])
     for a, b in zip(results[0]['f_k'], results[1]['f_k']):
         assert torch.equal(a, b)
-
-
-KNN_RUN = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '32', '--min-scale', '0.3', '--knn-every', '-1']
-
-
-def test_moco_learns_beyond_the_untrained_network(tmp_path):
-    trained, untrained = knn_trained_and_untrained(tmp_path, 'moco.py', *KNN_RUN, '--lr', '0.5', '--queue-size', '256',
-                                                   '--key-momentum', '0.99', '--temperature', '0.5', '--no-symmetric')
-    assert trained > untrained + 4, (trained, untrained)  # measured: 50.0 vs 42.5 (300 steps, v2, split BN 8)
 
 
 def test_torchrun_two_processes_train_and_resume(tmp_path):
