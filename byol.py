@@ -27,21 +27,24 @@ import torch.nn.functional as F
 import common
 
 # -----------------------------------------------------------------------------
-# Arguments: shared flags from common.py, then BYOL's own.
-# Defaults: the paper's ImageNet recipe (ResNet-50, batch 4096, 1000 epochs, Sec. 3.3).
+# Arguments: shared flags from common.py, then the method's own.
+# Defaults: the paper's ImageNet recipe (set_defaults below); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='byol')
-parser.set_defaults(arch='resnet50', epochs=1000, batch_size=4096, optimizer='lars', lr=None, weight_decay=None,
-                    warmup_epochs=10)
 method = parser.add_argument_group('BYOL')
 method.add_argument('--tau-base', type=float, default=None, help='EMA rate of the target at step 0 (tau_base)')
-method.add_argument('--proj-hidden-dim', type=int, default=4096, help='hidden width of the projector')
-method.add_argument('--proj-dim', type=int, default=256, help='output width of the projector (z)')
-method.add_argument('--pred-hidden-dim', type=int, default=4096, help='hidden width of the predictor')
-method.add_argument('--blur-probs', type=float, nargs=2, default=(1.0, 0.1), help="blur probability of T, T'")
-method.add_argument('--solarize-probs', type=float, nargs=2, default=(0.0, 0.2), help="solarize probability of T, T'")
-method.add_argument('--jitter', type=float, nargs=4, default=(0.4, 0.4, 0.2, 0.1), help='ColorJitter strengths (p 0.8)')
-method.add_argument('--min-scale', type=float, default=0.08, help='RandomResizedCrop scale lower bound')
+method.add_argument('--proj-hidden-dim', type=int, help='hidden width of the projector')
+method.add_argument('--proj-dim', type=int, help='output width of the projector (z)')
+method.add_argument('--proj-layers', type=int, help='layers of the projector')
+method.add_argument('--pred-hidden-dim', type=int, help='hidden width of the predictor')
+method.add_argument('--blur-probs', type=float, nargs=2, help="blur probability of the two views (T, T')")
+method.add_argument('--solarize-probs', type=float, nargs=2, help="solarize probability of the two views (T, T')")
+method.add_argument('--jitter', type=float, nargs=4, help='ColorJitter strengths (p 0.8)')
+method.add_argument('--min-scale', type=float, help='RandomResizedCrop scale lower bound')
+# The paper's recipe (Sec. 3.3): heads (projector 4096-256, predictor 4096), two DIFFERENT view distributions
+parser.set_defaults(arch='resnet50', epochs=1000, batch_size=4096, optimizer='lars', lr=None, weight_decay=None,
+                    warmup_epochs=10, proj_hidden_dim=4096, proj_dim=256, proj_layers=2, pred_hidden_dim=4096,
+                    blur_probs=(1.0, 0.1), solarize_probs=(0.0, 0.2), jitter=(0.4, 0.4, 0.2, 0.1), min_scale=0.08)
 # The ImageNet lr, weight decay and tau_base depend on the training length (the authors' config).
 EPOCH_PRESETS = {40: dict(lr=0.45, weight_decay=1e-6, tau_base=0.97), 100: dict(lr=0.45, weight_decay=1e-6, tau_base=0.99),
                  300: dict(lr=0.3, weight_decay=1e-6, tau_base=0.99), 1000: dict(lr=0.2, weight_decay=1.5e-6, tau_base=0.996)}
@@ -54,21 +57,26 @@ SMALL_IMAGE_PRESET = dict(arch='resnet18', batch_size=512, epochs=200,
 # -----------------------------------------------------------------------------
 # The method: online network (f, g, q), target network (f', g'), and the loss
 # -----------------------------------------------------------------------------
-def mlp(in_dim, hidden_dim, out_dim):
-    """Linear - BN - ReLU - Linear, no BN on the output: BYOL's projector and predictor, SimSiam's predictor.
-    The first Linear has no bias: the BN after it would cancel it (its shift plays that role)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn_on_output=False):
+    """(Linear - BN - ReLU) x (num_layers - 1), then Linear: BYOL's projector and predictor, SimSiam's predictor.
+    bn_on_output: the last Linear is followed by a BN without affine parameters (SimSiam's projector).
+    A Linear followed by BN has no bias: the BN would cancel it (its shift plays that role)."""
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+    layers = [m for a, b in zip(dims, dims[1:])
+              for m in (nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True))]
+    if bn_on_output:
+        return nn.Sequential(*layers, nn.Linear(dims[-1], out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers, nn.Linear(dims[-1], out_dim))
 
 
 class BYOL(nn.Module):
     """Online network theta: encoder f (the backbone, evaluated), projector g, predictor q (Sec. 3.1). Target
     network xi: a copy of f and g that gets no gradient, moves only by the EMA of Eq. (1) and keeps its own BN."""
 
-    def __init__(self, backbone, proj_hidden_dim, proj_dim, pred_hidden_dim):
+    def __init__(self, backbone, proj_hidden_dim, proj_dim, pred_hidden_dim, proj_layers):
         super().__init__()
-        self.online = nn.Sequential(OrderedDict(backbone=backbone,  # f_theta, g_theta
-                                                projector=mlp(backbone.embed_dim, proj_hidden_dim, proj_dim)))
+        self.online = nn.Sequential(OrderedDict(  # f_theta and g_theta
+            backbone=backbone, projector=mlp(backbone.embed_dim, proj_hidden_dim, proj_dim, proj_layers)))
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim)  # q_theta
         self.target = copy.deepcopy(self.online).requires_grad_(False)  # f_xi, g_xi: no gradient, no optimizer
 
@@ -101,7 +109,7 @@ def main():
     common.apply_epoch_preset(args, EPOCH_PRESETS)          # the paper's lr, wd, tau_base for this many epochs
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
-    # ---- data: two views of every image, from two DIFFERENT distributions T and T' (Sec. 3.3, Table 6)
+    # ---- data: two views of every image, v ~ T and v' ~ T' (the recipe above says whether T' = T)
     view = common.augmentation(args.image_size, scale=(args.min_scale, 1.0), jitter=args.jitter,
                                jitter_prob=0.8, grayscale_prob=0.2, blur_prob=args.blur_probs[0],
                                solarize_prob=args.solarize_probs[0])
@@ -112,7 +120,8 @@ def main():
     eval_loaders = common.build_eval_loaders(args, device)  # for the kNN monitor
 
     # ---- model: online (f, g, q) and target (f', g'); SyncBN and DDP when on several GPUs
-    model = BYOL(common.build_backbone(args), args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim)
+    model = BYOL(
+        common.build_backbone(args), args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.proj_layers)
     model, raw_model = common.prepare_model(model, args, device)
 
     # ---- optimizer and schedules: LARS (biases and BN excluded), linear warm-up then cosine; tau cosine to 1
@@ -139,8 +148,8 @@ def main():
             loss = byol_loss(p1, p2, z1, z2)                          # Eq. (2), symmetrised, float32
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()                                          # Eq. (3): theta only; DDP: same on all ranks
-            common.ema_update(raw_model.target, raw_model.online, tau_schedule[step])  # Eq. (1), after the step
+            optimizer.step()                                          # DDP: the same step on all ranks
+            common.ema_update(raw_model.target, raw_model.online, tau_schedule[step])  # Eq. (1), after Eq. (3)'s step
             # ======== end of BYOL ========
 
             logger.step(epoch, step, loss, lr=lr_schedule[step], tau=tau_schedule[step],

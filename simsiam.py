@@ -6,7 +6,7 @@ a predictor h on one branch matches the other branch's projection z, held by a s
 That alone prevents collapse (Sec. 4.1): no negatives, no large batch, no moving average.
 
 Paper -> code:
-  Alg. 1, Sec. 3     views x1, x2 = aug(x), aug(x), both from the same T (symmetric) -> main(): `view`
+  Alg. 1, Sec. 3     views x1, x2 = aug(x), aug(x), both from the same T (symmetric) -> main(): `view`, `view_prime`
   Alg. 1, Sec. 3     projection z = f(x) (one f for both views), prediction p = h(z)   -> SimSiam.forward
   Eq. (1), (3), (4)  D(p, sg(z)) = -cos(p, sg(z)); L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2 -> negative_cosine, simsiam_loss
   Alg. 1, Sec. 4.2   update f and h, h at a fixed lr (no decay); no target network     -> main()
@@ -27,42 +27,44 @@ import torch.nn.functional as F
 import common
 
 # -----------------------------------------------------------------------------
-# Arguments: shared flags from common.py, then SimSiam's own.
-# Defaults: the paper's ImageNet recipe (ResNet-50, batch 512, 100 epochs, Sec. 3).
+# Arguments: shared flags from common.py, then the method's own.
+# Defaults: the paper's ImageNet recipe (set_defaults below); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='simsiam')
-parser.set_defaults(arch='resnet50', epochs=100, batch_size=512, optimizer='sgd', lr=0.05, weight_decay=1e-4,
-                    warmup_epochs=0, zero_init_residual=True)
 method = parser.add_argument_group('SimSiam')
 method.add_argument('--fix-pred-lr', action=argparse.BooleanOptionalAction, default=True, help='predictor lr fixed')
-method.add_argument('--proj-hidden-dim', type=int, default=2048, help='hidden width of the projector')
-method.add_argument('--proj-dim', type=int, default=2048, help='output width of the projector (z)')
-method.add_argument('--proj-layers', type=int, default=3, help='layers of the projector (2 on CIFAR)')
-method.add_argument('--pred-hidden-dim', type=int, default=512, help='hidden width of the predictor (bottleneck)')
-method.add_argument('--blur-prob', type=float, default=0.5, help='Gaussian blur probability (ImageNet only)')
-method.add_argument('--jitter', type=float, nargs=4, default=(0.4, 0.4, 0.4, 0.1), help='ColorJitter strengths (p 0.8)')
-method.add_argument('--min-scale', type=float, default=0.2, help='RandomResizedCrop scale lower bound')
+method.add_argument('--proj-hidden-dim', type=int, help='hidden width of the projector')
+method.add_argument('--proj-dim', type=int, help='output width of the projector (z)')
+method.add_argument('--proj-layers', type=int, help='layers of the projector')
+method.add_argument('--pred-hidden-dim', type=int, help='hidden width of the predictor')
+method.add_argument('--blur-probs', type=float, nargs=2, help="blur probability of the two views (T, T')")
+method.add_argument('--solarize-probs', type=float, nargs=2, help="solarize probability of the two views (T, T')")
+method.add_argument('--jitter', type=float, nargs=4, help='ColorJitter strengths (p 0.8)')
+method.add_argument('--min-scale', type=float, help='RandomResizedCrop scale lower bound')
+# The paper's recipe (Sec. 3): heads (projector 2048-2048-2048, predictor 512 bottleneck), the SAME T for both views
+parser.set_defaults(arch='resnet50', epochs=100, batch_size=512, optimizer='sgd', lr=0.05, weight_decay=1e-4,
+                    warmup_epochs=0, proj_hidden_dim=2048, proj_dim=2048, proj_layers=3, pred_hidden_dim=512,
+                    blur_probs=(0.5, 0.5), solarize_probs=(0.0, 0.0), jitter=(0.4, 0.4, 0.4, 0.1), min_scale=0.2,
+                    zero_init_residual=True)
 # Small images (CIFAR): SGD lr 0.03 per 256, wd 5e-4, a 2-layer projector, no blur (the paper's appendix);
 # ResNet-18, batch 512, 200 epochs (this project's budget).
 SMALL_IMAGE_PRESET = dict(arch='resnet18', batch_size=512, epochs=200,
-                          lr=0.03, weight_decay=5e-4, proj_layers=2, blur_prob=0.0)
+                          lr=0.03, weight_decay=5e-4, proj_layers=2, blur_probs=(0.0, 0.0))
 
 
 # -----------------------------------------------------------------------------
 # The method: encoder f (backbone, projector), predictor h, and the loss
 # -----------------------------------------------------------------------------
-def mlp(in_dim, hidden_dim, out_dim):
-    """Linear - BN - ReLU - Linear, no BN on the output: BYOL's projector and predictor, SimSiam's predictor.
-    The first Linear has no bias: the BN after it would cancel it (its shift plays that role)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
-
-
-def projection_mlp(in_dim, hidden_dim, out_dim, num_layers):
-    """The projector of f (Sec. 3): Linear - BN - ReLU per hidden layer, then Linear - BN: BN on the output z too."""
-    dims = [in_dim] + [hidden_dim] * (num_layers - 1)  # no biases: BN follows every Linear
-    hidden = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU())]
-    return nn.Sequential(*hidden, nn.Linear(dims[-1], out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False))
+def mlp(in_dim, hidden_dim, out_dim, num_layers=2, bn_on_output=False):
+    """(Linear - BN - ReLU) x (num_layers - 1), then Linear: BYOL's projector and predictor, SimSiam's predictor.
+    bn_on_output: the last Linear is followed by a BN without affine parameters (SimSiam's projector).
+    A Linear followed by BN has no bias: the BN would cancel it (its shift plays that role)."""
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+    layers = [m for a, b in zip(dims, dims[1:])
+              for m in (nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True))]
+    if bn_on_output:
+        return nn.Sequential(*layers, nn.Linear(dims[-1], out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers, nn.Linear(dims[-1], out_dim))
 
 
 class SimSiam(nn.Module):
@@ -71,9 +73,8 @@ class SimSiam(nn.Module):
 
     def __init__(self, backbone, proj_hidden_dim, proj_dim, pred_hidden_dim, proj_layers):
         super().__init__()
-        self.encoder = nn.Sequential(OrderedDict(backbone=backbone,  # f
-                                                 projector=projection_mlp(backbone.embed_dim, proj_hidden_dim,
-                                                                          proj_dim, proj_layers)))
+        self.encoder = nn.Sequential(OrderedDict(  # f: backbone and projector, with BN on its output z
+            backbone=backbone, projector=mlp(backbone.embed_dim, proj_hidden_dim, proj_dim, proj_layers, bn_on_output=True)))
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim)  # h
 
     def forward(self, views):
@@ -103,15 +104,19 @@ def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
-    # ---- data: two views of every image, both from the SAME distribution T (MoCo v2's augmentation, Sec. 3)
+    # ---- data: two views of every image, v ~ T and v' ~ T' (the recipe above says whether T' = T)
     view = common.augmentation(args.image_size, scale=(args.min_scale, 1.0), jitter=args.jitter,
-                               jitter_prob=0.8, grayscale_prob=0.2, blur_prob=args.blur_prob)
-    loader = common.build_train_loader(args, common.Views([view, view]), device)
+                               jitter_prob=0.8, grayscale_prob=0.2, blur_prob=args.blur_probs[0],
+                               solarize_prob=args.solarize_probs[0])
+    view_prime = common.augmentation(args.image_size, scale=(args.min_scale, 1.0), jitter=args.jitter,
+                                     jitter_prob=0.8, grayscale_prob=0.2, blur_prob=args.blur_probs[1],
+                                     solarize_prob=args.solarize_probs[1])
+    loader = common.build_train_loader(args, common.Views([view, view_prime]), device)
     eval_loaders = common.build_eval_loaders(args, device)  # for the kNN monitor
 
     # ---- model: encoder f and predictor h; SyncBN and DDP when on several GPUs
-    model = SimSiam(common.build_backbone(args), args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim,
-                    args.proj_layers)
+    model = SimSiam(
+        common.build_backbone(args), args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.proj_layers)
     model, raw_model = common.prepare_model(model, args, device)
 
     # ---- optimizer and schedules: SGD (weight decay on every parameter, as the authors), cosine; h at a fixed lr
@@ -139,7 +144,7 @@ def main():
             loss = simsiam_loss(p1, p2, z1, z2)                       # Eq. (4), symmetrised, float32
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()                                          # f and h
+            optimizer.step()                                          # DDP: the same step on all ranks
             # no target network to update: SimSiam is BYOL without the momentum encoder
             # ======== end of SimSiam ========
 

@@ -31,7 +31,7 @@ def tiny_model(seed=0):
     torch.manual_seed(seed)
     args = byol.parser.parse_args(['--data', 'procedural', *TINY])
     args.cifar_stem = True
-    return byol.BYOL(byol.common.build_backbone(args), 32, 16, 32)
+    return byol.BYOL(byol.common.build_backbone(args), 32, 16, 32, 2)
 
 
 def test_stop_gradient_no_gradient_reaches_the_target():

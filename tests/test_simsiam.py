@@ -53,7 +53,7 @@ def test_heads_and_presets():
     assert (imagenet.arch, imagenet.lr, imagenet.batch_size, imagenet.proj_layers, imagenet.optimizer) == \
         ('resnet50', 0.05, 512, 3, 'sgd') and imagenet.zero_init_residual and imagenet.fix_pred_lr
     cifar = simsiam.common.parse_args(simsiam.parser, simsiam.SMALL_IMAGE_PRESET, ['--data', 'procedural'])
-    assert (cifar.arch, cifar.lr, cifar.weight_decay, cifar.proj_layers, cifar.blur_prob) == ('resnet18', 0.03, 5e-4, 2, 0.0)
+    assert (cifar.arch, cifar.lr, cifar.weight_decay, cifar.proj_layers, cifar.blur_probs) == ('resnet18', 0.03, 5e-4, 2, (0.0, 0.0))
     backbone = torch.nn.Identity()
     backbone.embed_dim = 64
     model = simsiam.SimSiam(backbone, 2048, 2048, 512, 3)
