@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import swav
-from conftest import TINY, run_distributed, run_script
+from conftest import TINY, knn_trained_and_untrained, run_distributed, run_script
 from test_cli import expect_error
 
 
@@ -200,3 +200,11 @@ def test_torchrun_two_processes_with_a_queue_and_no_resume_on_another_world_size
     assert checkpoint['model']['queue'][:, -1].any()
     expect_error('swav.py', *run, '--epochs', '3', match='was trained on 2 process(es) with a queue; resume it on 2')
     expect_error('swav.py', *run, '--epochs', '3', '--queue-length', '0', match='has --queue-length 64, not 0')
+
+
+def test_swav_learns_beyond_the_untrained_network(tmp_path):
+    run = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '32', '--size-crops', '16', '8',
+           '--nmb-crops', '2', '2', '--optimizer', 'sgd', '--lr', '1.0', '--nmb-prototypes', '50', '--temperature', '0.2',
+           '--proj-hidden-dim', '128', '--warmup-epochs', '1', '--knn-every', '-1']
+    trained, untrained = knn_trained_and_untrained(tmp_path, 'swav.py', *run)
+    assert trained > untrained + 3, (trained, untrained)  # measured: 48.5 vs 42.5 (300 steps; a small gain, see README)
