@@ -118,7 +118,7 @@ KNN_RUN = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', 
 
 def test_instdisc_learns_beyond_the_untrained_network(tmp_path):
     trained, untrained = knn_trained_and_untrained(tmp_path, 'instdisc.py', *KNN_RUN, '--lr', '0.25', '--temperature', '0.5')
-    assert trained > untrained + 4, (trained, untrained)  # measured: 50.5 vs 42.5 (300 steps, full softmax)
+    assert trained > untrained + 10, (trained, untrained)  # measured: 72.0 vs 42.5 (300 steps, full softmax, 2 threads)
 
 
 def test_torchrun_two_processes_nce_and_bad_input(tmp_path):
