@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -379,8 +380,10 @@ def prepare_model(model, args, device):
     if world_size > 1:  # DDP: averages gradients over processes during backward. Buffers (BN statistics,
         # queues, memory banks) are not re-broadcast from rank 0 every step: each rank keeps its own,
         # and the methods keep the ones that must agree identical by updating them from gathered data.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                                    broadcast_buffers=False)
+        with warnings.catch_warnings():  # newer torch renames the flag; its replacement still syncs at init
+            warnings.filterwarnings('ignore', message='.*broadcast_buffers.*', category=FutureWarning)
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     return model, raw_model
 
 
