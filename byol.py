@@ -126,8 +126,7 @@ def main():
 
     # ---- optimizer and schedules: LARS (biases and BN excluded), linear warm-up then cosine; tau cosine to 1
     lr = common.scale_lr(args.lr, args.batch_size)
-    optimizer = common.build_optimizer(args.optimizer, common.param_groups(raw_model, args.weight_decay), lr,
-                                       args.momentum)  # param_groups leaves out the target: it has no gradient
+    optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay), lr)  # not the target: no grad
     lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs)
     tau_schedule = common.cosine_schedule(args.tau_base, 1.0, args.epochs, len(loader))  # 1-(1-tau_base)(cos+1)/2
 

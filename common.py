@@ -112,6 +112,9 @@ def get_args_parser(description, method):
     g.add_argument('--min-lr', type=float, default=0.0, help='final learning rate of the cosine schedule (absolute)')
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, in epochs')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD / LARS momentum')
+    g.add_argument('--lars-eta', type=float, default=0.001, help='LARS trust coefficient eta')
+    g.add_argument('--lars-clip', action=argparse.BooleanOptionalAction, default=False,
+                   help="LARS: cap each parameter's adaptive lr at the global lr (LARC's clip mode)")
     g.add_argument('--weight-decay', type=float, default=1e-4)
     g = parser.add_argument_group('running')
     g.add_argument('--output-dir', default=None, help='checkpoints and logs (default: runs/<method>-<data>-<arch>); '
@@ -902,11 +905,13 @@ class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as in SimCLR/BYOL: for each parameter w with gradient g,
         g' = g + wd * w;  g' *= trust * ||w|| / ||g'||  (if both norms > 0);
         buf = momentum * buf + g';  w -= lr * buf.
+    clip (LARC's clip mode, used by solo-learn's CIFAR recipes): the factor becomes
+    min(trust * ||w|| / ||g'||, lr) / lr, so no parameter moves faster than plain SGD at lr.
     Groups marked `bias_and_norm` get plain SGD with momentum and no decay."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, bias_and_norm=False))
+                                      trust_coefficient=trust_coefficient, clip=clip, bias_and_norm=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -920,6 +925,8 @@ class LARS(torch.optim.Optimizer):
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
                     trust = torch.where((w_norm > 0) & (u_norm > 0),
                                         group['trust_coefficient'] * w_norm / u_norm, torch.ones_like(w_norm))
+                    if group['clip'] and group['lr'] > 0:
+                        trust = torch.clamp(trust / group['lr'], max=1.0)
                     update = update * trust
                 state = self.state[p]
                 if 'momentum_buffer' not in state:
@@ -929,15 +936,15 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group['lr'])
 
 
-def build_optimizer(name, groups, lr, momentum=0.9, betas=(0.9, 0.999)):
-    """SGD (momentum), LARS or AdamW over param groups that carry their own weight decay."""
-    if name == 'sgd':
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == 'lars':
-        return LARS(groups, lr=lr, momentum=momentum)
-    if name == 'adamw':
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
-    raise UsageError(f"unknown optimizer '{name}'; choose sgd, lars or adamw")
+def build_optimizer(args, groups, lr):
+    """SGD (momentum), LARS or AdamW (args.optimizer) over param groups that carry their own weight decay."""
+    if args.optimizer == 'sgd':
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
+    if args.optimizer == 'lars':
+        return LARS(groups, lr=lr, momentum=args.momentum, trust_coefficient=args.lars_eta, clip=args.lars_clip)
+    if args.optimizer == 'adamw':
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    raise UsageError(f"unknown optimizer '{args.optimizer}'; choose sgd, lars or adamw")
 
 
 def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0):

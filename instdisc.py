@@ -152,8 +152,7 @@ def main():
 
     # ---- optimizer and schedules: SGD, weight decay on every parameter (authors' code); lr x0.1 at 120 and 160
     lr = common.scale_lr(args.lr, args.batch_size)
-    optimizer = common.build_optimizer(args.optimizer, common.param_groups(raw_model, args.weight_decay, False), lr,
-                                       args.momentum)
+    optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay, False), lr)
     lr_schedule = common.step_schedule(lr, args.epochs, len(loader), args.lr_steps)
 
     # ---- resume from the output directory, if a checkpoint is there

@@ -227,8 +227,7 @@ def main():
 
     # ---- optimizer and schedules: SGD, weight decay on every parameter (authors' code); cosine (v2) or steps (v1)
     lr = common.scale_lr(args.lr, args.batch_size)
-    optimizer = common.build_optimizer(args.optimizer, common.param_groups(raw_model, args.weight_decay, False), lr,
-                                       args.momentum)
+    optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay, False), lr)
     lr_schedule = (common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs) if args.cos
                    else common.step_schedule(lr, args.epochs, len(loader), args.lr_steps))
 

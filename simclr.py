@@ -114,8 +114,7 @@ def main():
 
     # ---- optimizer and schedules: LARS (biases and BN excluded), linear warm-up then cosine
     lr = common.scale_lr(args.lr, args.batch_size)
-    optimizer = common.build_optimizer(args.optimizer, common.param_groups(raw_model, args.weight_decay), lr,
-                                       args.momentum)
+    optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay), lr)
     lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs)
 
     # ---- resume from the output directory, if a checkpoint is there

@@ -124,7 +124,7 @@ def main():
     groups = [dict(group, fixed_lr=args.fix_pred_lr and part is raw_model.predictor)  # common.set_lr skips fixed_lr
               for part in (raw_model.encoder, raw_model.predictor)
               for group in common.param_groups(part, args.weight_decay, exclude_bias_and_norm=False)]
-    optimizer = common.build_optimizer(args.optimizer, groups, lr, args.momentum)
+    optimizer = common.build_optimizer(args, groups, lr)
     lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs)
 
     # ---- resume from the output directory, if a checkpoint is there

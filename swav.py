@@ -245,8 +245,7 @@ def main():
 
     # ---- optimizer and schedules: LARS on ALL parameters (the authors' LARC), warm-up then cosine to the final lr
     lr = common.scale_lr(args.lr, args.batch_size)
-    optimizer = common.build_optimizer(args.optimizer, common.param_groups(raw_model, args.weight_decay,
-                                                                           exclude_bias_and_norm=False), lr, args.momentum)
+    optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay, False), lr)
     lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs, args.start_warmup)
     freeze_prototypes_steps = round(args.freeze_prototypes_epochs * len(loader))
 

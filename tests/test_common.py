@@ -83,6 +83,21 @@ def test_lars_step_matches_formula_and_excludes_bias():
     assert torch.allclose(model.weight, expected_w - lr * buf, atol=1e-6)
 
 
+def test_lars_clip_caps_each_parameters_lr_at_the_global_lr():
+    torch.manual_seed(0)
+    small, large = nn.Linear(6, 3, bias=False), nn.Linear(6, 3, bias=False)
+    small.weight.grad, large.weight.grad = torch.randn(3, 6), 1e-4 * torch.randn(3, 6)  # trust ratio < lr, > lr
+    w_small, w_large = small.weight.detach().clone(), large.weight.detach().clone()
+    lr, eta = 0.3, 0.02
+    optimizer = common.LARS([dict(params=[small.weight, large.weight], weight_decay=0.0)], lr=lr, trust_coefficient=eta,
+                            clip=True)
+    optimizer.step()
+    adaptive = eta * w_small.norm() / small.weight.grad.norm()
+    assert adaptive < lr and torch.allclose(small.weight, w_small - adaptive * small.weight.grad, atol=1e-7)
+    assert eta * w_large.norm() / large.weight.grad.norm() > lr  # clipped: a plain SGD step at lr
+    assert torch.allclose(large.weight, w_large - lr * large.weight.grad, atol=1e-9)
+
+
 def test_cosine_schedule_values():
     s = common.cosine_schedule(1.0, 0.1, epochs=10, steps_per_epoch=4, warmup_epochs=2, warmup_start=0.0)
     assert len(s) == 40
