@@ -177,6 +177,14 @@ def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
 
 
 @torch.no_grad()
+def teacher_entropy(teacher_out, center, teacher_temp):
+    """Mean entropy of P_t, the collapse diagnostic of the paper's Sec. 5.3 (Fig. 7): near ln K the teacher is
+    uniform (centering wins), near 0 it is one-hot (sharpening wins); a learning run stays in between."""
+    probs = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1)    # (2, n, K) P_t
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()     # scalar in [0, ln K]
+
+
+@torch.no_grad()
 def update_center(center, teacher_out, momentum):
     """C = m C + (1 - m) mean(t1, t2) (Alg. 1 line 12): the mean of the teacher logits of both
     global crops over the GLOBAL batch, so every GPU keeps the same center."""
@@ -248,6 +256,7 @@ def main():
                 student_out, teacher_out = model(views)                # (V, n, K), (2, n, K), lines 4-6
             loss = dino_loss(student_out, teacher_out, raw_model.center, args.student_temp,
                              teacher_temp_schedule[epoch])             # lines 8, 16, float32, with the old C
+            entropy = teacher_entropy(teacher_out, raw_model.center, teacher_temp_schedule[epoch])  # logged below
             update_center(raw_model.center, teacher_out, args.center_momentum)  # line 12
             # ======== end of DINO ========
 
@@ -259,7 +268,8 @@ def main():
                     p.grad = None
             optimizer.step()                                          # line 10
             common.ema_update(raw_model.teacher, raw_model.student, momentum_schedule[step])  # line 11, after the step
-            logger.step(epoch, step, loss, lr=lr_schedule[step], m=momentum_schedule[step])
+            logger.step(epoch, step, loss, lr=lr_schedule[step], m=momentum_schedule[step],
+                        teacher_entropy=entropy)                      # collapse indicator: ln K uniform, 0 one-hot
 
         # ---- end of epoch: loss check, checkpoint (the TEACHER's backbone is evaluated), kNN monitor
         logger.end_epoch(epoch)

@@ -41,6 +41,17 @@ def test_dino_loss_matches_a_loop_over_crop_pairs():
     assert student.grad is not None and teacher.grad is None
 
 
+
+def test_teacher_entropy_is_ln_k_when_uniform_and_zero_when_one_hot():
+    k = 16
+    uniform = torch.zeros(2, 4, k)
+    assert math.isclose(float(dino.teacher_entropy(uniform, torch.zeros(1, k), 0.04)), math.log(k), rel_tol=1e-6)
+    one_hot = torch.zeros(2, 4, k)
+    one_hot[..., 3] = 10.0
+    assert float(dino.teacher_entropy(one_hot, torch.zeros(1, k), 0.04)) < 1e-6
+    # centering removes a shared offset: the same one-hot logits, centred on themselves, are uniform
+    assert math.isclose(float(dino.teacher_entropy(one_hot, one_hot[0, :1], 0.04)), math.log(k), rel_tol=1e-6)
+
 def _center_on_rank(rank, world_size, n, k):
     g = torch.Generator().manual_seed(2)
     teacher_all, center = torch.randn(2, world_size * n, k, generator=g), torch.randn(1, k, generator=g)
@@ -136,7 +147,7 @@ def test_torchrun_vit_then_attention_maps(tmp_path):
            '--hidden-dim', '32', '--out-dim', '64', '--num-local-crops', '2', '--local-crop-size', '8',
            '--knn-every', '1', '--knn-k', '20', '--output-dir', tmp_path / 'run']
     out = run_script('dino.py', *run, nproc=2)
-    assert '2 process(es)' in out.stdout and 'kNN (k=20' in out.stdout
+    assert '2 process(es)' in out.stdout and 'kNN (k=20' in out.stdout and 'teacher_entropy' in out.stdout
     checkpoint = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
     assert checkpoint['method'] == 'dino' and checkpoint['model']['center'].abs().sum() > 0
     for key, value in checkpoint['backbone'].items():  # the evaluated backbone is the teacher's
