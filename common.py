@@ -59,9 +59,10 @@ class TrainingError(Exception):
 def run(main):
     """Call main() and turn UsageError/TrainingError into a one-line message and an exit code.
 
-    Always leaves the process group cleanly: a process that exits with gloo/NCCL threads still
-    alive can abort ("terminate called without an active exception") after its work is done."""
-    code = 0
+    After a normal end, all ranks meet at a barrier and leave the process group (a process that
+    exits with gloo/NCCL threads alive can abort with "terminate called without an active
+    exception"). After an error, the rank exits at once: tearing down a group whose other
+    ranks may be stuck in a collective can block until NCCL's watchdog fires."""
     try:
         main()
     except (UsageError, TrainingError) as e:
@@ -70,11 +71,13 @@ def run(main):
             message = message.splitlines()[-1].split('Error: ', 1)[-1]
         print(f'error: {message}', file=sys.stderr, flush=True)
         code = 2 if isinstance(e, UsageError) else 1
+        if dist.is_available() and dist.is_initialized():
+            sys.stdout.flush()
+            os._exit(code)
+        sys.exit(code)
     if dist.is_available() and dist.is_initialized():
-        if code == 0:
-            dist.barrier()  # no rank tears down while another still talks to it
+        dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
-    sys.exit(code)
 
 
 def get_args_parser(description, method):
@@ -558,7 +561,8 @@ def augmentation(size, scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, gray
     """One random view: RandomResizedCrop -> flip -> colour jitter -> grayscale -> blur -> solarize.
 
     Every probability and strength is the method's to choose (they differ per paper and,
-    for BYOL/MoCo v3/DINO, per view). Blur: Gaussian, sigma in [0.1, 2]. Returns a uint8 (3, size, size) tensor; normalisation happens on the device.
+    for BYOL/MoCo v3/DINO, per view). Blur: Gaussian, sigma in [0.1, 2]. Returns a uint8
+    (3, size, size) tensor; normalisation happens on the device.
     """
     mode = {'bilinear': T.InterpolationMode.BILINEAR, 'bicubic': T.InterpolationMode.BICUBIC}[interpolation]
     steps = [T.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True)]
@@ -923,10 +927,10 @@ class LARS(torch.optim.Optimizer):
                 if not group['bias_and_norm']:
                     update = update.add(p, alpha=group['weight_decay'])
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0),
-                                        group['trust_coefficient'] * w_norm / u_norm, torch.ones_like(w_norm))
-                    if group['clip'] and group['lr'] > 0:
-                        trust = torch.clamp(trust / group['lr'], max=1.0)
+                    ratio = group['trust_coefficient'] * w_norm / u_norm
+                    if group.get('clip') and group['lr'] > 0:
+                        ratio = torch.clamp(ratio / group['lr'], max=1.0)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(w_norm))
                     update = update * trust
                 state = self.state[p]
                 if 'momentum_buffer' not in state:
@@ -1078,6 +1082,9 @@ def resume(args, **objects):
         if isinstance(obj, nn.Module):
             check_shapes(path, name, state[name], obj.state_dict())
         obj.load_state_dict(state[name])
+        if isinstance(obj, LARS):  # load_state_dict restores the saved hyper-parameters: the flags win
+            for group in obj.param_groups:
+                group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip)
     print0(f"  resumed from {path}: {state['epoch']} epoch(s) done")
     return state['epoch']
 

@@ -6,7 +6,7 @@ a predictor h on one branch matches the other branch's projection z, held by a s
 That alone prevents collapse (Sec. 4.1): no negatives, no large batch, no moving average.
 
 Paper -> code:
-  Alg. 1, Sec. 3     views x1, x2 = aug(x), aug(x), both from the same T (symmetric) -> main(): `view`, `view_prime`
+  Alg. 1, Sec. 3     views x1, x2 = aug(x), aug(x): two draws from T (T' = T, same defaults) -> main(): `view`, `view_prime`
   Alg. 1, Sec. 3     projection z = f(x) (one f for both views), prediction p = h(z)   -> SimSiam.forward
   Eq. (1), (3), (4)  D(p, sg(z)) = -cos(p, sg(z)); L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2 -> negative_cosine, simsiam_loss
   Alg. 1, Sec. 4.2   update f and h, h at a fixed lr (no decay); no target network     -> main()
@@ -74,7 +74,8 @@ class SimSiam(nn.Module):
     def __init__(self, backbone, proj_hidden_dim, proj_dim, pred_hidden_dim, proj_layers):
         super().__init__()
         self.encoder = nn.Sequential(OrderedDict(  # f: backbone and projector, with BN on its output z
-            backbone=backbone, projector=mlp(backbone.embed_dim, proj_hidden_dim, proj_dim, proj_layers, bn_on_output=True)))
+            backbone=backbone, projector=mlp(backbone.embed_dim, proj_hidden_dim, proj_dim, proj_layers,
+                                             bn_on_output=True)))
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim)  # h
 
     def forward(self, views):

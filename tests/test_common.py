@@ -97,6 +97,23 @@ def test_lars_clip_caps_each_parameters_lr_at_the_global_lr():
     assert eta * w_large.norm() / large.weight.grad.norm() > lr  # clipped: a plain SGD step at lr
     assert torch.allclose(large.weight, w_large - lr * large.weight.grad, atol=1e-9)
 
+    zero = nn.Linear(6, 3, bias=False)  # ||w|| = 0: no trust ratio, a plain SGD step at lr (clip or not)
+    nn.init.zeros_(zero.weight)
+    zero.weight.grad = torch.randn(3, 6)
+    common.LARS([dict(params=[zero.weight], weight_decay=0.0)], lr=2.0, trust_coefficient=eta, clip=True).step()
+    assert torch.allclose(zero.weight, -2.0 * zero.weight.grad)
+
+
+def test_resume_takes_the_lars_settings_from_the_command_line(tmp_path):
+    model = nn.Linear(4, 2)
+    args = argparse.Namespace(method='simclr', output_dir=str(tmp_path), arch='resnet18', width=8, patch_size=4,
+                              cifar_stem=True, lars_eta=0.001, lars_clip=False)
+    saved = common.LARS(common.param_groups(model, 1e-4), lr=0.1, trust_coefficient=0.001, clip=False)
+    common.save_checkpoint(args, 1, model, model=model, optimizer=saved)
+    args.lars_eta, args.lars_clip = 0.02, True
+    resumed = common.LARS(common.param_groups(model, 1e-4), lr=0.1, trust_coefficient=0.02, clip=True)
+    assert common.resume(args, model=model, optimizer=resumed) == 1
+    assert all(g['trust_coefficient'] == 0.02 and g['clip'] for g in resumed.param_groups)
 
 def test_cosine_schedule_values():
     s = common.cosine_schedule(1.0, 0.1, epochs=10, steps_per_epoch=4, warmup_epochs=2, warmup_start=0.0)

@@ -41,7 +41,6 @@ def test_dino_loss_matches_a_loop_over_crop_pairs():
     assert student.grad is not None and teacher.grad is None
 
 
-
 def test_teacher_entropy_is_ln_k_when_uniform_and_zero_when_one_hot():
     k = 16
     uniform = torch.zeros(2, 4, k)
@@ -51,6 +50,7 @@ def test_teacher_entropy_is_ln_k_when_uniform_and_zero_when_one_hot():
     assert float(dino.teacher_entropy(one_hot, torch.zeros(1, k), 0.04)) < 1e-6
     # centering removes a shared offset: the same one-hot logits, centred on themselves, are uniform
     assert math.isclose(float(dino.teacher_entropy(one_hot, one_hot[0, :1], 0.04)), math.log(k), rel_tol=1e-6)
+
 
 def _center_on_rank(rank, world_size, n, k):
     g = torch.Generator().manual_seed(2)
