@@ -5,7 +5,7 @@ import math
 import torch
 
 import byol
-from conftest import TINY, knn_trained_and_untrained, run_distributed, run_script
+from conftest import TINY, knn_gain_over_seeds, run_distributed, run_script
 
 
 def regression_reference(p, z):
@@ -115,9 +115,9 @@ TRAIN = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '3
 
 
 def test_byol_learns_beyond_the_untrained_network_without_collapse(tmp_path):
-    trained, untrained = knn_trained_and_untrained(tmp_path, 'byol.py', *TRAIN)
-    assert trained > untrained + 6, (trained, untrained)  # measured: 55.0 vs 42.5
-    records = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+    trained, untrained, run = knn_gain_over_seeds(tmp_path, 'byol.py', 6, *TRAIN)
+    assert trained > untrained + 6, (trained, untrained)  # measured: 55.0 vs 42.5 (seed 0)
+    records = [json.loads(line) for line in open(run / 'metrics.jsonl')]
     epoch_loss = [r['epoch_loss'] for r in records if 'epoch_loss' in r]  # the mean loss of each epoch
     assert epoch_loss[-1] < 0.85 * epoch_loss[0], epoch_loss
     assert all(r['output_std'] > 0.5 / math.sqrt(256) for r in records if 'step' in r)  # ~1/sqrt(d); 0 = collapse
