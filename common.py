@@ -209,6 +209,8 @@ def validate_args(args):
         raise UsageError('--batch-size and --epochs must be positive')
     if args.width <= 0:
         raise UsageError('--width must be positive')
+    if (args.lr or 0) < 0 or (args.weight_decay or 0) < 0 or args.lars_eta <= 0:  # None: set later by a preset
+        raise UsageError('--lr and --weight-decay must be >= 0 and --lars-eta > 0')
 
 
 def apply_arch_preset(parser, args, presets, small_image_preset, argv=None):

@@ -51,6 +51,8 @@ def test_bad_model_options(tmp_path):
     expect_error('simclr.py', '--data', 'procedural', '--arch', 'vit_tiny', '--patch-size', '5', '--output-dir', out,
                  match='does not divide')
     expect_error('simclr.py', '--data', 'procedural', '--freeze-patch-embed', '--output-dir', out, match='ViT option')
+    expect_error('mocov3.py', '--data', 'procedural', '--lars-eta', '0', '--output-dir', out, match='--lars-eta > 0')
+    expect_error('byol.py', '--data', 'procedural', '--lr', '-1', '--output-dir', out, match='--lr and --weight-decay')
     assert not out.exists()
 
 
