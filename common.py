@@ -21,6 +21,7 @@ method's recipe.
 """
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -211,6 +212,25 @@ def validate_args(args):
         raise UsageError('--width must be positive')
     if (args.lr or 0) < 0 or (args.weight_decay or 0) < 0 or args.lars_eta <= 0:  # None: set later by a preset
         raise UsageError('--lr and --weight-decay must be >= 0 and --lars-eta > 0')
+    if args.warmup_epochs < 0:  # longer than --epochs is allowed: a short smoke run stays in its warm-up
+        raise UsageError(f'--warmup-epochs must be >= 0, not {args.warmup_epochs}')
+
+
+def check_ranges(args, positive=(), non_negative=(), probabilities=()):
+    """One-line errors for a method's flags out of range: `positive` > 0, `non_negative` >= 0,
+    `probabilities` (also EMA rates; single values or lists) in [0, 1]. Names are attribute names."""
+    def flag(name):
+        return '--' + name.replace('_', '-')
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise UsageError(f'{flag(name)} must be positive, not {getattr(args, name)}')
+    for name in non_negative:
+        if not getattr(args, name) >= 0:
+            raise UsageError(f'{flag(name)} must be >= 0, not {getattr(args, name)}')
+    for name in probabilities:
+        values = getattr(args, name)
+        if any(not 0 <= v <= 1 for v in (values if isinstance(values, (list, tuple)) else [values])):
+            raise UsageError(f'{flag(name)} must be in [0, 1], not {values}')
 
 
 def apply_arch_preset(parser, args, presets, small_image_preset, argv=None):
@@ -624,6 +644,14 @@ class Views:
 
     def __call__(self, img):
         return [t(img) for t in self.transforms]
+
+
+def forward_by_size(backbone, crops):
+    """Multi-crop forward (SwAV, DINO): crops of one size are consecutive in `crops` (multi_crop_views
+    orders them so); each size goes through the backbone in ONE call, so a batch's BN statistics and
+    the ViT's position-embedding interpolation are per size. Returns (len(crops) * n, D) features."""
+    groups = itertools.groupby(crops, key=lambda crop: crop.shape[-2:])
+    return torch.cat([backbone(torch.cat(list(same_size))) for _, same_size in groups])
 
 
 def multi_crop_views(global_transforms, local_transform, num_local):

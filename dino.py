@@ -32,7 +32,6 @@ Run:
 """
 import argparse
 import copy
-import itertools
 
 import numpy as np
 import torch
@@ -129,9 +128,8 @@ class Network(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, crops):
-        features = [self.backbone(torch.cat(list(group)))                   # (len(group) * n, D)
-                    for _, group in itertools.groupby(crops, key=lambda crop: crop.shape[-2:])]
-        return self.head(torch.cat(features))                               # (len(crops) * n, K)
+        features = common.forward_by_size(self.backbone, crops)             # (len(crops) * n, D)
+        return self.head(features)                                          # (len(crops) * n, K)
 
 
 class DINO(nn.Module):
@@ -186,7 +184,7 @@ def teacher_entropy(teacher_out, center, teacher_temp):
 
 @torch.no_grad()
 def update_center(center, teacher_out, momentum):
-    """C = m C + (1 - m) mean(t1, t2) (Alg. 1 line 12): the mean of the teacher logits of both
+    """C = m C + (1 - m) mean(t1, t2) (Eq. 4; Alg. 1 line 12): the mean of the teacher logits of both
     global crops over the GLOBAL batch, so every GPU keeps the same center."""
     batch_sum = teacher_out.float().sum(dim=(0, 1))                    # (K,) this GPU's 2n rows
     common.all_reduce_sum(batch_sum)                                   # DDP: sum over all GPUs
@@ -208,6 +206,9 @@ def main():
     common.apply_arch_preset(parser, args, ARCH_PRESETS, SMALL_IMAGE_PRESET)  # ViT or ResNet recipe, printed
     common.check_crops(args, [args.image_size] + [args.local_crop_size] * (args.num_local_crops > 0),
                        [args.global_scale, args.local_scale])
+    common.check_ranges(args, positive=['student_temp', 'teacher_temp', 'warmup_teacher_temp', 'out_dim', 'bottleneck_dim'],
+                        non_negative=['num_local_crops', 'warmup_teacher_temp_epochs'],
+                        probabilities=['momentum_teacher', 'center_momentum', 'blur_probs', 'solarize_prob'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: multi-crop (Sec. 3.1): 2 global crops, asymmetric (crop 1 always blurred, crop 2 sometimes

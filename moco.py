@@ -210,6 +210,7 @@ def info_nce_loss(q, k, queue, temperature):
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     apply_version(args)  # v1 or v2 pieces not typed; queue and split-BN checks
+    common.check_ranges(args, positive=['temperature', 'proj_dim'], probabilities=['key_momentum', 'blur_prob'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: two views of every image, query and key, from the same augmentation (Sec. 3.3; v2 Sec. 2)

@@ -121,7 +121,7 @@ class MoCoV3(nn.Module):
 
 
 def contrastive_loss(q, k, temperature):
-    """ctr(q, k) of Alg. 1 (lines 15-20), InfoNCE against the keys of the global batch.
+    """ctr(q, k) of Eq. (1) and Alg. 1 (lines 15-20), InfoNCE against the keys of the global batch.
 
     q: (n, d) this GPU's queries; k: (n, d) the keys of the same n images (no gradient). Query i's
     positive is the key of its own image; its negatives are the other N - 1 keys of ALL GPUs:
@@ -147,6 +147,8 @@ def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     common.apply_arch_preset(parser, args, ARCH_PRESETS, SMALL_IMAGE_PRESET)  # ViT or ResNet recipe, printed
     common.check_crops(args, [args.image_size], [(args.min_scale, 1.0)])
+    common.check_ranges(args, positive=['temperature', 'proj_dim'],
+                        probabilities=['moco_m', 'blur_probs', 'solarize_probs'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: two views, asymmetric as in BYOL: view 1 always blurred, view 2 sometimes solarized (Appendix A)

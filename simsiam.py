@@ -3,7 +3,8 @@ Xinlei Chen, Kaiming He. CVPR 2021. arXiv:2011.10566.
 
 The idea: BYOL without the momentum encoder. One encoder f (backbone, projector) sees both views;
 a predictor h on one branch matches the other branch's projection z, held by a stop-gradient.
-That alone prevents collapse (Sec. 4.1): no negatives, no large batch, no moving average.
+Stop-gradient and predictor together prevent collapse (Sec. 4.1-4.2; without either it collapses):
+no negatives, no large batch, no moving average.
 
 Paper -> code:
   Alg. 1, Sec. 3     views x1, x2 = aug(x), aug(x): two draws from T (T' = T, same defaults) -> main(): `view`, `view_prime`
@@ -103,6 +104,7 @@ def simsiam_loss(p1, p2, z1, z2):
 # -----------------------------------------------------------------------------
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
+    common.check_ranges(args, positive=['proj_layers'], probabilities=['blur_probs', 'solarize_probs'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: two views of every image, v ~ T and v' ~ T' (the recipe above says whether T' = T)

@@ -27,7 +27,6 @@ Run:
   torchrun --nproc_per_node=8 swav.py --data /imagenet         # the paper's recipe: ResNet-50, batch 4096, 2x224 + 6x96
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 swav.py --data /imagenet
 """
-import itertools
 
 import torch
 import torch.nn as nn
@@ -91,12 +90,7 @@ def check_crops_and_queue(args):
     if args.size_crops[0] != args.image_size or min(args.size_crops) <= 0:
         raise common.UsageError(f'{flag("size_crops")}: the first size is the global crop and must equal --image-size '
                                 f'{args.image_size} (the size the backbone is evaluated at); the others must be positive')
-    if args.arch.startswith('vit') and any(size % args.patch_size for size in args.size_crops):
-        raise common.UsageError(f'--patch-size {args.patch_size} does not divide every size of {flag("size_crops")}')
-    for low, high in zip(args.min_scale_crops, args.max_scale_crops):
-        if not 0 < low <= high <= 1:
-            raise common.UsageError(f'crop scales must satisfy 0 < min <= max <= 1; got {flag("min_scale_crops")} '
-                                    f'and {flag("max_scale_crops")}')
+    common.check_crops(args, args.size_crops, list(zip(args.min_scale_crops, args.max_scale_crops)))
     if args.queue_length < 0 or args.queue_length % args.batch_size:
         raise common.UsageError(f'--queue-length {args.queue_length} is not a multiple of the global batch '
                                 f'--batch-size {args.batch_size}; use e.g. '
@@ -150,10 +144,11 @@ class SwAV(nn.Module):
 
     def forward(self, views):
         # multi-crop: crops of one size are consecutive; each size goes through the backbone in ONE call
-        features = [self.backbone(torch.cat(list(same_size)))                 # (crops * n, D)
-                    for _, same_size in itertools.groupby(views, key=lambda v: v.shape[-1])]
-        z = F.normalize(self.projector(torch.cat(features)), dim=1)  # (V*n, 128)  z on the unit sphere
-        return z, self.prototypes(z)                                   # (V*n, 128), (V*n, K) scores z^T C
+        features = common.forward_by_size(self.backbone, views)      # (V*n, D) one backbone call per crop size
+        z = F.normalize(self.projector(features), dim=1)              # (V*n, 128)  z on the unit sphere
+        with torch.autocast(z.device.type, enabled=False):            # fp32: bf16 cosines step by ~0.004, and
+            scores = self.prototypes(z.float())                       #   Sinkhorn divides them by eps = 0.05
+        return z, scores                                              # (V*n, 128), (V*n, K) scores z^T C
 
     @torch.no_grad()
     def compute_codes(self, z, scores, n, epsilon, iterations, fill_queue):
@@ -229,6 +224,7 @@ def swapped_prediction_loss(scores, codes, temperature):
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     check_crops_and_queue(args)
+    common.check_ranges(args, non_negative=['color_strength'], probabilities=['blur_prob'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: multi-crop, 2 global crops then the local ones, same augmentation family (Sec. 3.2, Appendix A.1)

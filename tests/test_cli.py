@@ -53,6 +53,8 @@ def test_bad_model_options(tmp_path):
     expect_error('simclr.py', '--data', 'procedural', '--freeze-patch-embed', '--output-dir', out, match='ViT option')
     expect_error('mocov3.py', '--data', 'procedural', '--lars-eta', '0', '--output-dir', out, match='--lars-eta > 0')
     expect_error('byol.py', '--data', 'procedural', '--lr', '-1', '--output-dir', out, match='--lr and --weight-decay')
+    expect_error('dino.py', '--data', 'procedural', '--teacher-temp', '0', '--output-dir', out, match='--teacher-temp must be positive')
+    expect_error('simclr.py', '--data', 'procedural', '--warmup-epochs', '-1', '--output-dir', out, match='--warmup-epochs must be >= 0')
     assert not out.exists()
 
 

@@ -300,3 +300,25 @@ def test_metric_logger_stops_on_non_finite_loss(tmp_path):
     logger.step(0, 1, torch.tensor(float('nan')))  # not a logging step: no host sync yet
     with pytest.raises(common.TrainingError, match='nan'):
         logger.end_epoch(0)
+
+
+def test_forward_by_size_makes_one_backbone_call_per_crop_size_in_order():
+    calls = []
+    def backbone(x):
+        calls.append(tuple(x.shape))
+        return x.mean(dim=(2, 3))  # (B, 3): a per-image value to check the order
+    crops = [torch.full((2, 3, 8, 8), 0.0), torch.full((2, 3, 8, 8), 1.0), torch.full((2, 3, 4, 4), 2.0)]
+    features = common.forward_by_size(backbone, crops)
+    assert calls == [(4, 3, 8, 8), (2, 3, 4, 4)]
+    assert features[:, 0].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_check_ranges_gives_one_line_errors():
+    args = argparse.Namespace(temperature=0.0, num_local_crops=-1, blur_probs=[1.0, 1.5], moco_m=0.99)
+    with pytest.raises(common.UsageError, match='--temperature must be positive, not 0.0'):
+        common.check_ranges(args, positive=['temperature'])
+    with pytest.raises(common.UsageError, match='--num-local-crops must be >= 0'):
+        common.check_ranges(args, non_negative=['num_local_crops'])
+    with pytest.raises(common.UsageError, match=r'--blur-probs must be in \[0, 1\]'):
+        common.check_ranges(args, probabilities=['moco_m', 'blur_probs'])
+    common.check_ranges(args, probabilities=['moco_m'])  # in range: no error
