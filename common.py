@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -57,28 +58,65 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss): one line, exit code 1."""
 
 
-def run(main):
-    """Call main() and turn UsageError/TrainingError into a one-line message and an exit code.
+class Interrupted(Exception):
+    """SIGTERM (a job scheduler, torchrun, `kill`): turned into an exception so that run() can say where the
+    last checkpoint is, as for Ctrl-C."""
 
-    After a normal end, all ranks meet at a barrier and leave the process group (a process that
-    exits with gloo/NCCL threads alive can abort with "terminate called without an active
-    exception"). After an error, the rank exits at once: tearing down a group whose other
-    ranks may be stuck in a collective can block until NCCL's watchdog fires."""
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
+def run(main):
+    """Call main() and turn every expected failure into a one-line message and an exit code:
+    UsageError (bad input) 2, TrainingError (e.g. a non-finite loss) 1, a collective that timed
+    out (a stuck or lost rank) 1, Ctrl-C 130 and SIGTERM 143 (each naming the last checkpoint).
+
+    A usage error found before the process group is joined is the same on every rank and printed
+    by rank 0 only; later ones by the rank that hit them. An output directory this process made
+    and left empty is removed. After a normal end, all ranks meet at a barrier and leave the
+    process group (a process that exits with gloo/NCCL threads alive can abort with "terminate
+    called without an active exception"). After an error, the rank exits at once: tearing down a
+    group whose other ranks may be stuck in a collective can block until NCCL's watchdog fires."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         main()
-    except (UsageError, TrainingError) as e:
-        message = str(e).strip()
-        if 'Original Traceback' in message:  # raised inside a DataLoader worker: keep its last line
-            message = message.splitlines()[-1].split('Error: ', 1)[-1]
-        print(f'error: {message}', file=sys.stderr, flush=True)
-        code = 2 if isinstance(e, UsageError) else 1
-        if dist.is_available() and dist.is_initialized():
+    except (UsageError, TrainingError, Interrupted, KeyboardInterrupt, RuntimeError) as e:
+        joined = dist.is_available() and dist.is_initialized()
+        if isinstance(e, RuntimeError) and not is_timeout(e):
+            raise
+        if isinstance(e, (UsageError, TrainingError)):
+            message = str(e).strip()
+            if 'Original Traceback' in message:  # raised inside a DataLoader worker: keep its last line
+                message = message.splitlines()[-1].split('Error: ', 1)[-1]
+            code = 2 if isinstance(e, UsageError) else 1
+        elif isinstance(e, RuntimeError):
+            message, code = (f'a collective operation timed out ({str(e).strip().splitlines()[0][:200]}): another '
+                             f'process is stuck or gone. {LAST_CHECKPOINT.get("note", "")}').strip(), 1
+        else:
+            name = 'Ctrl-C' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'
+            message = f'stopped by {name}. ' + LAST_CHECKPOINT.get('note', 'No checkpoint was written.')
+            code = 130 if isinstance(e, KeyboardInterrupt) else 143
+        rank = int(os.environ.get('RANK', 0))
+        if rank == 0 or joined:
+            prefix = f'rank {rank}: ' if joined and int(os.environ.get('WORLD_SIZE', 1)) > 1 and rank else ''
+            print(f'error: {prefix}{message}', file=sys.stderr, flush=True)
+        for path in _CREATED_OUTPUT_DIRS:  # nothing half-written: an output folder this run made and left empty
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+        if joined:
             sys.stdout.flush()
             os._exit(code)
         sys.exit(code)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
+
+
+def is_timeout(error):
+    """Is this RuntimeError a collective that timed out (gloo: 'Timed out', NCCL: 'timeout')?"""
+    text = str(error).lower()
+    return 'timed out' in text or 'timeout' in text
 
 
 def get_args_parser(description, method):
@@ -133,6 +171,8 @@ def get_args_parser(description, method):
     g.add_argument('--knn-t', type=float, default=None, help='kNN monitor temperature (default: 0.1 small images, 0.07 else)')
     g.add_argument('--stop-after-epoch', type=int, default=None,
                    help='exit after this epoch, e.g. to fit a job time limit; rerun the same command to resume')
+    g.add_argument('--dist-timeout', type=float, default=1800,
+                   help='seconds a collective waits for the other processes before the run stops (torchrun)')
     return parser
 
 
@@ -163,12 +203,7 @@ def parse_args(parser, small_image_preset, argv=None):
         for key, value in preset.items():
             setattr(args, key, value)
         notes.append('small-image preset (' + ', '.join(f'{k}={v}' for k, v in preset.items()) + ')')
-    if args.image_size is None:
-        args.image_size = args.dataset_info['image_size'] if small else 224
-    if args.cifar_stem is None:
-        args.cifar_stem = args.image_size <= 64
-    if args.patch_size is None:
-        args.patch_size = 4 if args.image_size <= 64 else 16
+    apply_size_defaults(args)
     if args.knn_k is None:
         args.knn_k = 200 if small else 20
     if args.knn_t is None:
@@ -177,13 +212,29 @@ def parse_args(parser, small_image_preset, argv=None):
         data_name = os.path.basename(os.path.normpath(args.data)).replace(':', '')
         args.output_dir = os.path.join('runs', f'{args.method}-{data_name}-{args.arch}')
     validate_args(args)
-    info = args.dataset_info
-    notes.insert(0, f"data {args.data}: {info['num_train']} train / {info['num_test']} test images, "
-                    f"{info['num_classes']} classes, {info['image_size']} px -> image size {args.image_size}"
-                    + (', CIFAR stem' if args.cifar_stem and args.arch.startswith('resnet') else '')
-                    + (f', patch {args.patch_size}' if args.arch.startswith('vit') else ''))
-    args.notes = notes
+    args.notes = [data_note(args)] + notes
     return args
+
+
+def apply_size_defaults(args):
+    """Defaults that follow the image size: crops at the native size for small images (224 else),
+    the CIFAR stem for crops <= 64 px, ViT patches of 4 px for crops <= 64 px (16 else)."""
+    small = args.dataset_info['image_size'] <= 64
+    if args.image_size is None:
+        args.image_size = args.dataset_info['image_size'] if small else 224
+    if args.cifar_stem is None:
+        args.cifar_stem = args.image_size <= 64
+    if args.patch_size is None:
+        args.patch_size = 4 if args.image_size <= 64 else 16
+
+
+def data_note(args):
+    """The printed line that says what --data holds and how the images are fed to the backbone."""
+    info = args.dataset_info
+    return (f"data {args.data}: {info['num_train']} train / {info['num_test']} test images, "
+            f"{info['num_classes']} classes, {info['image_size']} px -> image size {args.image_size}"
+            + (', CIFAR stem' if args.cifar_stem and args.arch.startswith('resnet') else '')
+            + (f', patch {args.patch_size}' if args.arch.startswith('vit') else ''))
 
 
 def apply_epoch_preset(args, presets):
@@ -199,21 +250,58 @@ def apply_epoch_preset(args, presets):
 
 
 def validate_args(args):
-    if args.arch not in ARCHS:
-        raise UsageError(f"unknown --arch '{args.arch}'; choose one of: {', '.join(ARCHS)}")
-    if args.arch.startswith('vit') and args.image_size % args.patch_size:
-        raise UsageError(f'--patch-size {args.patch_size} does not divide --image-size {args.image_size}; '
-                         'pick a patch size that divides the crop size')
-    if args.arch.startswith('resnet') and args.freeze_patch_embed:
-        raise UsageError('--freeze-patch-embed is a ViT option; drop it or use a --arch vit_*')
+    """One-line errors for shared flags out of range, before anything is written."""
+    validate_backbone_args(args)
     if args.batch_size <= 0 or args.epochs <= 0:
         raise UsageError('--batch-size and --epochs must be positive')
-    if args.width <= 0:
-        raise UsageError('--width must be positive')
-    if (args.lr or 0) < 0 or (args.weight_decay or 0) < 0 or args.lars_eta <= 0:  # None: set later by a preset
+    for name in ('lr', 'weight_decay', 'min_lr', 'momentum', 'warmup_epochs', 'lars_eta', 'drop_path'):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):  # None: set later by a preset
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+    if (args.lr or 0) < 0 or (args.weight_decay or 0) < 0 or args.lars_eta <= 0:
         raise UsageError('--lr and --weight-decay must be >= 0 and --lars-eta > 0')
     if args.warmup_epochs < 0:  # longer than --epochs is allowed: a short smoke run stays in its warm-up
         raise UsageError(f'--warmup-epochs must be >= 0, not {args.warmup_epochs}')
+    if args.min_lr < 0 or not 0 <= args.momentum < 1 or not 0 <= args.drop_path < 1:
+        raise UsageError('--min-lr must be >= 0, --momentum and --drop-path in [0, 1)')
+    if args.log_every < 1:
+        raise UsageError(f'--log-every must be at least 1 step, not {args.log_every}')
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise UsageError(f'--stop-after-epoch must be at least 1, not {args.stop_after_epoch}')
+    if args.knn_k is not None and args.knn_k < 1:
+        raise UsageError(f'--knn-k must be at least 1 neighbour, not {args.knn_k}')
+    if args.knn_t is not None and not (math.isfinite(args.knn_t) and args.knn_t > 0):
+        raise UsageError(f'--knn-t must be a positive temperature, not {args.knn_t}')
+    min_scale = getattr(args, 'min_scale', None)  # the RandomResizedCrop bound that most method files define
+    if min_scale is not None and not 0 < min_scale <= 1:
+        raise UsageError(f'--min-scale {min_scale} is outside (0, 1]: it is the smallest crop area, as a fraction '
+                         'of the image')
+
+
+def validate_backbone_args(args):
+    """The flags that build the backbone, and the data flags shared by training and evaluation."""
+    if args.arch not in ARCHS:
+        raise UsageError(f"unknown --arch '{args.arch}'; choose one of: {', '.join(ARCHS)}")
+    if args.image_size <= 0:
+        raise UsageError(f'--image-size must be a positive number of pixels, not {args.image_size}')
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise UsageError(f'--dist-timeout must be a positive number of seconds, not {args.dist_timeout}')
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f'--workers must be >= 0 (0 = load in the main process), not {args.workers}')
+    if args.width <= 0:
+        raise UsageError('--width must be positive')
+    if args.arch.startswith('vit'):
+        if args.patch_size <= 0:
+            raise UsageError(f'--patch-size must be a positive number of pixels, not {args.patch_size}')
+        if args.image_size % args.patch_size:
+            raise UsageError(f'--patch-size {args.patch_size} does not divide --image-size {args.image_size}; '
+                             'pick a patch size that divides the crop size')
+        dim, _, heads = VIT_SIZES[args.arch]
+        if args.num_heads is not None and (args.num_heads <= 0 or dim % args.num_heads):
+            raise UsageError(f'--num-heads {args.num_heads} does not divide the width {dim} of {args.arch}; '
+                             f'use a divisor such as {heads}')
+    if args.arch.startswith('resnet') and getattr(args, 'freeze_patch_embed', False):
+        raise UsageError('--freeze-patch-embed is a ViT option; drop it or use a --arch vit_*')
 
 
 def check_ranges(args, positive=(), non_negative=(), probabilities=()):
@@ -292,23 +380,29 @@ def setup(args):
     """Join the torchrun process group if there is one (multi-node too); else one process.
 
     Returns (device, rank, world_size, is_main). Also sets the seed so that model
-    initialisation is identical on every rank, and creates the output directory.
-    """
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:  # DDP: launched by torchrun
+    initialisation is identical on every rank, and creates the output directory (checked to be
+    writable). Input errors that every rank would see are raised before the group is joined,
+    so they are printed once (by rank 0, see run())."""
+    distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # DDP: launched by torchrun
+    rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if distributed else (0, 1)
+    batch_size = getattr(args, 'batch_size', None)  # training: the global batch
+    if batch_size is not None and batch_size % world_size:
+        raise UsageError(f'--batch-size {batch_size} is not divisible by the {world_size} processes; '
+                         f'use a multiple of {world_size}')
+    if rank == 0 and args.output_dir:
+        prepare_output_dir(args.output_dir)
+    if distributed:
         local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        timeout = datetime.timedelta(seconds=args.dist_timeout)  # a stuck rank fails the others after this long
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             device = torch.device('cuda', local_rank)
-            dist.init_process_group('nccl', device_id=device)
+            dist.init_process_group('nccl', device_id=device, timeout=timeout)
         else:
             device = torch.device('cpu')
-            dist.init_process_group('gloo')
+            dist.init_process_group('gloo', timeout=timeout)
     else:  # one process: one GPU, or the CPU
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    rank, world_size = get_rank(), get_world_size()
-    if args.batch_size % world_size:
-        raise UsageError(f'--batch-size {args.batch_size} is not divisible by the {world_size} processes; '
-                         f'use a multiple of {world_size}')
     if args.workers is None:
         per_gpu = (os.cpu_count() or 2) // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
         args.workers = max(0, min(16, per_gpu - 1))  # augmentation is the bottleneck for small models
@@ -319,8 +413,6 @@ def setup(args):
     torch.manual_seed(args.seed)  # model init identical on all ranks
     np.random.seed(args.seed + rank)
     if rank == 0:
-        if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
         print(f'{args.method}: {world_size} process(es) on {device.type}'
               + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''), flush=True)
         for note in args.notes:
@@ -328,6 +420,26 @@ def setup(args):
         print('  args: ' + ' '.join(f'{k}={v}' for k, v in sorted(vars(args).items())
                                    if k not in ('notes', 'dataset_info')), flush=True)
     return device, rank, world_size, rank == 0
+
+
+_CREATED_OUTPUT_DIRS = []  # made by this process: removed again if a run fails before writing anything there
+
+
+def prepare_output_dir(path):
+    """Create --output-dir and check that files can be written in it, before any work is done."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f'--output-dir {path} is a file, not a folder; choose another --output-dir')
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f'--output-dir {path}: cannot write there ({e.strerror}); choose a writable folder') from None
+    if created:
+        _CREATED_OUTPUT_DIRS.append(path)
 
 
 def seed_epoch(args, epoch, rank):
@@ -686,9 +798,33 @@ def inspect_dataset(data, data_dir):
     if first is None:
         raise UsageError(f"--data '{data}': no images in {train}/<class>/ (expected {', '.join(IMAGE_EXTENSIONS)})")
     size = max(load_image(first).size)
-    count = lambda root: sum(len(files) for _, _, files in os.walk(root)) if root else 0  # noqa: E731
-    return dict(kind='folder', num_train=count(train), num_test=count(test), num_classes=len(classes),
-                image_size=size, train=train, test=test)
+    test_classes = sorted(d for d in os.listdir(test) if os.path.isdir(os.path.join(test, d))) if test else []
+    unknown = [c for c in test_classes if c not in classes]
+    if unknown:  # each split would number its own classes: the test labels would be shifted
+        raise UsageError(f"--data '{data}': {os.path.basename(test)}/ has classes that train/ lacks "
+                         f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); every test class "
+                         'needs training images of the same name')
+    return dict(kind='folder', num_train=count_images(train, classes), num_test=count_images(test, test_classes),
+                num_classes=len(classes), image_size=size, train=train, test=test, classes=classes)
+
+
+def count_images(root, classes):
+    """Image files (by extension) under root/<class>/, as ImageFolder finds them: no .DS_Store or notes.txt."""
+    return sum(1 for c in classes for _, _, files in os.walk(os.path.join(root, c), followlinks=True)
+               for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+class ClassFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder whose labels are those of the training split's classes (by name), so that a test
+    folder with fewer classes than train/ keeps its labels right instead of numbering its own."""
+
+    def __init__(self, root, classes, loader):
+        self.train_classes = classes
+        super().__init__(root, loader=loader, allow_empty=True)
+
+    def find_classes(self, directory):
+        present = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+        return present, {c: self.train_classes.index(c) for c in present}
 
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -774,7 +910,7 @@ def base_dataset(args, split):
         if root is None:
             return None
         try:
-            return torchvision.datasets.ImageFolder(root, loader=load_image)
+            return ClassFolder(root, info['classes'], load_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise UsageError(f"--data '{data}': {e}") from None
     cls = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100,
@@ -856,12 +992,17 @@ class Loader:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=sampler.drop_last,
             pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_signals if workers > 0 else None)
+        self.epoch_started = time.time()
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
     def __len__(self):
         return len(self.loader)
+
+    @property
+    def dataset_size(self):
+        return len(self.loader.dataset)
 
     def _to_device(self, images):
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
@@ -869,9 +1010,17 @@ class Loader:
 
     def epoch(self, epoch):
         self.sampler.set_epoch(epoch)
+        self.epoch_started = time.time()  # MetricLogger times the epoch from here
         for views, labels, indices in self.loader:
             yield ([self._to_device(v) for v in views], labels.to(self.device, non_blocking=True),
                    indices.to(self.device, non_blocking=True))
+
+
+def ignore_signals(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which stops them cleanly; SIGTERM (the main
+    process's shutdown, or a signal to the whole process group) ends a worker quietly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def build_train_loader(args, transform, device):
@@ -897,8 +1046,13 @@ def build_eval_loaders(args, device, batch_size=256):
     split_train = 'labelled' if args.data == 'stl10' else 'train'
     rank, world_size = get_rank(), get_world_size()
     transform = Views([eval_transform(args.image_size, args.dataset_info['image_size'])])
+    labelled = base_dataset(args, split_train)
+    k = getattr(args, 'knn_k', None)
+    if k is not None and k > len(labelled):
+        raise UsageError(f'--knn-k {k} is more neighbours than the {len(labelled)} labelled training images; '
+                         f'use --knn-k {len(labelled)} or fewer')
     loaders = []
-    for base in (base_dataset(args, split_train), test):
+    for base in (labelled, test):
         sampler = EpochSampler(len(base), batch_size, rank, world_size, args.seed, shuffle=False, drop_last=False)
         loaders.append(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
                               device, channels_last=uses_channels_last(args, device)))
@@ -1048,26 +1202,90 @@ def autocast(device, args):
     return nullcontext()
 
 
+def check_writable_file(path, flag):
+    """One-line error, before any work, when `path` cannot be written: a folder, or a place that
+    refuses new files (a missing or read-only folder). Probes with a file that it removes."""
+    if os.path.isdir(path):
+        raise UsageError(f'{flag} {path} is a folder; give a file name')
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(folder, f'.write-test-{os.getpid()}')
+    try:
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f'{flag} {path}: cannot write in {folder} ({e.strerror}); choose a writable place') from None
+
+
+def write_json(path, record):
+    """Write `record` as JSON to `path` atomically: a temporary file is renamed over the old one;
+    on failure nothing is left behind and the error is one line."""
+    tmp = f'{path}.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise TrainingError(f'could not write {path} ({e.strerror})') from None
+
+
 def checkpoint_path(args):
     return os.path.join(args.output_dir, 'checkpoint.pth')
+
+
+LAST_CHECKPOINT = {}  # 'note': where the last good checkpoint is, for the messages of a run that stops
+
+
+def last_checkpoint_note(args):
+    return LAST_CHECKPOINT.get('note', f'No checkpoint was written to {args.output_dir}.')
 
 
 def save_checkpoint(args, epoch, backbone, **objects):
     """Atomically write <output-dir>/checkpoint.pth: method, args, epochs done, `backbone` (the
     weights the paper evaluates, loadable by eval_knn.py) and the state of every named object
-    (model, optimizer, ...). A temporary file, flushed to disk, is renamed over the old one,
-    so a crash never leaves half a checkpoint."""
+    (model, optimizer, ...). A temporary file, flushed to disk, is renamed over the old one, so a
+    crash, a full disk or a signal never leaves half a checkpoint (the temporary file is removed).
+    Weights or optimizer state that are not finite are never saved: the run stops instead, and the
+    previous checkpoint stays the last good one."""
     if get_rank() != 0:
         return
     state = dict(method=args.method, args={k: v for k, v in vars(args).items() if k != 'notes'}, epoch=epoch,
                  backbone=backbone.state_dict(), **{name: obj.state_dict() for name, obj in objects.items()})
+    bad = next((name for name, tensor in named_tensors(state) if tensor.is_floating_point()
+                and not bool(torch.isfinite(tensor).all())), None)
+    if bad is not None:
+        raise TrainingError(f'after epoch {epoch} the tensor {bad} holds NaN or inf; nothing was saved. '
+                            f'{last_checkpoint_note(args)} (try a lower --lr or --precision fp32)')
     path = checkpoint_path(args)
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise TrainingError(f'could not write the checkpoint of epoch {epoch} to {path} ({e.strerror}). '
+                            f'{last_checkpoint_note(args)}') from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    LAST_CHECKPOINT['note'] = (f'The last good checkpoint is {path} ({epoch} epoch(s) done); '
+                               'the same command resumes from it.')
+
+
+def named_tensors(tree, prefix=''):
+    """(dotted name, tensor) of every tensor inside nested dicts / lists (a checkpoint's state)."""
+    if torch.is_tensor(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from named_tensors(value, f'{prefix}.{key}' if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from named_tensors(value, f'{prefix}.{i}')
 
 
 def read_checkpoint(path):
@@ -1098,6 +1316,7 @@ def resume(args, **objects):
     Refuses a checkpoint written by another method or for another architecture."""
     path = checkpoint_path(args)
     if not os.path.exists(path):
+        trim_metrics(args.output_dir, 0)  # a run killed in its first epoch left records but no checkpoint
         return 0
     state = read_checkpoint(path)
     if not isinstance(state, dict) or 'method' not in state or 'args' not in state:
@@ -1108,6 +1327,10 @@ def resume(args, **objects):
         if key in state['args'] and state['args'][key] != getattr(args, key):
             raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
                              f"not {getattr(args, key)}; use the same value or another --output-dir")
+    done = state['epoch']
+    if done > args.epochs:
+        raise UsageError(f'{path} holds {done} epochs, more than --epochs {args.epochs}; give --epochs {done} '
+                         'or more to go on training, or use another --output-dir')
     for name, obj in objects.items():
         if isinstance(obj, nn.Module):
             check_shapes(path, name, state[name], obj.state_dict())
@@ -1115,8 +1338,12 @@ def resume(args, **objects):
         if isinstance(obj, LARS):  # load_state_dict restores the saved hyper-parameters: the flags win
             for group in obj.param_groups:
                 group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip)
-    print0(f"  resumed from {path}: {state['epoch']} epoch(s) done")
-    return state['epoch']
+    trim_metrics(args.output_dir, done)  # the records of a killed, unfinished epoch go: it is trained again
+    LAST_CHECKPOINT['note'] = f'The last good checkpoint is {path} ({done} epoch(s) done); the same command resumes from it.'
+    print0(f'  resumed from {path}: {done} epoch(s) done'
+           + (f'; --epochs is {args.epochs}: nothing left to train (raise --epochs to train longer)'
+              if done == args.epochs else ''))
+    return done
 
 
 def check_shapes(path, name, saved, current):
@@ -1141,14 +1368,24 @@ def normalized_output_std(z):
 class MetricLogger:
     """Progress lines on the main rank and a JSON-lines file `metrics.jsonl` in the output
     directory. Values are read from the device (a host sync) only on logging steps; the
-    running loss sum lets every step's loss be checked for NaN/inf at those points."""
+    running loss sum lets every step's loss be checked for NaN/inf at those points.
 
-    def __init__(self, args, steps_per_epoch):
-        self.args, self.steps_per_epoch = args, steps_per_epoch
-        self.total_steps = args.epochs * steps_per_epoch
+    Every record has `epoch`, the 1-based epoch it belongs to (so a resume can drop the records
+    of epochs its checkpoint does not hold):
+      step:  step, loss, images_per_s, the method's values (lr, tau, ...): steps 1 and 10, then
+             every --log-every steps (the first lines estimate the run's duration early)
+      epoch: epoch_loss, epoch_seconds (the epoch's loading and training; no kNN, no checkpoint),
+             train_seconds (their sum over the run, resumes included), epoch_images_per_s
+      kNN:   knn_top1, knn_top5 (and knn_top1_k20), knn_seconds -- written by the method file
+    """
+
+    def __init__(self, args, loader):
+        self.args, self.loader, self.steps_per_epoch = args, loader, len(loader)
+        self.total_steps = args.epochs * self.steps_per_epoch
         self.path = os.path.join(args.output_dir, 'metrics.jsonl')
         self.is_main = get_rank() == 0
-        self.loss_sum, self.count, self.start_step = None, 0, None
+        self.loss_sum, self.count, self.tic_step = None, 0, None
+        self.train_seconds = sum(r.get('epoch_seconds', 0.0) for r in read_metrics(self.path))  # kept by resume()
 
     def log(self, **values):
         """Append one record (e.g. kNN accuracy) to metrics.jsonl."""
@@ -1161,37 +1398,74 @@ class MetricLogger:
         loss = loss.detach().float()
         self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
         self.count += 1
-        if self.start_step is None:
-            self.start_step, self.tic, self.tic_step = step, time.time(), step
-        if (step + 1) % self.args.log_every and step + 1 != self.total_steps:
+        if self.tic_step is None or self.count == 1:  # the epoch's first step: time from the epoch's start
+            self.tic, self.tic_step = self.loader.epoch_started, step
+        done = step + 1
+        if done % self.args.log_every and done != self.total_steps and self.count not in (1, 10):
             return
         loss_value = loss.item()
         self.check_finite(float(self.loss_sum), epoch, step)
         now = time.time()
-        images_per_s = (step + 1 - self.tic_step) * self.args.batch_size / max(now - self.tic, 1e-9)
-        self.tic, self.tic_step = now, step + 1
-        eta = (self.total_steps - step - 1) * self.args.batch_size / max(images_per_s, 1e-9)
+        images_per_s = (done - self.tic_step) * self.args.batch_size / max(now - self.tic, 1e-9)
+        self.tic, self.tic_step = now, done
+        eta = (self.total_steps - done) * self.args.batch_size / max(images_per_s, 1e-9)
         values = {k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in values.items()}
-        record = dict(epoch=epoch, step=step + 1, loss=loss_value, images_per_s=images_per_s, **values)
+        record = dict(epoch=epoch + 1, step=done, loss=loss_value, images_per_s=images_per_s, **values)
         if self.is_main:
-            print(f'epoch {epoch + 1}/{self.args.epochs} step {step + 1}/{self.total_steps} loss {loss_value:.4f} '
+            print(f'epoch {epoch + 1}/{self.args.epochs} step {done}/{self.total_steps} loss {loss_value:.4f} '
                   + ' '.join(f'{k} {v:.4g}' for k, v in values.items())
                   + f' | {images_per_s:.0f} img/s eta {datetime.timedelta(seconds=int(eta))}', flush=True)
         self.log(**record)
 
     def end_epoch(self, epoch):
-        """Mean loss of the epoch (checked to be finite), logged; resets the running sum."""
+        """Mean loss of the epoch (checked to be finite) and the epoch's time, logged; resets the running sum."""
         mean = float(self.loss_sum) / max(1, self.count)
         self.check_finite(mean, epoch, None)
-        self.log(epoch=epoch + 1, epoch_loss=mean)
+        seconds = time.time() - self.loader.epoch_started
+        self.train_seconds += seconds
+        self.log(epoch=epoch + 1, epoch_loss=mean, epoch_seconds=seconds, train_seconds=self.train_seconds,
+                 epoch_images_per_s=self.count * self.args.batch_size / max(seconds, 1e-9))
         self.loss_sum, self.count = None, 0
         return mean
 
     def check_finite(self, value, epoch, step):
         if not math.isfinite(value):
             where = f'epoch {epoch + 1}' + (f' (by step {step + 1})' if step is not None else '')
-            raise TrainingError(f'the loss became {value} in {where}; stopping. The last good checkpoint, if any, is '
-                                f'{checkpoint_path(self.args)} (try a lower --lr or --precision fp32)')
+            raise TrainingError(f'the loss became {value} in {where}; stopping. {last_checkpoint_note(self.args)} '
+                                '(try a lower --lr or --precision fp32)')
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl file, skipping a line that is not whole JSON (a run killed
+    while writing it); [] when there is no file."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def trim_metrics(output_dir, epochs_done):
+    """Keep only the records of the epochs a checkpoint holds (a run killed mid-epoch, then resumed,
+    would log its epoch twice); rewrites the file atomically. Main rank only."""
+    path = os.path.join(output_dir, 'metrics.jsonl')
+    if get_rank() != 0 or not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(path) if isinstance(r.get('epoch'), (int, float)) and r['epoch'] <= epochs_done]
+    with open(path) as f:
+        if len(kept) == sum(1 for line in f if line.strip()):  # nothing to drop, no torn line
+            return
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(tmp, path)
 
 
 def plot_metrics(output_dir):
@@ -1204,7 +1478,7 @@ def plot_metrics(output_dir):
     path = os.path.join(output_dir, 'metrics.jsonl')
     if not os.path.exists(path):
         return
-    records = [json.loads(line) for line in open(path) if line.strip()]
+    records = read_metrics(path)
     steps = [r for r in records if 'step' in r]
     knn = [r for r in records if 'knn_top1' in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -1263,6 +1537,101 @@ def plot_attention_maps(image, maps, path, title=''):
 # 8. Evaluation: features and weighted kNN
 # =============================================================================
 
+# What the backbone is built from: evaluation takes these from the checkpoint unless they are typed.
+BACKBONE_KEYS = ('arch', 'width', 'cifar_stem', 'zero_init_residual', 'patch_size', 'num_heads', 'pos_embed',
+                 'image_size')
+
+
+def get_eval_parser(description, name):
+    """The flags of an evaluation script (eval_knn.py, eval_linear.py): a checkpoint of any method
+    file, or --random-init; the data and backbone flags, whose defaults are the checkpoint's."""
+    parser = argparse.ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(method=name, freeze_patch_embed=False, drop_path=0.0)
+    parser.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
+    parser.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (give --data and --arch)')
+    g = parser.add_argument_group('data (default: the checkpoint\'s)')
+    g.add_argument('--data', default=None, help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with '
+                   'train/ and val/ (or test/)')
+    g.add_argument('--data-dir', default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
+                   help='where torchvision datasets are downloaded / looked for')
+    g.add_argument('--image-size', type=int, default=None, help='evaluation crop size (default: the checkpoint\'s, '
+                   'else follows the dataset)')
+    g.add_argument('--workers', type=int, default=None, help='data-loading processes per GPU (default: CPUs / GPUs - 1, '
+                   'at most 16)')
+    g = parser.add_argument_group('backbone (default: the checkpoint\'s)')
+    g.add_argument('--arch', default='resnet50', help='one of ' + ', '.join(ARCHS))
+    g.add_argument('--width', type=int, default=64, help='ResNet base width')
+    g.add_argument('--cifar-stem', action=argparse.BooleanOptionalAction, default=None,
+                   help='ResNet 3x3 stride-1 conv1 without max-pool (default: on for images <= 64 px)')
+    g.add_argument('--zero-init-residual', action=argparse.BooleanOptionalAction, default=False,
+                   help='ResNet, --random-init: last BN of each residual block starts at zero')
+    g.add_argument('--patch-size', type=int, default=None, help='ViT patch size (default: 16, or 4 for images <= 64 px)')
+    g.add_argument('--num-heads', type=int, default=None, help='ViT attention heads (default: 3 / 6 / 12 for tiny / '
+                   'small / base)')
+    g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'), help='ViT position embedding')
+    g = parser.add_argument_group('running')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
+                   help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
+    g.add_argument('--dist-timeout', type=float, default=1800,
+                   help='seconds a collective waits for the other processes before the run stops (torchrun)')
+    return parser
+
+
+def parse_eval_args(parser, argv=None):
+    """Parse an evaluation script's flags. Returns (args, state): the checkpoint's contents (None with
+    --random-init), its data and backbone settings filled in for every flag not typed."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if bool(args.checkpoint) == args.random_init:
+        raise UsageError('give a checkpoint to evaluate, or --random-init with --data and --arch')
+    state = None
+    if args.checkpoint:
+        state = read_checkpoint(args.checkpoint)
+        if not (isinstance(state, dict) and isinstance(state.get('backbone'), dict) and 'args' in state):
+            raise UsageError(f'{args.checkpoint} is not a checkpoint of this project (no backbone / args)')
+        typed = explicit_flags(parser, argv)
+        for key in BACKBONE_KEYS + ('data', 'data_dir'):
+            if key in state['args'] and key not in typed:
+                setattr(args, key, state['args'][key])
+    if args.data is None:
+        raise UsageError('--random-init needs --data (the dataset to evaluate on)')
+    args.dataset_info = inspect_dataset(args.data, args.data_dir)
+    apply_size_defaults(args)
+    validate_backbone_args(args)
+    args.output_dir, args.notes = None, [data_note(args)]
+    return args, state
+
+
+def load_eval_backbone(args, state, device):
+    """The backbone of `state` (a checkpoint of this project) or, without one, an untrained backbone;
+    in eval mode on `device`. A checkpoint whose backbone does not fit the architecture is refused
+    in one line."""
+    backbone = build_backbone(args)
+    if state is not None:
+        saved, expected = state['backbone'], backbone.state_dict()
+        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        wrong = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            problem = (f'{len(missing)} missing (e.g. {missing[0]})' if missing else
+                       f'{len(unexpected)} unexpected (e.g. {unexpected[0]})' if unexpected else
+                       f'{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(saved[wrong[0]].shape)} saved, '
+                       f'{tuple(expected[wrong[0]].shape)} here)')
+            raise UsageError(f'{args.checkpoint}: its backbone does not fit --arch {args.arch}: {problem} tensors; '
+                             'pass the architecture it was trained with (--arch, --width, --patch-size, ...)')
+        bad = next((key for key, tensor in saved.items() if tensor.is_floating_point()
+                    and not bool(torch.isfinite(tensor).all())), None)
+        if bad is not None:
+            raise UsageError(f'{args.checkpoint}: the backbone tensor {bad} holds NaN or inf; evaluate another checkpoint')
+        backbone.load_state_dict(saved)
+        print0(f"  {state.get('method', '?')} backbone from {args.checkpoint}, epoch {state.get('epoch', '?')}")
+    backbone = backbone.to(device).eval()
+    if uses_channels_last(args, device):
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone
+
+
 @torch.no_grad()
 def extract_features(backbone, loader, device, args):
     """L2-normalised backbone features and labels of a whole (sharded) dataset, gathered from
@@ -1277,6 +1646,10 @@ def extract_features(backbone, loader, device, args):
         indices.append(i)
     backbone.train(was_training)
     features, labels, indices = torch.cat(features), torch.cat(labels), torch.cat(indices)
+    bad = int((~torch.isfinite(features).all(dim=1)).sum())
+    if bad:  # a NaN feature is most similar to nothing: the kNN would silently score 0%
+        raise TrainingError(f'the backbone gives non-finite features for {bad} of {len(features)} images '
+                            '(NaN/inf weights, or an overflow in bf16: try --precision fp32)')
     if get_world_size() > 1:  # DDP: shards have different lengths; pad to the longest, gather, drop the padding
         n = torch.tensor([len(indices)], device=device)
         longest = int(all_gather_no_grad(n).max())
@@ -1294,16 +1667,18 @@ def extract_features(backbone, loader, device, args):
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, ks, temperature, chunk=512):
     """Weighted kNN classifier (Wu et al. 2018): each test feature's k most cosine-similar
     training features vote for their class with weight exp(similarity / T). Features must be
-    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks`."""
-    k_max = min(max(ks), len(train_features))
+    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks` (1 <= k <= N_train)."""
+    if not all(1 <= k <= len(train_features) for k in ks) or not temperature > 0:
+        raise ValueError(f'kNN needs 1 <= k <= {len(train_features)} and T > 0, not k={ks}, T={temperature}')
+    k_max = max(ks)
     correct = {k: torch.zeros(2, device=test_features.device) for k in ks}
     for start in range(0, len(test_features), chunk):
         similarity = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
         top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
-        weights, neighbour_labels = (top_sim / temperature).exp(), train_labels[top_idx]
-        labels = test_labels[start:start + chunk, None]
+        weights, neighbour_labels = (top_sim.double() / temperature).exp(), train_labels[top_idx]  # float64: no
+        labels = test_labels[start:start + chunk, None]                                            # overflow at small T
         for k in ks:
-            votes = torch.zeros(len(top_sim), num_classes, device=top_sim.device)
+            votes = torch.zeros(len(top_sim), num_classes, device=top_sim.device, dtype=torch.float64)
             votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])  # (c, classes)
             top_votes, ranked = votes.topk(min(5, num_classes), dim=1)
             hit = (ranked == labels) & (top_votes > 0)  # a class without votes is no prediction
@@ -1325,11 +1700,15 @@ def knn_due(args, epoch):
 
 
 def knn_monitor(backbone, eval_loaders, device, args):
-    """kNN top-1/top-5 of `backbone` with the monitor's k and T: a dict to log, {} if no test split."""
+    """kNN top-1/top-5 of `backbone` with the monitor's k and T (and top-1 at k=20, the ImageNet
+    convention, for comparison): a dict to log, {} if there is no test split."""
     if eval_loaders is None:
         return {}
     start = time.time()
     features = extract_train_test_features(backbone, eval_loaders, device, args)
-    top1, top5 = knn_accuracy(*features, args.dataset_info['num_classes'], [args.knn_k], args.knn_t)[args.knn_k]
-    print0(f'  kNN (k={args.knn_k}, T={args.knn_t}): top-1 {top1:.2f}  top-5 {top5:.2f}  ({time.time() - start:.0f} s)')
-    return dict(knn_top1=top1, knn_top5=top5)
+    k20 = min(20, len(features[0]))
+    results = knn_accuracy(*features, args.dataset_info['num_classes'], sorted({args.knn_k, k20}), args.knn_t)
+    top1, top5 = results[args.knn_k]
+    seconds = time.time() - start
+    print0(f'  kNN (k={args.knn_k}, T={args.knn_t}): top-1 {top1:.2f}  top-5 {top5:.2f}  ({seconds:.0f} s)')
+    return dict(knn_top1=top1, knn_top5=top5, knn_top1_k20=results[k20][0], knn_seconds=seconds)

@@ -18,58 +18,36 @@ ViT checkpoints: `--attention-image` draws, instead of evaluating, the last bloc
 CLS token to every patch, one panel per head, over the image (as in the DINO paper's figures).
 """
 import json
-import os
-import sys
-import time
+import math
 
 import torch
 import torchvision.transforms as T
 
 import common
 
-parser = common.get_args_parser(__doc__, method='eval_knn')
-for action in parser._actions:  # --data defaults to the checkpoint's
-    if action.dest == 'data':
-        action.required = False
+parser = common.get_eval_parser(__doc__, 'eval_knn')
 evaluation = parser.add_argument_group('kNN evaluation')
-evaluation.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
-evaluation.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (--arch ...)')
 evaluation.add_argument('--k', type=int, nargs='+', default=[10, 20, 100, 200], help='numbers of neighbours')
 evaluation.add_argument('--temperature', type=float, default=0.07, help='T of the vote weights exp(sim / T)')
 evaluation.add_argument('--json', default=None, help='also write the results to this JSON file')
 evaluation.add_argument('--attention-image', default=None, help='ViT: draw the CLS attention maps over this image '
                         '(resized to --image-size) instead of evaluating')
 evaluation.add_argument('--attention-out', default='attention.png', help='where to write the attention figure')
-# what the backbone is built from, taken from the checkpoint unless typed on the command line
-BACKBONE_KEYS = ('arch', 'width', 'cifar_stem', 'zero_init_residual', 'patch_size', 'num_heads', 'pos_embed',
-                 'image_size', 'freeze_patch_embed')
 
 
 def main():
-    argv = sys.argv[1:]
-    first = parser.parse_args(argv)
-    checkpoint_file = first.checkpoint
-    if bool(checkpoint_file) == first.random_init:
-        raise common.UsageError('give a checkpoint to evaluate, or --random-init with --arch and --data')
-    state = common.read_checkpoint(checkpoint_file) if checkpoint_file else None
-    if state is not None and not (isinstance(state, dict) and 'backbone' in state and 'args' in state):
-        raise common.UsageError(f'{checkpoint_file} is not a checkpoint of this project (no backbone / args)')
-    if state is not None:  # the checkpoint's data and backbone settings, unless typed
-        typed = common.explicit_flags(parser, argv)
-        defaults = {key: state['args'][key] for key in BACKBONE_KEYS + ('data', 'data_dir')
-                    if key in state['args'] and key not in typed}
-        parser.set_defaults(**defaults)
-    elif first.data is None:
-        raise common.UsageError('--random-init needs --data')
-    args = common.parse_args(parser, {}, argv)
-    args.output_dir, args.knn_every, args.drop_path, args.batch_size = None, 0, 0.0, 256
+    args, state = common.parse_eval_args(parser)
+    if any(k < 1 for k in args.k):
+        raise common.UsageError(f'--k {" ".join(map(str, args.k))}: every k must be at least 1 neighbour')
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise common.UsageError(f'--temperature must be a positive number, not {args.temperature}')
+    if args.json:
+        common.check_writable_file(args.json, '--json')
+    if args.attention_image:
+        common.check_writable_file(args.attention_out, '--attention-out')
     device, rank, world_size, is_main = common.setup(args)
+    backbone = common.load_eval_backbone(args, state, device)
 
-    backbone = common.build_backbone(args)
-    if state is not None:
-        backbone.load_state_dict(state['backbone'])
-        common.print0(f"  {state['method']} backbone from {checkpoint_file}, epoch {state['epoch']}")
-    backbone = backbone.to(device)
     if args.attention_image:
         if not isinstance(backbone, common.VisionTransformer):
             raise common.UsageError('--attention-image needs a ViT checkpoint (--arch vit_*); this backbone is a ResNet')
@@ -85,28 +63,23 @@ def main():
         common.print0(f'  attention maps of {maps.shape[0]} heads ({maps.shape[1]}x{maps.shape[2]} patches) '
                       f'-> {args.attention_out}')
         return
-    if common.uses_channels_last(args, device):
-        backbone = backbone.to(memory_format=torch.channels_last)
     eval_loaders = common.build_eval_loaders(args, device)
     if eval_loaders is None:
         raise common.UsageError(f'{args.data} has no labelled test split to evaluate on')
+    num_train = eval_loaders[0].dataset_size
+    if max(args.k) > num_train:
+        raise common.UsageError(f'--k {max(args.k)} is more neighbours than the {num_train} training images; '
+                                f'use k <= {num_train}')
 
-    start = time.time()
     features = common.extract_train_test_features(backbone, eval_loaders, device, args)
     results = common.knn_accuracy(*features, args.dataset_info['num_classes'], args.k, args.temperature)
-    common.print0(f'  features: {len(features[0])} train / {len(features[2])} test, {features[0].shape[1]}-d, '
-                  f'{time.time() - start:.0f} s')
     for k, (top1, top5) in results.items():
         common.print0(f'kNN k={k:<4d} T={args.temperature}: top-1 {top1:6.2f}  top-5 {top5:6.2f}')
     if args.json and is_main:
-        record = dict(checkpoint=checkpoint_file, method=state['method'] if state else 'random-init',
-                      epoch=state['epoch'] if state else 0, data=args.data, arch=args.arch,
-                      temperature=args.temperature,
-                      results={str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in results.items()})
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, args.json)
+        common.write_json(args.json, dict(
+            checkpoint=args.checkpoint, method=state['method'] if state else 'random-init',
+            epoch=state['epoch'] if state else 0, data=args.data, arch=args.arch, temperature=args.temperature,
+            results={str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in results.items()}))
 
 
 if __name__ == '__main__':

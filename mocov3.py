@@ -173,7 +173,7 @@ def main():
     # ---- resume from the output directory, if a checkpoint is there
     start_epoch = common.resume(args, model=raw_model, optimizer=optimizer)
 
-    logger = common.MetricLogger(args, len(loader))
+    logger = common.MetricLogger(args, loader)
     for epoch in range(start_epoch, args.epochs):
         common.seed_epoch(args, epoch, rank)
         model.train()
@@ -194,12 +194,12 @@ def main():
             optimizer.step()                                          # line 12
             logger.step(epoch, step, loss, lr=lr_schedule[step], m=momentum_schedule[step])
 
-        # ---- end of epoch: loss check, checkpoint, kNN monitor
+        # ---- end of epoch: loss check, kNN monitor, checkpoint
         logger.end_epoch(epoch)
-        common.save_checkpoint(args, epoch + 1, backbone=raw_model.base_encoder.backbone, model=raw_model,
-                               optimizer=optimizer)
         if common.knn_due(args, epoch):
             logger.log(epoch=epoch + 1, **common.knn_monitor(raw_model.base_encoder.backbone, eval_loaders, device, args))
+        common.save_checkpoint(args, epoch + 1, backbone=raw_model.base_encoder.backbone, model=raw_model,
+                               optimizer=optimizer)
         if epoch + 1 == args.stop_after_epoch:
             break
     common.plot_metrics(args.output_dir)

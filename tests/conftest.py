@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # A ResNet-18 of base width 8 on 16-px crops of the procedural textures: ~0.03 s a step on 2 CPUs.
-TINY = ['--arch', 'resnet18', '--width', '8', '--image-size', '16', '--workers', '0', '--log-every', '10']
+TINY_BACKBONE = ['--arch', 'resnet18', '--width', '8', '--image-size', '16', '--workers', '0']  # eval_knn.py takes these
+TINY = TINY_BACKBONE + ['--log-every', '10']
 
 
 def run_script(script, *args, nproc=None, timeout=600, check=True):
@@ -45,7 +46,7 @@ def knn_trained_and_untrained(tmp_path, script, *train_args):
     run_script('eval_knn.py', tmp_path / 'run' / 'checkpoint.pth', *knn, tmp_path / 'trained.json')
     data = train_args[list(train_args).index('--data') + 1]
     if data not in _UNTRAINED:
-        run_script('eval_knn.py', '--random-init', '--data', data, *TINY, *knn, tmp_path / 'random.json')
+        run_script('eval_knn.py', '--random-init', '--data', data, *TINY_BACKBONE, *knn, tmp_path / 'random.json')
         _UNTRAINED[data] = json.load(open(tmp_path / 'random.json'))['results']['20']['top1']
     return json.load(open(tmp_path / 'trained.json'))['results']['20']['top1'], _UNTRAINED[data]
 

@@ -107,7 +107,7 @@ def test_lars_clip_caps_each_parameters_lr_at_the_global_lr():
 def test_resume_takes_the_lars_settings_from_the_command_line(tmp_path):
     model = nn.Linear(4, 2)
     args = argparse.Namespace(method='simclr', output_dir=str(tmp_path), arch='resnet18', width=8, patch_size=4,
-                              cifar_stem=True, lars_eta=0.001, lars_clip=False)
+                              cifar_stem=True, lars_eta=0.001, lars_clip=False, epochs=2)
     saved = common.LARS(common.param_groups(model, 1e-4), lr=0.1, trust_coefficient=0.001, clip=False)
     common.save_checkpoint(args, 1, model, model=model, optimizer=saved)
     args.lars_eta, args.lars_clip = 0.02, True
@@ -293,9 +293,18 @@ def test_loader_yields_normalised_views_on_device():
     assert torch.equal(labels, indices % 10)
 
 
+class FakeLoader:
+    """What MetricLogger reads of a loader: its length and when the epoch started."""
+    def __init__(self, steps):
+        self.steps, self.epoch_started = steps, 0.0
+
+    def __len__(self):
+        return self.steps
+
+
 def test_metric_logger_stops_on_non_finite_loss(tmp_path):
     args = argparse.Namespace(output_dir=str(tmp_path), epochs=1, log_every=100, batch_size=4)
-    logger = common.MetricLogger(args, steps_per_epoch=10)
+    logger = common.MetricLogger(args, FakeLoader(10))
     logger.step(0, 0, torch.tensor(1.0))
     logger.step(0, 1, torch.tensor(float('nan')))  # not a logging step: no host sync yet
     with pytest.raises(common.TrainingError, match='nan'):

@@ -7,7 +7,7 @@ import torch
 
 import common
 import dino
-from conftest import TINY, run_distributed, run_script
+from conftest import TINY, TINY_BACKBONE, run_distributed, run_script
 from test_cli import expect_error
 
 
@@ -166,5 +166,5 @@ def test_torchrun_vit_then_attention_maps(tmp_path):
     maps = common.attention_maps(backbone, x)
     assert maps.shape == (3, 4, 4)
     assert torch.allclose(maps.flatten(1), backbone.get_last_selfattention(x[None])[0, :, 0, 1:])
-    expect_error('eval_knn.py', '--random-init', '--data', 'procedural', *TINY, '--attention-image', tmp_path / 'img.png',
+    expect_error('eval_knn.py', '--random-init', '--data', 'procedural', *TINY_BACKBONE, '--attention-image', tmp_path / 'img.png',
                  '--attention-out', tmp_path / 'r.png', match='needs a ViT')
