@@ -57,10 +57,11 @@ parser.set_defaults(sync_bn=False, compile=False)  # common.prepare_model reads 
 probe = parser.add_argument_group('linear probe')
 probe.add_argument('--json', default=None, help='also write the results to this JSON file')
 probe.add_argument('--n-last-blocks', type=int, default=None,
-                   help="ViT: concatenate the CLS tokens of the last n blocks (default: 1; DINO's recipe: 4, ViT-B 1)")
+                   help="ViT: concatenate the CLS tokens of the last n blocks; None: 1, or with --recipe dino "
+                   "DINO's 4 (ViT-B: 1)")
 probe.add_argument('--avgpool-patchtokens', action=argparse.BooleanOptionalAction,
-                   default=None, help="ViT: append the last block's average patch token (default: off; DINO's recipe: "
-                   'on for ViT-B)')
+                   default=None, help="ViT: append the last block's average patch token; None: off, or with --recipe "
+                   'dino on for ViT-B')
 fast = parser.add_argument_group('fast protocol (default): L-BFGS logistic regression on non-augmented features')
 fast.add_argument('--weight-decays', type=float, nargs='+', default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
                   help='the L2 strengths tried on the held-out part of the training set')
@@ -68,12 +69,12 @@ fast.add_argument('--val-fraction', type=float, default=0.1, help='training imag
 fast.add_argument('--max-iter', type=int, default=1000, help='L-BFGS iterations at most, per fit')
 papers = parser.add_argument_group("papers' protocol (--augment): SGD on augmented views, one paper's recipe")
 papers.add_argument('--augment', action='store_true', help="train on RandomResizedCrop + flip views (the papers' protocol)")
-papers.add_argument('--recipe', default=None, help='moco | simsiam | dino (default: dino for ViTs, moco for ResNets)')
-papers.add_argument('--epochs', type=int, default=None, help="default: the recipe's")
-papers.add_argument('--lr', type=float, default=None, help="base learning rate per 256 images (default: the recipe's)")
-papers.add_argument('--batch-size', type=int, default=None, help="GLOBAL batch size (default: the recipe's)")
-papers.add_argument('--output-dir', default=None, help='classifier checkpoints and metrics.jsonl (default: '
-                    'linear-<recipe>/ beside the checkpoint); rerunning the same command resumes from it')
+papers.add_argument('--recipe', default=None, help='moco | simsiam | dino; None: dino for ViTs, moco for ResNets')
+papers.add_argument('--epochs', type=int, default=None, help="None: the recipe's")
+papers.add_argument('--lr', type=float, default=None, help="base learning rate per 256 images; None: the recipe's")
+papers.add_argument('--batch-size', type=int, default=None, help="GLOBAL batch size; None: the recipe's")
+papers.add_argument('--output-dir', default=None, help='classifier checkpoints and metrics.jsonl; None: '
+                    'linear-<recipe>/ beside the checkpoint. Rerunning the same command resumes from it')
 papers.add_argument('--stop-after-epoch', type=int, default=None, help='exit after this epoch; rerun to resume')
 papers.add_argument('--log-every', type=int, default=50, help='steps between progress lines')
 
@@ -87,6 +88,7 @@ RECIPES = {
                  lr=0.001, batch_size=1024, epochs=100, schedule='cosine'),
 }
 AUGMENT_ONLY = ('recipe', 'epochs', 'lr', 'batch_size', 'output_dir', 'stop_after_epoch')
+FAST_ONLY = ('weight_decays', 'val_fraction', 'max_iter')
 
 
 def check_linear_args(args):
@@ -96,6 +98,10 @@ def check_linear_args(args):
         if typed:
             raise common.UsageError(f"--{typed[0].replace('_', '-')} belongs to the papers' protocol; add --augment "
                                     '(the default fast protocol has no epochs, lr or batches)')
+    else:
+        changed = [name for name in FAST_ONLY if getattr(args, name) != parser.get_default(name)]
+        if changed:
+            raise common.UsageError(f"--{changed[0].replace('_', '-')} belongs to the fast protocol; drop it or --augment")
     if not args.weight_decays or not all(math.isfinite(wd) and wd >= 0 for wd in args.weight_decays):
         raise common.UsageError(f'--weight-decays must be finite numbers >= 0, not {args.weight_decays}')
     if not 0 < args.val_fraction < 1:
@@ -184,10 +190,10 @@ def fit_logistic_regression(features, labels, num_classes, weight_decay, max_ite
         minimise  1/N sum_i CE(W z_i + b, y_i) + wd / 2 * ||W||_F^2,   z = (x - mean) / std,
     mean and std over these N images; features that do not vary (dead units) get weight 0.
     Returns (weight (C, D), bias (C,)) acting on the raw features x: the standardisation folded in."""
-    x, y = features.double(), labels
-    mean, std = x.mean(dim=0), x.std(dim=0)
+    z, y = features.to(torch.float64, copy=True), labels  # (N, D), standardised in place below
+    mean, std = z.mean(dim=0), z.std(dim=0)
     std = torch.where(std > 1e-8 * std.max(), std, torch.full_like(std, math.inf))  # constant feature -> z = 0
-    z = (x - mean) / std  # (N, D)
+    z.sub_(mean).div_(std)
     weight = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, device=z.device, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=z.dtype, device=z.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, line_search_fn='strong_wolfe')
@@ -245,7 +251,8 @@ def train_on_augmented_views(args, features, backbone, eval_loaders, device):
     """The --augment protocol with args.recipe; returns dict(top1, top5), or None when stopped early."""
     recipe = RECIPES[args.recipe]
     num_classes = args.dataset_info['num_classes']
-    common.print0(f"  recipe: {recipe['paper']}: {args.optimizer.upper()} momentum {args.momentum}, weight decay 0, "
+    optimizer_name = 'LARS (trust coefficient 0.001, bias included)' if args.optimizer == 'lars' else 'SGD'
+    common.print0(f"  recipe: {recipe['paper']}: {optimizer_name} momentum {args.momentum}, weight decay 0, "
                   f"lr {args.lr:g} per 256, batch {args.batch_size}, {args.epochs} epochs, "
                   + ('lr x0.1 at epochs ' + ' and '.join(str(m) for m in milestones(args))
                      if recipe['schedule'] == 'step' else 'cosine') + f'; features: {features.describe()}')

@@ -113,11 +113,13 @@ def test_unnormalised_features_are_the_backbone_outputs(one_thread):
     views, y, _ = next(iter(loader.epoch(0)))
     with torch.no_grad():
         assert torch.allclose(raw[:len(y)], backbone(views[0]), atol=1e-5)
-    assert torch.allclose(F.normalize(raw, dim=1), unit, atol=1e-6) and not torch.allclose(raw.norm(dim=1), torch.ones(len(raw)))
+    assert torch.allclose(F.normalize(raw, dim=1), unit, atol=1e-6)
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(len(raw)))
 
 
 def test_two_processes_give_the_same_probe_as_one(tmp_path):
-    run = ['--random-init', '--data', 'procedural:200', *TINY_BACKBONE, '--weight-decays', '1e-4', '1e-2', '1']
+    run = ['--random-init', '--data', 'procedural:200', *TINY_BACKBONE, '--weight-decays', '1e-4', '1e-2', '1',
+           '--max-iter', '300']
     run_script('eval_linear.py', *run, '--json', tmp_path / 'one.json')
     run_script('eval_linear.py', *run, '--json', tmp_path / 'two.json', nproc=2)
     one, two = json.load(open(tmp_path / 'one.json')), json.load(open(tmp_path / 'two.json'))
@@ -128,7 +130,8 @@ def test_two_processes_give_the_same_probe_as_one(tmp_path):
 
 
 def test_augment_keeps_the_backbone_frozen_and_resumes_exactly(tmp_path):
-    run = [*TINY_DATA, '--augment', '--recipe', 'moco', '--epochs', '2', '--batch-size', '16', '--lr', '1', '--log-every', '2']
+    run = [*TINY_DATA, '--augment', '--recipe', 'moco', '--epochs', '2', '--batch-size', '16', '--lr', '1',
+           '--log-every', '2']
     out = run_script('eval_linear.py', *run, '--output-dir', tmp_path / 'straight', '--json', tmp_path / 'straight.json')
     assert 'recipe: MoCo (He et al., CVPR 2020; facebookresearch/moco main_lincls.py)' in out.stdout
     out = run_script('eval_linear.py', *run, '--output-dir', tmp_path / 'resumed', '--stop-after-epoch', '1')
@@ -172,6 +175,7 @@ def test_bad_input_gets_a_one_line_error(tmp_path):
     assert not (tmp_path / 'out').exists()
     for flags, match in ((['--recipe', 'moco'], "--recipe belongs to the papers' protocol; add --augment"),
                          (['--epochs', '3'], '--epochs belongs to'),
+                         (['--augment', '--weight-decays', '1'], '--weight-decays belongs to the fast protocol'),
                          (['--weight-decays', '-1'], '--weight-decays must be finite numbers >= 0'),
                          (['--val-fraction', '1'], '--val-fraction must be in (0, 1)'),
                          (['--max-iter', '0'], '--max-iter must be positive'),
