@@ -680,6 +680,17 @@ class VisionTransformer(nn.Module):
             x, _ = block(x)
         return self.norm(x)[:, 0]  # CLS token after the final norm, (B, D)
 
+    def get_intermediate_layers(self, x, n=1):
+        """Tokens after each of the last `n` blocks, each through the final norm (DINO's linear
+        protocol reads their CLS tokens): a list of n tensors (B, 1 + N, D), the last block's last."""
+        x = self.tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
     @torch.no_grad()
     def get_last_selfattention(self, x):
         """Attention of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS token's."""
@@ -1045,10 +1056,11 @@ def quiet_worker(worker_id):
     sys.excepthook = lambda *exc_info: None  # multiprocessing's fd-sharing thread reports through this one
 
 
-def build_train_loader(args, transform, device):
-    """The training loader: `transform` makes the list of views from one image."""
+def build_train_loader(args, transform, device, split='train'):
+    """The training loader: `transform` makes the list of views from one image. `split`: 'train', or
+    labelled_split(args) for the labelled images only (a linear probe on STL-10)."""
     rank, world_size = get_rank(), get_world_size()
-    dataset = ViewDataset(base_dataset(args, 'train'), transform, args.seed)
+    dataset = ViewDataset(base_dataset(args, split), transform, args.seed)
     per_rank = args.batch_size // world_size
     if len(dataset) < args.batch_size:
         raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(dataset)} training images')
@@ -1065,7 +1077,7 @@ def build_eval_loaders(args, device, batch_size=256):
     if test is None:
         print0(f'  note: {args.data} has no val/ or test/ split; no kNN evaluation')
         return None
-    split_train = 'labelled' if args.data == 'stl10' else 'train'
+    split_train = labelled_split(args)
     rank, world_size = get_rank(), get_world_size()
     transform = Views([eval_transform(args.image_size, args.dataset_info['image_size'])])
     labelled = base_dataset(args, split_train)
@@ -1079,6 +1091,12 @@ def build_eval_loaders(args, device, batch_size=256):
         loaders.append(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
                               device, channels_last=uses_channels_last(args, device)))
     return tuple(loaders)
+
+
+def labelled_split(args):
+    """The split that holds the labelled training images: STL-10's 'labelled' 5k (its 'train' adds the
+    100k unlabelled ones), 'train' for every other dataset."""
+    return 'labelled' if args.data == 'stl10' else 'train'
 
 
 def uses_channels_last(args, device):
@@ -1622,7 +1640,7 @@ def parse_eval_args(parser, argv=None):
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
     apply_size_defaults(args)
     validate_backbone_args(args)
-    args.output_dir, args.notes = None, [data_note(args)]
+    args.output_dir, args.notes = getattr(args, 'output_dir', None), [data_note(args)]  # None: writes no run folder
     return args, state
 
 
@@ -1655,15 +1673,17 @@ def load_eval_backbone(args, state, device):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device, args):
-    """L2-normalised backbone features and labels of a whole (sharded) dataset, gathered from
-    all ranks and put back in dataset order: ((N, D), (N,)). Runs in eval mode (BN frozen)."""
+def extract_features(backbone, loader, device, args, normalize=True):
+    """L2-normalised (or, normalize=False, raw float32) backbone features and labels of a whole
+    (sharded) dataset, gathered from all ranks and put back in dataset order: ((N, D), (N,)).
+    Runs in eval mode (BN frozen)."""
     was_training = backbone.training
     backbone.eval()
     features, labels, indices = [], [], []
     for views, y, i in loader.epoch(0):
         with autocast(device, args):
-            features.append(F.normalize(backbone(views[0]).float(), dim=1))
+            output = backbone(views[0]).float()  # (B, D)
+        features.append(F.normalize(output, dim=1) if normalize else output)
         labels.append(y)
         indices.append(i)
     backbone.train(was_training)
@@ -1708,10 +1728,10 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     return {k: tuple((100 * c / len(test_features)).tolist()) for k, c in correct.items()}
 
 
-def extract_train_test_features(backbone, eval_loaders, device, args):
+def extract_train_test_features(backbone, eval_loaders, device, args, normalize=True):
     """Features and labels of the labelled train split and of the test split."""
-    return (*extract_features(backbone, eval_loaders[0], device, args),
-            *extract_features(backbone, eval_loaders[1], device, args))
+    return (*extract_features(backbone, eval_loaders[0], device, args, normalize),
+            *extract_features(backbone, eval_loaders[1], device, args, normalize))
 
 
 def knn_due(args, epoch):
