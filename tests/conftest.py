@@ -2,6 +2,7 @@
 on 2 gloo processes, and the tiny settings that keep every training run to seconds on 2 CPUs."""
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -90,6 +91,18 @@ def run_distributed(fn, *args, world_size=2, tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    torch.set_num_threads(2)
+def _threads():
+    """In-process tests run with SSL_TEST_THREADS threads (2, as on CI's machine, unless set): a result must not
+    depend on it, and tests/test_suite.py checks that with 1."""
+    torch.set_num_threads(int(os.environ.get('SSL_TEST_THREADS', '2')))
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """SSL_TEST_ORDER=reverse or shuffle:SEED reorders the collected tests (tests/test_suite.py uses it to check
+    that no test depends on another having run first)."""
+    order = os.environ.get('SSL_TEST_ORDER', '')
+    if order == 'reverse':
+        items.reverse()
+    elif order.startswith('shuffle:'):
+        random.Random(int(order.split(':', 1)[1])).shuffle(items)

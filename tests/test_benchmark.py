@@ -140,7 +140,7 @@ def cifar_record(method, final, best, best_epoch):
                 knn_top1=final, best_knn_top1=best, best_epoch=best_epoch, epochs=200, train_seconds=1200.0,
                 images_per_s=8333.0, concurrency=1, device='NVIDIA H200', linear_top1=None,
                 dataset=dict(kind='folder', num_train=50000, num_test=10000, num_classes=10, image_size=32),
-                benchmark=dict(data='/tmp/cifar10', epochs=200, knn_every=10, extra=[]))
+                benchmark=dict(data='/tmp/cifar10', epochs=200, knn_every=10, extra=[]))  # a name, never read
 
 
 def test_comparison_with_published_numbers_is_like_with_like():
