@@ -1141,14 +1141,14 @@ class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017): for each parameter w with gradient g and weight decay wd,
         g' = g + wd * w;  g' *= trust * ||w|| / denominator  (when ||w|| = 0: g' = g, a plain SGD step);
         buf = momentum * buf + g';  w -= lr * buf.
-    The trust ratio's denominator differs between the authors' optimizers (`denominator`):
-      'update': ||g + wd * w||, the norm of the decayed update: SimCLR's LARSOptimizer, BYOL's LARS,
-                MoCo v3's and DINO's LARS (ResNet-50 recipes);
-      'larc':   ||g|| + wd * ||w|| (+ 1e-8): NVIDIA apex's LARC, which SwAV wraps around SGD (and
-                solo-learn's LARS copies).
-    A tensor whose gradient is exactly zero (it took no part in this loss) gets no update of its own, as in
-    LARC: without the gradient, g' = wd * w would be rescaled to trust * w, a pure shrinking step of
-    eta (not lr * wd) per step. Its momentum buffer still decays and moves it, as torch's SGD does.
+    The authors' optimizers differ in two details, both chosen by `denominator`:
+      'update': the trust ratio's denominator is ||g + wd * w||, the norm of the decayed update, as in
+                SimCLR's LARSOptimizer, BYOL's LARS (optax chain: decay, then the ratio), MoCo v3's and
+                DINO's LARS (their ResNet-50 recipes). A tensor whose gradient is exactly zero still gets
+                g' = wd * w rescaled to eta * w, a shrinking step of lr * eta (all four codes do this).
+      'larc':   ||g|| + wd * ||w|| (+ 1e-8), as NVIDIA apex's LARC, which SwAV wraps around SGD (and
+                solo-learn's LARS). A tensor whose gradient is exactly zero gets no step of its own (LARC
+                then leaves the gradient, zero, undecayed); its momentum buffer still moves it, as torch's SGD.
     clip (LARC's clip mode, used by solo-learn's CIFAR recipes): the factor becomes
     min(trust * ||w|| / denominator, lr) / lr, so no parameter moves faster than plain SGD at lr.
     Groups marked `bias_and_norm` get plain SGD with momentum and no decay."""
@@ -1180,7 +1180,9 @@ class LARS(torch.optim.Optimizer):
                     if group.get('clip') and group['lr'] > 0:
                         ratio = torch.clamp(ratio / group['lr'], max=1.0)
                     trust = torch.where((w_norm > 0) & (denominator > 0), ratio, torch.ones_like(ratio))
-                    update = update * trust * (g_norm > 0)  # a zero gradient: no decay-only step (LARC)
+                    update = update * trust
+                    if group.get('denominator', 'update') == 'larc':
+                        update = update * (g_norm > 0)  # a zero gradient: no decay-only step (LARC)
                 state = self.state[p]
                 if 'momentum_buffer' not in state:
                     state['momentum_buffer'] = torch.zeros_like(p)
@@ -1201,14 +1203,18 @@ def build_optimizer(args, groups, lr):
     raise UsageError(f"unknown optimizer '{args.optimizer}'; choose sgd, lars or adamw")
 
 
-def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0):
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0,
+                    warmup_reaches_base=False):
     """One value per iteration: linear warm-up from `warmup_start` to `base` over
     `warmup_epochs`, then half a cosine from `base` to `final`. Used for lr, weight decay
-    and EMA momentum (base 0.996 -> final 1). As DINO's cosine_scheduler and SwAV's schedule, the
-    warm-up includes both ends (it reaches `base` at its last step, and the cosine starts at `base`
-    again): step i < W of a W-step warm-up is warmup_start + (base - warmup_start) * i / (W - 1)."""
+    and EMA momentum (base 0.996 -> final 1). Step i < W of a W-step warm-up is
+      warmup_reaches_base=False: warmup_start + (base - warmup_start) * i / W: `base` first at the cosine's
+                                 first step (MoCo v3's, SimCLR's and BYOL's lr * t / W);
+      warmup_reaches_base=True:  warmup_start + (base - warmup_start) * i / (W - 1): `base` at the last
+                                 warm-up step, and again at the cosine's first (DINO's cosine_scheduler,
+                                 SwAV's schedule: np.linspace with both ends)."""
     total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
-    warm = np.linspace(warmup_start, base, warmup)
+    warm = np.linspace(warmup_start, base, warmup, endpoint=warmup_reaches_base)
     t = np.arange(total - warmup)
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
     return np.concatenate([warm, cosine])

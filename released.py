@@ -231,7 +231,7 @@ def detect(file, path):
             state_dict = strip_module(state_dict)
             if any(key.startswith(SIGNATURES[layout.name]) for key in state_dict):
                 return layout, state_dict, where
-    keys = ', '.join(list(file)[:6]) if isinstance(file, dict) else type(file).__name__
+    keys = ', '.join(map(str, list(file)[:6])) if isinstance(file, dict) else type(file).__name__
     raise common.UsageError(f'{path}: not a layout released.py knows (it holds: {keys}); known layouts: {KNOWN}')
 
 

@@ -244,7 +244,8 @@ def main():
     # authors' apex LARC), warm-up then cosine to the final lr
     lr = common.scale_lr(args.lr, args.batch_size)
     optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay, False), lr)
-    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs, args.start_warmup)
+    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs, args.start_warmup,
+                                         warmup_reaches_base=True)  # base at the last warm-up step, as SwAV's np.linspace
     freeze_prototypes_steps = round(args.freeze_prototypes_epochs * len(loader))
 
     # ---- resume from the output directory, if a checkpoint is there

@@ -104,23 +104,28 @@ def test_lars_clip_caps_each_parameters_lr_at_the_global_lr():
     assert torch.allclose(zero.weight, -2.0 * zero.weight.grad)
 
 
-def test_lars_skips_a_tensor_whose_gradient_is_exactly_zero():
-    # LARC (apex) and solo-learn: no trust ratio and no weight decay when ||g|| = 0; the momentum buffer still moves it
+def test_lars_on_a_tensor_whose_gradient_is_exactly_zero():
+    # LARC (apex; solo-learn): no trust ratio and no weight decay when ||g|| = 0, the momentum buffer still moves it.
+    # SimCLR's, BYOL's, MoCo v3's LARS: g' = wd * w, rescaled to eta * w (a decay-only step of lr * eta)
     torch.manual_seed(0)
+    lr, eta = 0.5, 0.001
     for denominator in ('update', 'larc'):
         layer = nn.Linear(6, 3, bias=False)
         w0 = layer.weight.detach().clone()
-        optimizer = common.LARS([dict(params=[layer.weight], weight_decay=0.1)], lr=0.5, momentum=0.9,
-                                trust_coefficient=0.001, denominator=denominator)
+        optimizer = common.LARS([dict(params=[layer.weight], weight_decay=0.1)], lr=lr, momentum=0.9,
+                                trust_coefficient=eta, denominator=denominator)
         layer.weight.grad = torch.zeros(3, 6)
         optimizer.step()
-        assert torch.equal(layer.weight, w0)  # before: w -= lr * eta * w, a decay-only step scaled by eta / wd
-        layer.weight.grad = torch.randn(3, 6)
-        optimizer.step()
-        w1, buf = layer.weight.detach().clone(), (w0 - layer.weight.detach()) / 0.5  # buf after the real step
-        layer.weight.grad = torch.zeros(3, 6)
-        optimizer.step()
-        assert torch.allclose(layer.weight, w1 - 0.5 * 0.9 * buf, atol=1e-7)
+        if denominator == 'larc':
+            assert torch.equal(layer.weight, w0)
+            layer.weight.grad = torch.randn(3, 6)
+            optimizer.step()
+            w1, buf = layer.weight.detach().clone(), (w0 - layer.weight.detach()) / lr  # buf after the real step
+            layer.weight.grad = torch.zeros(3, 6)
+            optimizer.step()
+            assert torch.allclose(layer.weight, w1 - lr * 0.9 * buf, atol=1e-7)
+        else:
+            assert torch.allclose(layer.weight, w0 - lr * eta * w0, atol=1e-8)
 
 
 def test_lars_trust_ratio_denominators():
@@ -151,12 +156,16 @@ def test_resume_takes_the_lars_settings_from_the_command_line(tmp_path):
 def test_cosine_schedule_values():
     s = common.cosine_schedule(1.0, 0.1, epochs=10, steps_per_epoch=4, warmup_epochs=2, warmup_start=0.0)
     assert len(s) == 40
-    # DINO's / SwAV's warm-up: linear from the start value, reaching the base value AT its last step (8 steps: i / 7)
-    assert np.allclose(s[:8], np.arange(8) / 7) and s[7] == 1.0 and s[8] == 1.0
+    # MoCo v3's, SimCLR's, BYOL's warm-up (the default): lr * t / W, the base value first reached by the cosine
+    assert np.allclose(s[:8], np.arange(8) / 8) and s[8] == 1.0
     t = np.arange(32)
     assert np.allclose(s[8:], 0.1 + 0.45 * (1 + np.cos(np.pi * t / 32)))
     assert s[-1] > 0.1 and np.all(np.diff(s[8:]) < 0)
-    swav = common.cosine_schedule(4.8, 0.0048, epochs=4, steps_per_epoch=5, warmup_epochs=2, warmup_start=0.3)
+    # DINO's / SwAV's: linear from the start value, reaching the base value AT the last warm-up step (8 steps: i / 7)
+    dino = common.cosine_schedule(1.0, 0.1, epochs=10, steps_per_epoch=4, warmup_epochs=2, warmup_reaches_base=True)
+    assert np.allclose(dino[:8], np.arange(8) / 7) and dino[7] == 1.0 and np.allclose(dino[8:], s[8:])
+    swav = common.cosine_schedule(4.8, 0.0048, epochs=4, steps_per_epoch=5, warmup_epochs=2, warmup_start=0.3,
+                                  warmup_reaches_base=True)
     assert swav[0] == 0.3 and np.allclose(swav[:10], 0.3 + (4.8 - 0.3) * np.arange(10) / 9) and swav[9] == 4.8
     momentum = common.cosine_schedule(0.996, 1.0, epochs=5, steps_per_epoch=10)
     assert math.isclose(momentum[0], 0.996) and momentum[-1] > 0.9999
