@@ -246,7 +246,8 @@ RESNETS = {('basic', (2, 2, 2, 2)): 'resnet18', ('basic', (3, 4, 6, 3)): 'resnet
 def infer_backbone_args(layout, backbone, path):
     """The flags that build our backbone for these tensors (their names): arch, width and stem of a ResNet;
     arch, patch size, heads and position embedding of a ViT, and the image size it was trained at. Plus the
-    notes that say what was inferred rather than read."""
+    notes that say what was inferred rather than read, and the layout (a bare ViT with MoCo v3's fixed sin-cos
+    table is MoCo v3's)."""
     notes = []
     if 'cls_token' in backbone:  # a ViT
         dim = backbone['cls_token'].shape[-1]
@@ -271,7 +272,7 @@ def infer_backbone_args(layout, backbone, path):
         notes.append(f"{arch}/{patch} with {heads} heads ({'MoCo v3' if layout.vit_heads else 'DINO'}'s {arch}; "
                      f'the file does not store them: --num-heads to change), trained at {grid * patch} px')
         return dict(arch=arch, patch_size=patch, num_heads=heads, pos_embed=pos_embed, image_size=grid * patch,
-                    width=64, cifar_stem=False), notes
+                    width=64, cifar_stem=False), notes, layout
     if 'conv1.weight' not in backbone:
         raise common.UsageError(f'{path}: its backbone has neither cls_token (ViT) nor conv1.weight (ResNet)')
     width, kernel = backbone['conv1.weight'].shape[0], backbone['conv1.weight'].shape[-1]
@@ -285,7 +286,7 @@ def infer_backbone_args(layout, backbone, path):
     if kernel == 7:  # the ImageNet stem: trained on 224-px crops
         args['image_size'] = 224
     notes.append(f'{arch}, width {width}, {"CIFAR" if kernel == 3 else "ImageNet"} stem')
-    return args, notes
+    return args, notes, layout
 
 
 # =============================================================================
@@ -311,9 +312,7 @@ def load(path):
             raise common.UsageError(f'{path}: key {key} belongs to no part of the {layout.name} layout '
                                     f'(expected {layout.backbone or "backbone keys"}, {", ".join(layout.others) or "nothing else"}); '
                                     'it is another kind of file')
-    args, notes = infer_backbone_args(layout, backbone, path)
-    if 'pos_embed' in backbone and args['pos_embed'] == 'sincos':
-        layout = LAYOUTS[1]
+    args, notes, layout = infer_backbone_args(layout, backbone, path)
     ours = {(theirs_to_ours(key) if "cls_token" in backbone else key): tensor for key, tensor in backbone.items()}
     with torch.device('meta'):  # shapes only: nothing allocated, nothing initialised
         expected = common.build_backbone(argparse.Namespace(
