@@ -1618,7 +1618,8 @@ BACKBONE_KEYS = ('arch', 'width', 'cifar_stem', 'zero_init_residual', 'patch_siz
 
 def get_eval_parser(description, name):
     """The flags of an evaluation script (eval_knn.py, eval_linear.py): a checkpoint of any method
-    file, or --random-init; the data and backbone flags, whose defaults are the checkpoint's."""
+    file, --pretrained (an authors' released file, released.py), or --random-init; the data and backbone
+    flags, whose defaults are the checkpoint's."""
     parser = argparse.ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(method=name, freeze_patch_embed=False, drop_path=0.0)
@@ -1658,7 +1659,8 @@ def get_eval_parser(description, name):
 
 def parse_eval_args(parser, argv=None):
     """Parse an evaluation script's flags. Returns (args, state): the checkpoint's contents (None with
-    --random-init), its data and backbone settings filled in for every flag not typed."""
+    --random-init; for --pretrained, released.load's mapping of the file into a checkpoint's form), its data
+    and backbone settings filled in for every flag not typed."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if sum((bool(args.checkpoint), bool(args.pretrained), args.random_init)) != 1:
