@@ -220,4 +220,4 @@ def test_swav_learns_beyond_the_untrained_network(tmp_path):
            '--nmb-crops', '2', '2', '--optimizer', 'sgd', '--lr', '1.0', '--nmb-prototypes', '50', '--temperature', '0.2',
            '--proj-hidden-dim', '128', '--warmup-epochs', '1', '--knn-every', '-1']
     trained, untrained = knn_trained_and_untrained(tmp_path, 'swav.py', *run)
-    assert trained > untrained + 3, (trained, untrained)  # measured: 48.5 vs 42.5 (300 steps; a small gain, see README)
+    assert trained > untrained + 3, (trained, untrained)  # measured: 61.0 vs 42.5 (300 steps; 48.5 before the warm-up reached its base value as the authors'; see README)
