@@ -158,6 +158,8 @@ def get_args_parser(description, method):
     g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'), help='ViT position embedding')
     g.add_argument('--freeze-patch-embed', action=argparse.BooleanOptionalAction, default=False,
                    help='ViT: keep the patch projection at its random init (MoCo v3)')
+    g.add_argument('--vit-init', default='dino', choices=VIT_INITS,
+                   help="ViT initialisation: DINO's (trunc-normal 0.02) or MoCo v3's (xavier-uniform, q/k/v apart)")
     g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=True,
                    help='convert BatchNorm to SyncBatchNorm when training on several GPUs')
     g = parser.add_argument_group('optimisation')
@@ -171,6 +173,9 @@ def get_args_parser(description, method):
     g.add_argument('--lars-eta', type=float, default=0.001, help='LARS trust coefficient eta')
     g.add_argument('--lars-clip', action=argparse.BooleanOptionalAction, default=False,
                    help="LARS: cap each parameter's adaptive lr at the global lr (LARC's clip mode)")
+    g.add_argument('--lars-denominator', default='update', choices=LARS_DENOMINATORS,
+                   help='LARS trust ratio eta ||w|| / denominator: update = ||g + wd w|| (SimCLR, BYOL, MoCo v3), '
+                        "larc = ||g|| + wd ||w|| (apex's LARC, SwAV)")
     g.add_argument('--weight-decay', type=float, default=1e-4, help='weight decay (L2), excluded from biases and norms where the method says so')
     g = parser.add_argument_group('running')
     g.add_argument('--output-dir', default=None, help='checkpoints and logs (default: runs/<method>-<data>-<arch>); '
@@ -619,23 +624,41 @@ class Block(nn.Module):
 
 def sincos_pos_embed(grid_h, grid_w, dim, temperature=10000.0):
     """Fixed 2-D sin-cos position embedding (MoCo v3): (1, 1 + h*w, dim), zeros for the CLS token.
-    A quarter of the channels each: sin(x*w_k), cos(x*w_k), sin(y*w_k), cos(y*w_k), w_k = T^(-k/(dim/4))."""
+    A quarter of the channels each, in the order of the authors' vits.py: sin(y*w_k), cos(y*w_k), sin(x*w_k),
+    cos(x*w_k), w_k = T^(-k/(dim/4)), with y the patch's row and x its column (their code names the row
+    coordinate `grid_w`: the row frequencies come first). The order is arbitrary for training from scratch,
+    but a released MoCo v3 checkpoint was trained with this one. (They only ever build square grids.)"""
     assert dim % 4 == 0, 'sin-cos position embedding needs a dim divisible by 4'
     y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing='ij')
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    out_x, out_y = x.flatten()[:, None] * omega, y.flatten()[:, None] * omega  # (h*w, dim/4)
-    pe = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
+    out_y, out_x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega  # (h*w, dim/4), tokens row-major
+    pe = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), pe]).float()[None]
+
+
+VIT_INITS = ('dino', 'mocov3')
 
 
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2021) as used by DINO and MoCo v3: patch embedding, CLS token,
     pre-norm blocks, final LayerNorm; returns the CLS token (B, D). The position embedding
-    (learned, or fixed 2-D sin-cos) is interpolated for inputs of another size than `image_size`."""
+    (learned, or fixed 2-D sin-cos) is interpolated for inputs of another size than `image_size`.
+
+    `init` chooses the authors' initialisation (the method file asks for its own):
+      'dino'   (DINO's vision_transformer.py): every Linear trunc-normal std 0.02 with zero bias, the CLS token
+               and a learned position embedding trunc-normal 0.02, the patch projection left at Conv2d's
+               default init (kaiming-uniform weight, random bias).
+      'mocov3' (MoCo v3's vits.py): the q, k and v thirds of the qkv Linear each uniform in +-sqrt(6 / (D + D))
+               (xavier as if they were three D x D layers), every other Linear xavier-uniform, all biases
+               zero, the CLS token N(0, 1e-6), the patch projection xavier-uniform over its flattened
+               fan, +-sqrt(6 / (3 p^2 + D)), with a zero bias. With the patch projection frozen (Sec. 4.2)
+               this init IS the layer used for the whole run."""
 
     def __init__(self, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0,
-                 drop_path_rate=0.0, pos_embed='learned', freeze_patch_embed=False):
+                 drop_path_rate=0.0, pos_embed='learned', freeze_patch_embed=False, init='dino'):
         super().__init__()
+        if init not in VIT_INITS:
+            raise UsageError(f"unknown ViT init '{init}'; choose one of: {', '.join(VIT_INITS)}")
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -645,27 +668,49 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # stochastic depth grows with depth
+        # (device='cpu': released.py builds backbones on the meta device to read their shapes)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        if init == 'dino':
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+        else:
+            nn.init.normal_(self.cls_token, std=1e-6)
+            for name, m in self.named_modules():
+                if isinstance(m, nn.Linear) and name.endswith('qkv'):  # (3D, D): q, k, v are each D x D
+                    bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                elif isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
+            fan = 3 * patch_size * patch_size + embed_dim  # the (D, 3, p, p) kernel seen as a Linear 3 p^2 -> D
+            nn.init.uniform_(self.patch_embed.weight, -math.sqrt(6.0 / fan), math.sqrt(6.0 / fan))
+            nn.init.zeros_(self.patch_embed.bias)
         if freeze_patch_embed:  # MoCo v3 "random patch projection": weight AND bias stay at init
             self.patch_embed.weight.requires_grad_(False)
             self.patch_embed.bias.requires_grad_(False)
 
     def interpolate_pos_embed(self, grid_h, grid_w):
-        """(1, 1 + grid_h*grid_w, D): the stored embedding resampled (bicubic) to another grid."""
+        """(1, 1 + grid_h*grid_w, D): the stored embedding resampled (bicubic) to another grid, as DINO's
+        interpolate_pos_encoding does it: F.interpolate with scale_factor (g + 0.1) / N per axis (N the
+        stored side, g the new one; the 0.1 makes floor(N * scale) land on g despite rounding). The scale,
+        not the output size, then sets where the samples fall: output cell i reads the source at
+        (i + 0.5) * N / (g + 0.1) - 0.5, not (i + 0.5) * N / g - 0.5, up to 0.2 cells apart for 14 -> 6.
+        Released DINO weights give the authors' outputs on other input sizes only this way."""
         n = self.pos_embed.shape[1] - 1
         side = int(math.sqrt(n))
         if grid_h == grid_w == side:
             return self.pos_embed
         cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
-        patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode='bicubic', align_corners=False)
+        patches = F.interpolate(patches.float(), scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
+                                mode='bicubic', align_corners=False)    # (1, D, grid_h, grid_w)
+        assert patches.shape[-2:] == (grid_h, grid_w), (patches.shape, grid_h, grid_w)
         return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(cls.dtype)], dim=1)
 
     def tokens(self, x):
@@ -713,7 +758,7 @@ def build_backbone(args):
     dim, depth, heads = VIT_SIZES[args.arch]
     return VisionTransformer(args.image_size, args.patch_size, dim, depth, args.num_heads or heads,
                              drop_path_rate=args.drop_path, pos_embed=args.pos_embed,
-                             freeze_patch_embed=args.freeze_patch_embed)
+                             freeze_patch_embed=args.freeze_patch_embed, init=getattr(args, 'vit_init', 'dino'))
 
 
 # =============================================================================
@@ -1129,17 +1174,32 @@ def param_groups(module, weight_decay, exclude_bias_and_norm=True):
     return groups
 
 
+LARS_DENOMINATORS = ('update', 'larc')
+
+
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as in SimCLR/BYOL: for each parameter w with gradient g,
-        g' = g + wd * w;  g' *= trust * ||w|| / ||g'||  (if both norms > 0);
+    """LARS (You et al. 2017): for each parameter w with gradient g and weight decay wd,
+        g' = g + wd * w;  g' *= trust * ||w|| / denominator  (when ||w|| = 0: g' = g, a plain SGD step);
         buf = momentum * buf + g';  w -= lr * buf.
+    The authors' optimizers differ in two details, both chosen by `denominator`:
+      'update': the trust ratio's denominator is ||g + wd * w||, the norm of the decayed update, as in
+                SimCLR's LARSOptimizer, BYOL's LARS (optax chain: decay, then the ratio), MoCo v3's and
+                DINO's LARS (their ResNet-50 recipes). A tensor whose gradient is exactly zero still gets
+                g' = wd * w rescaled to eta * w, a shrinking step of lr * eta (all four codes do this).
+      'larc':   ||g|| + wd * ||w|| (+ 1e-8), as NVIDIA apex's LARC, which SwAV wraps around SGD (and
+                solo-learn's LARS). A tensor whose gradient is exactly zero gets no step of its own (LARC
+                then leaves the gradient, zero, undecayed); its momentum buffer still moves it, as torch's SGD.
     clip (LARC's clip mode, used by solo-learn's CIFAR recipes): the factor becomes
-    min(trust * ||w|| / ||g'||, lr) / lr, so no parameter moves faster than plain SGD at lr.
+    min(trust * ||w|| / denominator, lr) / lr, so no parameter moves faster than plain SGD at lr.
     Groups marked `bias_and_norm` get plain SGD with momentum and no decay."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False,
+                 denominator='update'):
+        if denominator not in LARS_DENOMINATORS:
+            raise UsageError(f"unknown LARS denominator '{denominator}'; choose one of: {', '.join(LARS_DENOMINATORS)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, clip=clip, bias_and_norm=False))
+                                      trust_coefficient=trust_coefficient, clip=clip, denominator=denominator,
+                                      bias_and_norm=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1149,13 +1209,20 @@ class LARS(torch.optim.Optimizer):
                     continue
                 update = p.grad
                 if not group['bias_and_norm']:
-                    update = update.add(p, alpha=group['weight_decay'])
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    ratio = group['trust_coefficient'] * w_norm / u_norm
+                    wd = group['weight_decay']
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    update = update.add(p, alpha=wd)
+                    if group.get('denominator', 'update') == 'larc':
+                        denominator = g_norm + wd * w_norm + 1e-8
+                    else:
+                        denominator = torch.linalg.vector_norm(update)
+                    ratio = group['trust_coefficient'] * w_norm / denominator
                     if group.get('clip') and group['lr'] > 0:
                         ratio = torch.clamp(ratio / group['lr'], max=1.0)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(w_norm))
+                    trust = torch.where((w_norm > 0) & (denominator > 0), ratio, torch.ones_like(ratio))
                     update = update * trust
+                    if group.get('denominator', 'update') == 'larc':
+                        update = update * (g_norm > 0)  # a zero gradient: no decay-only step (LARC)
                 state = self.state[p]
                 if 'momentum_buffer' not in state:
                     state['momentum_buffer'] = torch.zeros_like(p)
@@ -1169,18 +1236,25 @@ def build_optimizer(args, groups, lr):
     if args.optimizer == 'sgd':
         return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
     if args.optimizer == 'lars':
-        return LARS(groups, lr=lr, momentum=args.momentum, trust_coefficient=args.lars_eta, clip=args.lars_clip)
+        return LARS(groups, lr=lr, momentum=args.momentum, trust_coefficient=args.lars_eta, clip=args.lars_clip,
+                    denominator=args.lars_denominator)
     if args.optimizer == 'adamw':
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     raise UsageError(f"unknown optimizer '{args.optimizer}'; choose sgd, lars or adamw")
 
 
-def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0):
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0,
+                    warmup_reaches_base=False):
     """One value per iteration: linear warm-up from `warmup_start` to `base` over
     `warmup_epochs`, then half a cosine from `base` to `final`. Used for lr, weight decay
-    and EMA momentum (base 0.996 -> final 1)."""
+    and EMA momentum (base 0.996 -> final 1). Step i < W of a W-step warm-up is
+      warmup_reaches_base=False: warmup_start + (base - warmup_start) * i / W: `base` first at the cosine's
+                                 first step (MoCo v3's, SimCLR's and BYOL's lr * t / W);
+      warmup_reaches_base=True:  warmup_start + (base - warmup_start) * i / (W - 1): `base` at the last
+                                 warm-up step, and again at the cosine's first (DINO's cosine_scheduler,
+                                 SwAV's schedule: np.linspace with both ends)."""
     total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
-    warm = np.linspace(warmup_start, base, warmup, endpoint=False)
+    warm = np.linspace(warmup_start, base, warmup, endpoint=warmup_reaches_base)
     t = np.arange(total - warmup)
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
     return np.concatenate([warm, cosine])
@@ -1377,7 +1451,7 @@ def resume(args, **objects):
         obj.load_state_dict(state[name])
         if isinstance(obj, LARS):  # load_state_dict restores the saved hyper-parameters: the flags win
             for group in obj.param_groups:
-                group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip)
+                group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip, denominator=args.lars_denominator)
     trim_metrics(args.output_dir, done)  # the records of a killed, unfinished epoch go: it is trained again
     LAST_CHECKPOINT['note'] = f'The last good checkpoint is {path} ({done} epoch(s) done); the same command resumes from it.'
     print0(f'  resumed from {path}: {done} epoch(s) done'
@@ -1584,11 +1658,15 @@ BACKBONE_KEYS = ('arch', 'width', 'cifar_stem', 'zero_init_residual', 'patch_siz
 
 def get_eval_parser(description, name):
     """The flags of an evaluation script (eval_knn.py, eval_linear.py): a checkpoint of any method
-    file, or --random-init; the data and backbone flags, whose defaults are the checkpoint's."""
+    file, --pretrained (an authors' released file, released.py), or --random-init; the data and backbone
+    flags, whose defaults are the checkpoint's."""
     parser = argparse.ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(method=name, freeze_patch_embed=False, drop_path=0.0)
     parser.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
+    parser.add_argument('--pretrained', default=None, metavar='FILE',
+                        help="instead of a checkpoint: weights released by a method's authors (DINO, MoCo v1/v2/v3, "
+                             'SimSiam, SwAV, InstDisc; see released.py), backbone settings read from the file')
     parser.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (give --data and --arch)')
     g = parser.add_argument_group('data (default: the checkpoint\'s)')
     g.add_argument('--data', default=None, help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with '
@@ -1621,34 +1699,46 @@ def get_eval_parser(description, name):
 
 def parse_eval_args(parser, argv=None):
     """Parse an evaluation script's flags. Returns (args, state): the checkpoint's contents (None with
-    --random-init), its data and backbone settings filled in for every flag not typed."""
+    --random-init; for --pretrained, released.load's mapping of the file into a checkpoint's form), its data
+    and backbone settings filled in for every flag not typed."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if bool(args.checkpoint) == args.random_init:
-        raise UsageError('give a checkpoint to evaluate, or --random-init with --data and --arch')
+    if sum((bool(args.checkpoint), bool(args.pretrained), args.random_init)) != 1:
+        raise UsageError('give one of: a checkpoint to evaluate, --pretrained FILE (the authors\' weights), '
+                         'or --random-init with --data and --arch')
     state = None
-    if args.checkpoint:
+    if args.pretrained:  # the authors' layout mapped onto our backbone; its settings inferred (released.py)
+        import released
+        state, args.checkpoint = released.load(args.pretrained), args.pretrained
+    elif args.checkpoint:
         state = read_checkpoint(args.checkpoint)
         if not (isinstance(state, dict) and isinstance(state.get('backbone'), dict) and 'args' in state):
-            raise UsageError(f'{args.checkpoint} is not a checkpoint of this project (no backbone / args)')
+            raise UsageError(f'{args.checkpoint} is not a checkpoint of this project (no backbone / args); '
+                             "the authors' released weights load with --pretrained FILE")
+    if state is not None:
         typed = explicit_flags(parser, argv)
         for key in BACKBONE_KEYS + ('data', 'data_dir'):
             if key in state['args'] and key not in typed:
                 setattr(args, key, state['args'][key])
     if args.data is None:
-        raise UsageError('--random-init needs --data (the dataset to evaluate on)')
+        raise UsageError(f"{'--pretrained' if args.pretrained else '--random-init'} needs --data (the dataset to "
+                         'evaluate on)')
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
     apply_size_defaults(args)
     validate_backbone_args(args)
-    args.output_dir, args.notes = getattr(args, 'output_dir', None), [data_note(args)]  # None: writes no run folder
+    args.output_dir = getattr(args, 'output_dir', None)  # None: writes no run folder
+    args.notes = [data_note(args)] + (state.get('notes', []) if state else [])
     return args, state
 
 
 def load_eval_backbone(args, state, device):
-    """The backbone of `state` (a checkpoint of this project) or, without one, an untrained backbone;
+    """The backbone of `state` (a checkpoint of this project, or a released file as released.load maps it)
+    or, without one, an untrained backbone;
     in eval mode on `device`. A checkpoint whose backbone does not fit the architecture is refused
-    in one line."""
-    backbone = build_backbone(args)
+    in one line. A ViT is built at the size it was trained at (its position embedding's grid) and
+    evaluated at --image-size through the interpolation."""
+    trained_size = state['args'].get('image_size', args.image_size) if state is not None else args.image_size
+    backbone = build_backbone(argparse.Namespace(**{**vars(args), 'image_size': trained_size}))
     if state is not None:
         saved, expected = state['backbone'], backbone.state_dict()
         missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))

@@ -235,7 +235,8 @@ def main():
     # --min-lr, weight decay cosine 0.04 -> 0.4 (biases and norms excluded), teacher EMA rate cosine 0.996 -> 1
     lr = common.scale_lr(args.lr, args.batch_size)
     optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay), lr)
-    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs)
+    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs,
+                                         warmup_reaches_base=True)  # base at the last warm-up step, as DINO's cosine_scheduler
     weight_decay_schedule = common.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, len(loader))
     momentum_schedule = common.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, len(loader))
     teacher_temp_schedule = teacher_temperature_schedule(args)

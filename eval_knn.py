@@ -11,10 +11,11 @@ CIFAR (InstDisc, MoCo's CIFAR demo) k=200, T=0.1 -- `--temperature 0.1` and read
 Run:
   python eval_knn.py runs/simclr-cifar10-resnet18/checkpoint.pth --temperature 0.1
   python eval_knn.py --random-init --arch resnet18 --data cifar10          # the untrained baseline
+  python eval_knn.py --pretrained dino_deitsmall16_pretrain.pth --data /imagenet   # the authors' weights (released.py)
   torchrun --nproc_per_node=8 eval_knn.py runs/dino-imagenet-vit_small/checkpoint.pth --json knn.json
   python eval_knn.py runs/dino-cifar10-vit_tiny/checkpoint.pth --attention-image img.jpg --attention-out maps.png
 
-ViT checkpoints: `--attention-image` draws, instead of evaluating, the last block's attention from the
+ViT checkpoints (ours or --pretrained): `--attention-image` draws, instead of evaluating, the last block's attention from the
 CLS token to every patch, one panel per head, over the image (as in the DINO paper's figures).
 """
 import json

@@ -18,7 +18,8 @@ Paper -> code:
                      done at the start of the step, BEFORE the keys are computed (authors' code)
   Alg. 1 lines 15-20 ctr(q, k): logits q k^T / tau over all keys of the global batch, labels = own key,
                      cross-entropy x 2 tau                                                  -> contrastive_loss
-  Sec. 4.2           random patch projection (frozen) and fixed 2-D sin-cos position embedding -> ARCH_PRESETS['vit']
+  Sec. 4.2           random patch projection (frozen; the authors' init) and fixed 2-D sin-cos position
+                     embedding                                                              -> ARCH_PRESETS['vit']
   Appendix B         MLP heads (no bias, BN, last BN without affine), AdamW lr 1.5e-4 x bs/256, wd 0.1,
                      40 warm-up epochs, cosine, bs 4096, tau 0.2; ResNet-50: LARS lr 0.6, wd 1e-6, tau 1.0
 
@@ -52,9 +53,11 @@ method.add_argument('--blur-probs', type=float, nargs=2, default=[1.0, 0.1], hel
 method.add_argument('--solarize-probs', type=float, nargs=2, default=[0.0, 0.2], help='solarize probability of views 1, 2')
 method.add_argument('--min-scale', type=float, default=0.08, help='RandomResizedCrop scale lower bound')
 # Per architecture (ViT or ResNet, from --arch): the ViT's random patch projection and sin-cos position
-# embedding (Sec. 4.2); MoCo v3's ViT-S has 12 heads (Table 1, unlike DINO's 6); the ResNet-50 recipe of
-# the authors' code: LARS lr 0.6 per 256, wd 1e-6, 10 warm-up epochs, 100 epochs, tau 1.0, crops of scale 0.2-1.
-ARCH_PRESETS = {'vit': dict(freeze_patch_embed=True, pos_embed='sincos'), 'vit_small': dict(num_heads=12),
+# embedding (Sec. 4.2), initialised as the authors' vits.py does it (q/k/v and every Linear xavier-uniform, the
+# patch projection xavier-uniform with a zero bias: the frozen projection IS this init, common.VisionTransformer);
+# MoCo v3's ViT-S has 12 heads (Table 1, unlike DINO's 6); the ResNet-50 recipe of the authors' code: LARS lr 0.6
+# per 256, wd 1e-6, 10 warm-up epochs, 100 epochs, tau 1.0, crops of scale 0.2-1.
+ARCH_PRESETS = {'vit': dict(freeze_patch_embed=True, pos_embed='sincos', vit_init='mocov3'), 'vit_small': dict(num_heads=12),
                 'resnet': dict(epochs=100, optimizer='lars', lr=0.6, weight_decay=1e-6, warmup_epochs=10,
                                temperature=1.0, min_scale=0.2)}
 # Small images (CIFAR, solo-learn's recipe): ResNet-18, batch 256, LARS lr 0.3 per 256 with trust coefficient

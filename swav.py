@@ -19,7 +19,7 @@ Paper -> code:
   Sec. 3.1  "working with small batches": a queue of past embeddings            -> SwAV.compute_codes, SwAV.enqueue
   Eq. (1)-(2) + multi-crop        l(z_t, q_s) = -sum_k q_s^(k) log p_t^(k),
             p_t = softmax(z_t^T C / tau), over every crop t != s, tau 0.1       -> swapped_prediction_loss
-  Appendix A.1  prototypes frozen in the first epoch; LARS on all parameters, lr 4.8 (bs 4096),
+  Appendix A.1  prototypes frozen in the first epoch; LARS (apex's LARC) on all parameters, lr 4.8 (bs 4096),
             wd 1e-6, 10 warm-up epochs from 0.3, cosine to 0.0048, 800 epochs   -> main()
 
 Run:
@@ -41,7 +41,8 @@ import common
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='swav')
 parser.set_defaults(arch='resnet50', epochs=800, batch_size=4096, optimizer='lars', lr=0.3, min_lr=0.0048,
-                    weight_decay=1e-6, warmup_epochs=10)
+                    weight_decay=1e-6, warmup_epochs=10,
+                    lars_denominator='larc')  # the authors wrap SGD in apex's LARC: trust ratio ||w|| / (||g|| + wd ||w||)
 method = parser.add_argument_group('SwAV')
 method.add_argument('--nmb-crops', type=int, nargs='+', default=[2, 6],
                     help='crops per resolution: 2 global (they make the codes), then optionally the local ones')
@@ -239,10 +240,12 @@ def main():
     model = SwAV(common.build_backbone(args), args.proj_hidden_dim, args.proj_dim, args.nmb_prototypes, args.queue_length)
     model, raw_model = common.prepare_model(model, args, device)
 
-    # ---- optimizer and schedules: LARS on ALL parameters (the authors' LARC), warm-up then cosine to the final lr
+    # ---- optimizer and schedules: LARS on ALL parameters with LARC's trust ratio (--lars-denominator larc, the
+    # authors' apex LARC), warm-up then cosine to the final lr
     lr = common.scale_lr(args.lr, args.batch_size)
     optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay, False), lr)
-    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs, args.start_warmup)
+    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs, args.start_warmup,
+                                         warmup_reaches_base=True)  # base at the last warm-up step, as SwAV's np.linspace
     freeze_prototypes_steps = round(args.freeze_prototypes_epochs * len(loader))
 
     # ---- resume from the output directory, if a checkpoint is there

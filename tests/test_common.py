@@ -104,24 +104,69 @@ def test_lars_clip_caps_each_parameters_lr_at_the_global_lr():
     assert torch.allclose(zero.weight, -2.0 * zero.weight.grad)
 
 
+def test_lars_on_a_tensor_whose_gradient_is_exactly_zero():
+    # LARC (apex; solo-learn): no trust ratio and no weight decay when ||g|| = 0, the momentum buffer still moves it.
+    # SimCLR's, BYOL's, MoCo v3's LARS: g' = wd * w, rescaled to eta * w (a decay-only step of lr * eta)
+    torch.manual_seed(0)
+    lr, eta = 0.5, 0.001
+    for denominator in ('update', 'larc'):
+        layer = nn.Linear(6, 3, bias=False)
+        w0 = layer.weight.detach().clone()
+        optimizer = common.LARS([dict(params=[layer.weight], weight_decay=0.1)], lr=lr, momentum=0.9,
+                                trust_coefficient=eta, denominator=denominator)
+        layer.weight.grad = torch.zeros(3, 6)
+        optimizer.step()
+        if denominator == 'larc':
+            assert torch.equal(layer.weight, w0)
+            layer.weight.grad = torch.randn(3, 6)
+            optimizer.step()
+            w1, buf = layer.weight.detach().clone(), (w0 - layer.weight.detach()) / lr  # buf after the real step
+            layer.weight.grad = torch.zeros(3, 6)
+            optimizer.step()
+            assert torch.allclose(layer.weight, w1 - lr * 0.9 * buf, atol=1e-7)
+        else:
+            assert torch.allclose(layer.weight, w0 - lr * eta * w0, atol=1e-8)
+
+
+def test_lars_trust_ratio_denominators():
+    # 'update': eta ||w|| / ||g + wd w|| (SimCLR, BYOL, MoCo v3); 'larc': eta ||w|| / (||g|| + wd ||w|| + 1e-8) (SwAV)
+    torch.manual_seed(0)
+    w, g, wd, eta, lr = torch.randn(4, 5), torch.randn(4, 5), 0.3, 0.02, 0.7
+    for denominator, norm in (('update', (g + wd * w).norm()), ('larc', g.norm() + wd * w.norm() + 1e-8)):
+        p = nn.Parameter(w.clone())
+        p.grad = g.clone()
+        common.LARS([dict(params=[p], weight_decay=wd)], lr=lr, trust_coefficient=eta, denominator=denominator).step()
+        assert torch.allclose(p, w - lr * eta * w.norm() / norm * (g + wd * w), atol=1e-7)
+    assert (g + wd * w).norm() < g.norm() + wd * w.norm()  # the two differ (triangle inequality, strict here)
+    with pytest.raises(common.UsageError, match='unknown LARS denominator'):
+        common.LARS([nn.Parameter(w)], lr=lr, denominator='sum')
+
+
 def test_resume_takes_the_lars_settings_from_the_command_line(tmp_path):
     model = nn.Linear(4, 2)
     args = argparse.Namespace(method='simclr', output_dir=str(tmp_path), arch='resnet18', width=8, patch_size=4,
-                              cifar_stem=True, lars_eta=0.001, lars_clip=False, epochs=2)
+                              cifar_stem=True, lars_eta=0.001, lars_clip=False, lars_denominator='update', epochs=2)
     saved = common.LARS(common.param_groups(model, 1e-4), lr=0.1, trust_coefficient=0.001, clip=False)
     common.save_checkpoint(args, 1, model, model=model, optimizer=saved)
-    args.lars_eta, args.lars_clip = 0.02, True
+    args.lars_eta, args.lars_clip, args.lars_denominator = 0.02, True, 'larc'
     resumed = common.LARS(common.param_groups(model, 1e-4), lr=0.1, trust_coefficient=0.02, clip=True)
     assert common.resume(args, model=model, optimizer=resumed) == 1
-    assert all(g['trust_coefficient'] == 0.02 and g['clip'] for g in resumed.param_groups)
+    assert all(g['trust_coefficient'] == 0.02 and g['clip'] and g['denominator'] == 'larc' for g in resumed.param_groups)
 
 def test_cosine_schedule_values():
     s = common.cosine_schedule(1.0, 0.1, epochs=10, steps_per_epoch=4, warmup_epochs=2, warmup_start=0.0)
     assert len(s) == 40
-    assert s[0] == 0.0 and math.isclose(s[4], 0.5) and math.isclose(s[8], 1.0)  # linear warm-up, then base
+    # MoCo v3's, SimCLR's, BYOL's warm-up (the default): lr * t / W, the base value first reached by the cosine
+    assert np.allclose(s[:8], np.arange(8) / 8) and s[8] == 1.0
     t = np.arange(32)
     assert np.allclose(s[8:], 0.1 + 0.45 * (1 + np.cos(np.pi * t / 32)))
     assert s[-1] > 0.1 and np.all(np.diff(s[8:]) < 0)
+    # DINO's / SwAV's: linear from the start value, reaching the base value AT the last warm-up step (8 steps: i / 7)
+    dino = common.cosine_schedule(1.0, 0.1, epochs=10, steps_per_epoch=4, warmup_epochs=2, warmup_reaches_base=True)
+    assert np.allclose(dino[:8], np.arange(8) / 7) and dino[7] == 1.0 and np.allclose(dino[8:], s[8:])
+    swav = common.cosine_schedule(4.8, 0.0048, epochs=4, steps_per_epoch=5, warmup_epochs=2, warmup_start=0.3,
+                                  warmup_reaches_base=True)
+    assert swav[0] == 0.3 and np.allclose(swav[:10], 0.3 + (4.8 - 0.3) * np.arange(10) / 9) and swav[9] == 4.8
     momentum = common.cosine_schedule(0.996, 1.0, epochs=5, steps_per_epoch=10)
     assert math.isclose(momentum[0], 0.996) and momentum[-1] > 0.9999
 
@@ -189,8 +234,29 @@ def test_sincos_position_embedding_values():
     assert pe.shape == (1, 13, 8) and torch.all(pe[0, 0] == 0)
     row, col = 2, 3  # patch (y=2, x=3) is token 1 + 2*4 + 3
     omega = 1 / 10000 ** (torch.arange(2) / 2)
-    expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)])
+    # MoCo v3's channel order: the row's frequencies first (sin, cos), then the column's
+    expected = torch.cat([torch.sin(row * omega), torch.cos(row * omega), torch.sin(col * omega), torch.cos(col * omega)])
     assert torch.allclose(pe[0, 1 + row * 4 + col], expected.float(), atol=1e-6)
+
+
+def bicubic_reference(values, out_h, out_w, scale_h, scale_w):
+    """Bicubic resampling of values (h, w, C) as PyTorch defines it for align_corners=False: output cell i
+    reads the source at x = (i + 0.5) / scale - 0.5, a cubic convolution (Keys, a = -0.75) over the 4 cells
+    around x, indices clamped to the border; separable (rows, then columns). Plain numpy loops."""
+    def kernel(t, a=-0.75):
+        t = abs(t)
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+    def along_first_axis(v, out, scale):
+        result = np.zeros((out,) + v.shape[1:])
+        for i in range(out):
+            x = (i + 0.5) / scale - 0.5
+            x0 = math.floor(x)
+            for k in (-1, 0, 1, 2):
+                result[i] += kernel(x - (x0 + k)) * v[min(max(x0 + k, 0), len(v) - 1)]
+        return result
+    rows = along_first_axis(values, out_h, scale_h)                                        # (out_h, w, C)
+    return along_first_axis(rows.transpose(1, 0, 2), out_w, scale_w).transpose(1, 0, 2)   # (out_h, out_w, C)
 
 
 @pytest.mark.parametrize('pos_embed', ['learned', 'sincos'])
@@ -199,14 +265,49 @@ def test_vit_position_embedding_interpolation(pos_embed):
     vit = common.build_backbone(backbone_args(arch='vit_tiny', image_size=32, patch_size=4, pos_embed=pos_embed))
     assert vit.pos_embed.shape == (1, 1 + 64, 192)
     assert vit.interpolate_pos_embed(8, 8) is vit.pos_embed  # same grid: untouched
-    small = vit.interpolate_pos_embed(4, 4)
-    assert small.shape == (1, 17, 192) and torch.equal(small[:, 0], vit.pos_embed[:, 0])  # CLS kept
-    # bicubic resampling of a linear ramp is the ramp sampled at the new pixel centres
-    ramp = torch.arange(8.0).repeat(8, 1)  # value = x coordinate
-    vit.pos_embed.data[0, 1:, 0] = ramp.flatten()
-    resampled = vit.interpolate_pos_embed(4, 4)[0, 1:, 0].view(4, 4)
-    assert torch.allclose(resampled[1:3, 1:3], torch.tensor([[2.5, 4.5], [2.5, 4.5]]), atol=1e-4)
+    stored = vit.pos_embed[0, 1:].detach().double().view(8, 8, 192).numpy()
+    for grid_h, grid_w in ((4, 4), (6, 6), (3, 5), (12, 8)):
+        resampled = vit.interpolate_pos_embed(grid_h, grid_w)
+        assert resampled.shape == (1, 1 + grid_h * grid_w, 192) and torch.equal(resampled[:, 0], vit.pos_embed[:, 0])
+        # DINO's sample grid: F.interpolate with scale_factor (g + 0.1) / N, so that cell i reads (i + 0.5) N / (g + 0.1) - 0.5
+        expected = bicubic_reference(stored, grid_h, grid_w, (grid_h + 0.1) / 8, (grid_w + 0.1) / 8)
+        assert np.allclose(resampled[0, 1:].detach().view(grid_h, grid_w, 192).double().numpy(), expected, atol=1e-5)
+        if grid_h != 8:  # the grid given as an output size samples elsewhere: (i + 0.5) N / g - 0.5
+            by_size = bicubic_reference(stored, grid_h, grid_w, grid_h / 8, grid_w / 8)
+            assert np.abs(by_size - expected).max() > 1e-3
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 192) and vit(torch.randn(2, 3, 16, 16)).shape == (2, 192)
+
+
+def test_vit_init_mocov3_bounds_and_statistics():
+    # MoCo v3's vits.py: q, k, v each xavier-uniform as D x D layers, every other Linear xavier-uniform, biases 0,
+    # CLS token N(0, 1e-6), patch projection xavier-uniform over (3 p^2 -> D) with a zero bias
+    torch.manual_seed(0)
+    dim, patch = 192, 4
+    vit = common.build_backbone(backbone_args(arch='vit_tiny', image_size=32, patch_size=patch, vit_init='mocov3'))
+
+    def uniform_with_bound(w, bound):  # U(-b, b): fills the interval, std b / sqrt(3), mean 0
+        w = w.detach()
+        return (float(w.abs().max()) <= bound and float(w.abs().max()) > 0.99 * bound
+                and math.isclose(float(w.std()), bound / math.sqrt(3), rel_tol=0.03) and abs(float(w.mean())) < 0.03 * bound)
+    for block in vit.blocks:
+        assert uniform_with_bound(block.attn.qkv.weight, math.sqrt(6 / (dim + dim)))  # not xavier over (3D, D)
+        assert uniform_with_bound(block.attn.proj.weight, math.sqrt(6 / (dim + dim)))
+        assert uniform_with_bound(block.mlp[0].weight, math.sqrt(6 / (dim + 4 * dim)))
+        assert uniform_with_bound(block.mlp[2].weight, math.sqrt(6 / (4 * dim + dim)))
+        assert all(torch.all(m.bias == 0) for m in block.modules() if isinstance(m, nn.Linear))
+    assert not uniform_with_bound(vit.blocks[0].attn.qkv.weight, math.sqrt(6 / (dim + 3 * dim)))
+    assert uniform_with_bound(vit.patch_embed.weight, math.sqrt(6 / (3 * patch * patch + dim)))
+    assert torch.all(vit.patch_embed.bias == 0)
+    assert 0.7e-6 < float(vit.cls_token.detach().std()) < 1.3e-6
+    # DINO's (the default): trunc-normal 0.02 Linears with zero bias; the patch projection at Conv2d's default
+    # init, U(+-1 / sqrt(fan_in)) for weight and bias (half MoCo v3's bound at ViT-S/16: 1/sqrt(768) vs sqrt(6/1152))
+    dino = common.build_backbone(backbone_args(arch='vit_tiny', image_size=32, patch_size=patch))
+    assert math.isclose(float(dino.blocks[0].attn.qkv.weight.detach().std()), 0.02, rel_tol=0.03)
+    assert torch.all(dino.blocks[0].attn.qkv.bias == 0) and math.isclose(float(dino.cls_token.detach().std()), 0.02, rel_tol=0.3)
+    assert uniform_with_bound(dino.patch_embed.weight, 1 / math.sqrt(3 * patch * patch))
+    assert float(dino.patch_embed.bias.detach().abs().max()) > 0
+    with pytest.raises(common.UsageError, match="unknown ViT init 'timm'"):
+        common.build_backbone(backbone_args(arch='vit_tiny', vit_init='timm'))
 
 
 def test_vit_attention_maps_and_frozen_patch_embed():

@@ -71,6 +71,19 @@ def test_heads_follow_the_paper():
     assert 'pos_embed' in dict(vit.base_encoder.backbone.named_buffers())
 
 
+def test_vit_asks_for_the_authors_init():
+    # MoCo v3's vits.py: the (frozen) patch projection xavier-uniform over 3 p^2 -> D with a zero bias, CLS ~ N(0, 1e-6)
+    args = _args('--arch', 'vit_tiny')
+    assert args.vit_init == 'mocov3' and _args().vit_init == 'dino'  # ResNets: the flag is not used
+    backbone = common.build_backbone(args)
+    bound = math.sqrt(6 / (3 * args.patch_size ** 2 + backbone.embed_dim))
+    weight = backbone.patch_embed.weight.detach()
+    assert torch.all(backbone.patch_embed.bias == 0) and float(weight.abs().max()) <= bound
+    assert math.isclose(float(weight.std()), bound / math.sqrt(3), rel_tol=0.05)
+    assert float(backbone.cls_token.detach().abs().max()) < 1e-5
+    assert common.build_backbone(_args('--arch', 'vit_tiny', '--vit-init', 'dino')).patch_embed.bias.abs().max() > 0
+
+
 def test_patch_projection_stays_frozen_and_momentum_encoder_follows_by_ema():
     torch.manual_seed(0)
     model = mocov3.MoCoV3(common.build_backbone(_args('--arch', 'vit_tiny')), 32, 16)
@@ -113,7 +126,7 @@ def test_torchrun_two_processes_with_a_vit(tmp_path):
     run = ['--data', 'procedural:128', *TINY, '--arch', 'vit_tiny', '--epochs', '1', '--batch-size', '32',
            '--mlp-hidden-dim', '32', '--knn-every', '1', '--knn-k', '20', '--output-dir', tmp_path / 'run']
     out = run_script('mocov3.py', *run, nproc=2)
-    assert '2 process(es)' in out.stdout and 'vit preset (freeze_patch_embed=True, pos_embed=sincos)' in out.stdout
+    assert '2 process(es)' in out.stdout and 'vit preset (freeze_patch_embed=True, pos_embed=sincos, vit_init=mocov3)' in out.stdout
     assert 'kNN (k=20' in out.stdout
     checkpoint = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
     assert checkpoint['method'] == 'mocov3' and checkpoint['args']['freeze_patch_embed']

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import swav
 from conftest import TINY, knn_trained_and_untrained, run_distributed, run_script
 from test_cli import expect_error
@@ -176,6 +177,18 @@ def test_prototypes_frozen_in_the_first_epoch_and_unit_norm_when_used(tmp_path):
     assert index in second['optimizer']['state'] and not torch.equal(second['model']['prototypes.weight'], prototypes)
 
 
+def test_lars_uses_larcs_trust_ratio():
+    # the authors wrap SGD in apex's LARC: eta ||w|| / (||g|| + wd ||w||), on every parameter
+    args = common.parse_args(swav.parser, swav.SMALL_IMAGE_PRESET, ['--data', 'procedural', *TINY])
+    assert args.optimizer == 'lars' and args.lars_denominator == 'larc'
+    model = nn.Linear(4, 3)
+    optimizer = common.build_optimizer(args, common.param_groups(model, args.weight_decay, False), 0.1)
+    assert isinstance(optimizer, common.LARS) and all(g['denominator'] == 'larc' for g in optimizer.param_groups)
+    typed = common.parse_args(swav.parser, swav.SMALL_IMAGE_PRESET,
+                              ['--data', 'procedural', *TINY, '--lars-denominator', 'update'])
+    assert typed.lars_denominator == 'update'
+
+
 def test_bad_crop_and_queue_arguments(tmp_path):
     out = tmp_path / 'out'
     run = ['--data', 'procedural:64', *TINY, '--output-dir', out]
@@ -207,4 +220,4 @@ def test_swav_learns_beyond_the_untrained_network(tmp_path):
            '--nmb-crops', '2', '2', '--optimizer', 'sgd', '--lr', '1.0', '--nmb-prototypes', '50', '--temperature', '0.2',
            '--proj-hidden-dim', '128', '--warmup-epochs', '1', '--knn-every', '-1']
     trained, untrained = knn_trained_and_untrained(tmp_path, 'swav.py', *run)
-    assert trained > untrained + 3, (trained, untrained)  # measured: 48.5 vs 42.5 (300 steps; a small gain, see README)
+    assert trained > untrained + 3, (trained, untrained)  # measured: 61.0 vs 42.5 (300 steps; 48.5 before the warm-up reached its base value as the authors'; see README)
