@@ -130,6 +130,7 @@ def check_linear_args(args):
             raise common.UsageError(f'--stop-after-epoch must be at least 1, not {args.stop_after_epoch}')
         # what common.build_optimizer / prepare_model / resume read: the recipe's optimiser
         args.optimizer, args.momentum, args.lars_eta, args.lars_clip = recipe['optimizer'], 0.9, 0.001, False
+        args.lars_denominator = 'larc'  # SimSiam's main_lincls wraps SGD in apex's LARC (the same as 'update' at wd 0)
         if args.recipe == 'dino' and vit:  # DINO: n=4 for ViT-S (and smaller), n=1 + avgpool for ViT-B
             if args.n_last_blocks is None:
                 args.n_last_blocks = 1 if args.arch == 'vit_base' else 4
