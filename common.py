@@ -522,7 +522,11 @@ def prepare_model(model, args, device):
     if device.type == 'cuda' and args.arch.startswith('resnet'):
         model = model.to(memory_format=torch.channels_last)
     raw_model = model
-    if args.compile:
+    if args.compile:  # the whole method model's forward, backbone and heads: one graph per set of input shapes
+        # (torch._dynamo.explain: 1 graph, no break, for every method file on one process; DDP splits it at its
+        # gradient buckets). The loss, the optimizer step and the EMA / queue / bank updates stay eager: small,
+        # and some hold collectives. The --augment device views are made eagerly too: their per-step subsets
+        # change size every step, which would recompile.
         model = torch.compile(model)
     if world_size > 1:  # DDP: averages gradients over processes during backward. Buffers (BN statistics,
         # queues, memory banks) are not re-broadcast from rank 0 every step: each rank keeps its own,
@@ -930,8 +934,9 @@ def resample(canvas, rows, columns):
     when it shrinks (a 400-px crop to 96 px) and would need a pre-blur; both differ from the PIL path by
     more than its rounding. The cost is the dense product: for ImageNet-sized canvases ~0.4 GFLOP per
     224-px crop, far below what the GPU does in the training step."""
-    x = torch.matmul(canvas, columns.transpose(1, 2)[:, None]).clamp_(0, 255)  # (B, 3, Hc, ow)
-    return torch.matmul(rows[:, None], x).clamp_(0, 255).div_(255)            # (B, 3, oh, ow)
+    batch, _, height, width = canvas.shape
+    x = torch.bmm(canvas.reshape(batch, 3 * height, width), columns.transpose(1, 2)).clamp_(0, 255)  # (B, 3 Hc, ow)
+    return torch.matmul(rows[:, None], x.view(batch, 3, height, -1)).clamp_(0, 255).div_(255)        # (B, 3, oh, ow)
 
 
 def luma(x):
@@ -1108,8 +1113,9 @@ def crop_views(groups, transforms, p, batch):
     boxes, flip = geometry['boxes'], geometry['flip']                            # (V*B, 8) float64, (V*B,)
     out = torch.empty(views * batch, 3, out_h, out_w, device=device)
     for canvas, members in groups:
-        rows = torch.arange(views * batch) if members is None else (members + batch * torch.arange(views)[:, None]).flatten()
-        place = None if members is None else send(device, place=rows)['place']
+        place = None  # where the crops of this canvas go in `out`: (V*b,) on the device
+        if members is not None:
+            place = send(device, place=(members + batch * torch.arange(views)[:, None]).flatten())['place']
         box, flipped = (boxes, flip) if members is None else (boxes[place], flip[place])
         row_weights = resample_weights(*box[:, 0:4].unbind(1), out_h, canvas.shape[2], mode)   # (V*b, oh, Hc)
         column_weights = resample_weights(*box[:, 4:8].unbind(1), out_w, canvas.shape[3], mode)  # (V*b, ow, Wc)
@@ -1467,7 +1473,7 @@ def device_budget(args, device):
     if args.device_data_gb is not None:
         return args.device_data_gb * 1e9, f'--device-data-gb {args.device_data_gb:g}'
     free = free_memory(device)
-    return 0.4 * free, f'budget 40% of the {free / 1e9:.1f} GB free on {device.type}; --device-data-gb sets it'
+    return 0.4 * free, f'40% of the {free / 1e9:.1f} GB free on {device.type}; --device-data-gb sets it'
 
 
 class DeviceImages:
@@ -1766,12 +1772,14 @@ def device_source(args, split, base, sampler, device):
         if images.numel() <= left:  # a folder of mixed sizes needs a canvas of its largest height and width
             HELD[key] = DeviceImages(images, heights, widths, labels, device)
             print0(f'  {args.data} {split}: {len(images)} images held on {device.type} as uint8 '
-                   f'{tuple(images.shape[1:])}, {images.numel() / 1e9:.2f} GB ({budget_note})')
+                   f'{tuple(images.shape[1:])}, {images.numel() / 1e9:.2f} GB of the {budget / 1e9:.1f} GB budget '
+                   f'({budget_note})')
             return HELD[key]
     if info['kind'] == 'folder':
         workers = min(args.workers, 4)
-        print0(f'  {args.data} {split}: {len(base)} files read by {workers} workers, decoded on {device.type} in '
-               f'batches (decoded, they would exceed the {left / 1e9:.2f} GB left of the {budget_note})')
+        print0(f'  {args.data} {split}: {len(base)} files read by {workers} workers and decoded on {device.type} in '
+               f'batches (decoded they would need more than the {left / 1e9:.2f} GB left of the {budget / 1e9:.1f} GB '
+               f'budget: {budget_note})')
         return StreamedFiles(base.samples, sampler, workers, device)
     return None
 
