@@ -4,8 +4,10 @@ Sections, in the order a method file uses them:
   1. errors and arguments      UsageError, get_args_parser, parse_args (presets, dataset defaults)
   2. distributed               setup (torchrun or one process), collectives, SyncBN, DDP wrapping
   3. backbones                 torchvision ResNet (CIFAR stem, width) and a ViT (DINO / MoCo v3 style)
-  4. augmentations and views   augmentation(...) building block, Views (2 views, asymmetric, multi-crop)
-  5. data                      datasets (torchvision, folders, procedural), the epoch-seeded sampler, Loader
+  4. augmentations and views   augmentation(...) building block, Views (2 views, asymmetric, multi-crop);
+                               4b: the same views in batches on the device (--augment device)
+  5. data                      datasets (torchvision, folders, procedural), the epoch-seeded sampler, Loader;
+                               5b: images held on (or JPEGs decoded on) the device, DeviceLoader
   6. optimisation              parameter groups, LARS, schedules, EMA update
   7. running                   autocast, checkpoints, MetricLogger, plots
   8. evaluation                feature extraction, weighted kNN, the kNN monitor

@@ -173,7 +173,7 @@ def test_whole_view_matches_the_pil_path_with_the_same_parameters(interpolation)
     images = [photo(seed, 40, 52) for seed in range(48)]
     x, p = views_of(transform, images)
     errors = torch.stack([(x[b] - pil_pipeline(transform, images[b], p, b)).abs().flatten() for b in range(len(images))])
-    # measured: max 5.2 levels, mean 1.2 (every view's mean <= 1.7): PIL's roundings, compounded
+    # measured: max 6.7 levels, mean 1.2 (every view's mean <= 1.72): PIL's roundings, compounded
     assert errors.max() < 9 and errors.mean(dim=1).max() < 2.5 and errors.mean() < 1.6
     # the same Compose, called on a PIL image, is still the cpu path: PIL in, uint8 tensor out
     out = transform(images[0])
@@ -532,6 +532,15 @@ def test_data_over_the_device_budget_stops_in_one_line(tmp_path):
     assert 'more than the 0.00 GB budget' in result.stderr and not (tmp_path / 'out').exists()  # nothing written
     expect_error('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--device-data-gb', '-1',
                  '--output-dir', tmp_path / 'out', match='--device-data-gb must be a number of GB >= 0')
+
+
+def test_auto_falls_back_to_the_cpu_path_with_a_note(capsys):
+    args = procedural_args(n=64, augment='device', augment_requested='auto', device_data_gb=1e-6, batch_size=16,
+                           arch='resnet18')  # what --augment auto resolves to on a GPU
+    common.HELD.clear()
+    loader = common.build_train_loader(args, common.Views([common.augmentation(16, (0.2, 1.0))]), torch.device('cpu'))
+    assert isinstance(loader, common.Loader) and 'note: the 64 decoded training images' in capsys.readouterr().out
+    assert len(loader) == 4
 
 
 def test_corrupt_jpeg_is_reported_by_path_on_the_device_path(tmp_path):
