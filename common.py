@@ -709,8 +709,8 @@ def augmentation(size, scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, gray
 
     Every probability and strength is the method's to choose (they differ per paper and,
     for BYOL/MoCo v3/DINO, per view). Blur: Gaussian, sigma in [0.1, 2]. Returns an Augmentation:
-    called on a PIL image (--augment cpu) it gives a uint8 (3, size, size) tensor; its .batch() does
-    the same to a batch of uint8 tensors on the device (--augment device). Normalisation happens on
+    called on a PIL image (--augment cpu) it gives a uint8 (3, size, size) tensor; Views.batch does
+    the same to batches of uint8 tensors on the device (--augment device). Normalisation happens on
     the device.
     """
     mode = {'bilinear': T.InterpolationMode.BILINEAR, 'bicubic': T.InterpolationMode.BICUBIC}[interpolation]
@@ -822,7 +822,9 @@ def multi_crop_views(global_transforms, local_transform, num_local):
 # index, view number, parameter number), computed with int64 tensor operations that give the same
 # bits on every device, so a view is the same whatever the batch, the rank, the world size or a
 # resume (the PIL path seeds torch's generator per image instead; the two paths draw different
-# numbers from the same distributions). Nothing here reads a value back to the host.
+# numbers from the same distributions). The parameters are drawn on the host, from the indices it
+# already has, and sent in one copy; nothing is ever read back from the device (no sync per step),
+# and knowing them on the host lets each colour step run on just the samples that make it.
 
 MASK32 = 0xFFFFFFFF
 
