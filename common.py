@@ -4,8 +4,10 @@ Sections, in the order a method file uses them:
   1. errors and arguments      UsageError, get_args_parser, parse_args (presets, dataset defaults)
   2. distributed               setup (torchrun or one process), collectives, SyncBN, DDP wrapping
   3. backbones                 torchvision ResNet (CIFAR stem, width) and a ViT (DINO / MoCo v3 style)
-  4. augmentations and views   augmentation(...) building block, Views (2 views, asymmetric, multi-crop)
-  5. data                      datasets (torchvision, folders, procedural), the epoch-seeded sampler, Loader
+  4. augmentations and views   augmentation(...) building block, Views (2 views, asymmetric, multi-crop);
+                               4b: the same views in batches on the device (--augment device)
+  5. data                      datasets (torchvision, folders, procedural), the epoch-seeded sampler, Loader;
+                               5b: images held on (or JPEGs decoded on) the device, DeviceLoader
   6. optimisation              parameter groups, LARS, schedules, EMA update
   7. running                   autocast, checkpoints, MetricLogger, plots
   8. evaluation                feature extraction, weighted kNN, the kNN monitor
@@ -21,6 +23,7 @@ method's recipe.
 """
 import argparse
 import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -145,6 +148,12 @@ def get_args_parser(description, method):
                    help='where torchvision datasets are downloaded / looked for')
     g.add_argument('--image-size', type=int, default=None, help='training crop size (default: follows the dataset)')
     g.add_argument('--workers', type=int, default=None, help='data-loading processes per GPU (default: CPUs / GPUs - 1, at most 16)')
+    g.add_argument('--augment', default='auto', choices=('auto', 'cpu', 'device'),
+                   help='where the views are made: cpu = PIL in DataLoader workers; device = images held (or JPEGs '
+                   'decoded) on the training device, augmented there in batches; auto = device on a GPU, else cpu')
+    g.add_argument('--device-data-gb', type=float, default=None,
+                   help='--augment device: at most this many GB of decoded images on the device (default: 40%% of '
+                   'its free memory); a larger folder is decoded from its files every step')
     g = parser.add_argument_group('model')
     g.add_argument('--arch', default='resnet50', help='one of ' + ', '.join(ARCHS))
     g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = standard; smaller only for smoke runs)')
@@ -236,7 +245,7 @@ def parse_args(parser, small_image_preset, argv=None):
         data_name = os.path.basename(os.path.normpath(args.data)).replace(':', '')
         args.output_dir = os.path.join('runs', f'{args.method}-{data_name}-{args.arch}')
     validate_args(args)
-    args.notes = [data_note(args)] + notes
+    args.notes = [data_note(args), configure_augment(args)] + notes
     return args
 
 
@@ -539,7 +548,11 @@ def prepare_model(model, args, device):
     if device.type == 'cuda' and args.arch.startswith('resnet'):
         model = model.to(memory_format=torch.channels_last)
     raw_model = model
-    if args.compile:
+    if args.compile:  # the whole method model's forward, backbone and heads: one graph per set of input shapes
+        # (torch._dynamo.explain: 1 graph, no break, for every method file on one process; DDP splits it at its
+        # gradient buckets). The loss, the optimizer step and the EMA / queue / bank updates stay eager: small,
+        # and some hold collectives. The --augment device views are made eagerly too: their per-step subsets
+        # change size every step, which would recompile.
         model = torch.compile(model)
     if world_size > 1:  # DDP: averages gradients over processes during backward. Buffers (BN statistics,
         # queues, memory banks) are not re-broadcast from rank 0 every step: each rank keeps its own,
@@ -770,8 +783,10 @@ def augmentation(size, scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, gray
     """One random view: RandomResizedCrop -> flip -> colour jitter -> grayscale -> blur -> solarize.
 
     Every probability and strength is the method's to choose (they differ per paper and,
-    for BYOL/MoCo v3/DINO, per view). Blur: Gaussian, sigma in [0.1, 2]. Returns a uint8
-    (3, size, size) tensor; normalisation happens on the device.
+    for BYOL/MoCo v3/DINO, per view). Blur: Gaussian, sigma in [0.1, 2]. Returns an Augmentation:
+    called on a PIL image (--augment cpu) it gives a uint8 (3, size, size) tensor; Views.batch does
+    the same to batches of uint8 tensors on the device (--augment device). Normalisation happens on
+    the device.
     """
     mode = {'bilinear': T.InterpolationMode.BILINEAR, 'bicubic': T.InterpolationMode.BICUBIC}[interpolation]
     steps = [T.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True)]
@@ -786,7 +801,7 @@ def augmentation(size, scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, gray
     if solarize_prob > 0:
         steps.append(T.RandomSolarize(threshold=128, p=solarize_prob))  # BYOL: invert pixels above 128
     steps.append(T.PILToTensor())
-    return T.Compose(steps)
+    return Augmentation(steps)
 
 
 class GaussianBlur:
@@ -816,9 +831,9 @@ def eval_transform(image_size, native_size):
     large ones resized to 256/224 of the crop, then centre-cropped."""
     if native_size <= 64:
         steps = [] if native_size == image_size else [T.Resize(image_size, antialias=True)]
-        return T.Compose(steps + [T.CenterCrop(image_size), T.PILToTensor()])
-    return T.Compose([T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC,
-                               antialias=True), T.CenterCrop(image_size), T.PILToTensor()])
+        return Augmentation(steps + [T.CenterCrop(image_size), T.PILToTensor()])
+    return Augmentation([T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC,
+                                  antialias=True), T.CenterCrop(image_size), T.PILToTensor()])
 
 
 class Views:
@@ -831,6 +846,27 @@ class Views:
 
     def __call__(self, img):
         return [t(img) for t in self.transforms]
+
+    def batch(self, groups, indices, heights, widths, epoch, seed):
+        """--augment device: the same list of views for a whole batch, each float (B, 3, S, S) in [0, 1] on
+        the device. `groups` holds the batch's images as [(canvas, members)]: uint8 (b, 3, Hc, Wc) canvases
+        on the device, image k in the top-left heights[k] x widths[k] pixels of its canvas, and members,
+        the (b,) places of these images in the batch (a host tensor; None: the whole batch in one canvas).
+        `indices`, `heights`, `widths` (B,) are host int64 tensors: view number v of dataset image i in
+        epoch e is drawn from the key (seed, e, i, v) alone, so it does not depend on the batch, the rank
+        or a resume. Views of one size and filter are cropped and coloured together, in one batch."""
+        views = [None] * len(self.transforms)
+        shapes = {}
+        for number, t in enumerate(self.transforms):
+            shapes.setdefault((t.size, t.mode, t.threshold), []).append(number)
+        for numbers in shapes.values():
+            drawn = [self.transforms[v].draw(view_keys(seed, epoch, v, indices), heights, widths) for v in numbers]
+            p = {name: torch.cat([d[name] for d in drawn]) for name in drawn[0]}        # view-major, (V*B, ...)
+            x = crop_views(groups, [self.transforms[v] for v in numbers], p, len(indices))
+            x = colour_views(x, p, self.transforms[numbers[0]].threshold)
+            for j, v in enumerate(numbers):
+                views[v] = x[j * len(indices):(j + 1) * len(indices)]
+        return views
 
 
 def forward_by_size(backbone, crops):
@@ -846,6 +882,379 @@ def multi_crop_views(global_transforms, local_transform, num_local):
     `num_local` local views. Views of one size come next to each other, so a method can batch
     them into one backbone call."""
     return Views(list(global_transforms) + [local_transform] * num_local)
+
+
+# ---- 4b. The same views in batches on the device (--augment device) -------------------------------
+# The PIL path runs one image at a time in DataLoader workers; here a whole batch is augmented at
+# once, by tensor operations on whatever device holds the images (the GPU in training, the CPU in
+# the tests), each sample with its own parameters. Augmentation (below) reads the recipe from the
+# very torchvision steps the PIL path runs, so the two paths cannot drift apart, and draws every
+# parameter as torchvision does (RandomResizedCrop's 10 attempts and its fallback, ColorJitter's
+# random order...). The pixels follow PIL's arithmetic (its resampling filters, its blur) in float:
+# they differ from the PIL path by its uint8 rounding between steps, a level or two (tests/test_augment.py).
+#
+# Randomness without generator state: each parameter of each view is a hash of (seed, epoch, image
+# index, view number, parameter number), computed with int64 tensor operations that give the same
+# bits on every device, so a view is the same whatever the batch, the rank, the world size or a
+# resume (the PIL path seeds torch's generator per image instead; the two paths draw different
+# numbers from the same distributions). The parameters are drawn on the host, from the indices it
+# already has, and sent in one copy; nothing is ever read back from the device (no sync per step),
+# and knowing them on the host lets each colour step run on just the samples that make it.
+
+MASK32 = 0xFFFFFFFF
+
+
+def mul32(x, c):
+    """(x * c) mod 2^32 for 0 <= x < 2^32 (an int64 tensor or a Python int) and a constant c < 2^32. c is split
+    into 16-bit halves so that no product exceeds 2^48: int64 tensors never overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x):
+    """A bijective 32-bit integer hash (xor-shift-multiply, the constants of Wellons' 'lowbias32'), the same
+    bits for Python ints and for int64 tensors on any device."""
+    x = x ^ (x >> 16)
+    x = mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def view_keys(seed, epoch, view, indices):
+    """(B,) int64 keys of view number `view` of the images `indices` (an int64 tensor) in `epoch`: all the
+    randomness of those views. The (seed, epoch, view) part is hashed on the host; distinct images of
+    one batch get distinct keys (mix32 is a bijection)."""
+    base = mix32(mix32(mix32(mix32(0x5EED0 ^ (seed & MASK32)) ^ ((seed >> 32) & MASK32)) ^ (epoch & MASK32)) ^ view)
+    return mix32(indices.long() ^ base)
+
+
+def key_uniforms(keys, count):
+    """(B, count) float64 uniforms in [0, 1), 32 random bits each: parameter number c of each key."""
+    salt = mix32(torch.arange(1, count + 1, device=keys.device, dtype=torch.int64) * 0x9E3779B1 & MASK32)  # (count,)
+    return mix32(mix32(keys[:, None] ^ salt) ^ salt).double() * 2.0 ** -32
+
+
+def crop_boxes(u, heights, widths, scale, ratio):
+    """RandomResizedCrop.get_params for a batch: (top, left, height, width), each (B,) float64 integers.
+    u: (B, 22) uniforms; heights, widths: (B,) float64 image sizes. As torchvision: up to 10 attempts of
+    (area ~ U(scale) x image area, log aspect ratio ~ U(log ratio)), w = round(sqrt(area * ratio)),
+    h = round(sqrt(area / ratio)); the first attempt that fits the image is kept, placed uniformly;
+    when none fits, the centre crop of the whole image with its aspect ratio clamped to `ratio`.
+    All 10 attempts are drawn for every sample and the first fitting one is selected (no loop, no sync)."""
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    area = (heights * widths)[:, None]                                                    # (B, 1)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:10])                  # (B, 10) attempts
+    aspect = torch.exp(log_low + (log_high - log_low) * u[:, 10:20])                      # (B, 10)
+    w = torch.round(torch.sqrt(target_area * aspect))                                     # round half to even,
+    h = torch.round(torch.sqrt(target_area / aspect))                                     #   as Python's round
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])           # (B, 10)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)                              # (B, 1) first fitting
+    found = fits.any(dim=1)                                                               # (B,)
+    in_ratio = widths / heights  # fallback: the whole image, its aspect ratio clamped to [ratio[0], ratio[1]]
+    fallback_w = torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths)
+    fallback_h = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]), heights)
+    w = torch.where(found, w.gather(1, first)[:, 0], fallback_w)
+    h = torch.where(found, h.gather(1, first)[:, 0], fallback_h)
+    top = torch.where(found, torch.floor(u[:, 20] * (heights - h + 1)), torch.floor((heights - h) / 2))
+    left = torch.where(found, torch.floor(u[:, 21] * (widths - w + 1)), torch.floor((widths - w) / 2))
+    return top, left, h, w
+
+
+def resize_shorter_side(heights, widths, size):
+    """T.Resize(size) with an int size: the shorter side becomes `size`, the longer int(size * long / short)."""
+    short, long = torch.minimum(heights, widths), torch.maximum(heights, widths)
+    new_long = torch.floor(size * long / short)
+    return torch.where(heights <= widths, size, new_long), torch.where(heights <= widths, new_long, size)
+
+
+def centre_offset(resized, crop):
+    """T.CenterCrop's first row (or column) in the resized image: round((resized - crop) / 2), or minus its
+    zero padding when the crop is larger than the image."""
+    return torch.where(resized >= crop, torch.round((resized - crop) / 2), -torch.floor((crop - resized) / 2))
+
+
+def resample_weights(start, length, resized, offset, out_size, in_size, interpolation):
+    """(B, out_size, in_size) float32: PIL's resampling of one axis as a matrix. Each sample's box [start,
+    start + length) of the input (a crop; pixels outside it get weight 0, as PIL crops first) is resized
+    to `resized` pixels, of which pixels offset .. offset + out_size - 1 are kept (a centre crop; rows
+    outside the resized image are 0). Output pixel o takes the input pixels p around its centre
+    c = start + (offset + o + 0.5) * length / resized with the weights filter((p + 0.5 - c) / stretch),
+    normalised to sum 1, where stretch = max(1, length / resized) widens the filter when shrinking
+    (antialiasing, Resample.c's precompute_coeffs). Filters: bilinear = triangle of support 1, bicubic =
+    Keys' cubic with a = -0.5 and support 2, as PIL's BILINEAR and BICUBIC. All arguments (B,) float64."""
+    scale = (length / resized)[:, None]                                                         # (B, 1)
+    position = offset[:, None] + torch.arange(out_size, device=start.device, dtype=torch.float64)  # (B, out)
+    centre = start[:, None] + (position + 0.5) * scale                                          # (B, out)
+    pixel = torch.arange(in_size, device=start.device, dtype=torch.float64)                     # (in,)
+    t = ((pixel + 0.5 - centre[:, :, None]) / scale.clamp(min=1.0)[:, :, None]).float()         # (B, out, in)
+    if interpolation == 'bilinear':
+        weights = (1 - t.abs()).clamp(min=0)
+    else:
+        a, x = -0.5, t.abs()
+        weights = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                              torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+    inside = (pixel >= start[:, None]) & (pixel < (start + length)[:, None])                    # (B, in) the box
+    kept = (position >= 0) & (position < resized[:, None])                                       # (B, out)
+    weights = weights * (inside[:, None, :] & kept[:, :, None])
+    total = weights.sum(dim=2, keepdim=True)
+    return weights / torch.where(total != 0, total, 1.0)
+
+
+def resample(canvas, rows, columns):
+    """Crop-and-resize of a batch as two batched matrix products: float (B, 3, Hc, Wc) canvas of values in
+    [0, 255], row weights (B, oh, Hc), column weights (B, ow, Wc) -> float (B, 3, oh, ow) in [0, 1].
+    Horizontal pass first and each pass clipped to [0, 255], as PIL (which also rounds each to uint8).
+
+    Why matrices: a crop box of any size and position, resized with PIL's antialiasing filter, is exactly
+    one (oh, Hc) and one (ow, Wc) weight matrix per sample, zero outside the box, so a whole batch of
+    differently sized crops is two batched GEMMs (tensor cores on a GPU). torchvision.ops.roi_align
+    averages a fixed grid of bilinear samples per output pixel (a box filter, not PIL's triangle/cubic;
+    no bicubic), and a batched grid_sample reads 4 (16) input pixels per output pixel, so it aliases
+    when it shrinks (a 400-px crop to 96 px) and would need a pre-blur; both differ from the PIL path by
+    more than its rounding. The cost is the dense product: for ImageNet-sized canvases ~0.4 GFLOP per
+    224-px crop, far below what the GPU does in the training step."""
+    batch, _, height, width = canvas.shape
+    x = torch.bmm(canvas.reshape(batch, 3 * height, width), columns.transpose(1, 2)).clamp_(0, 255)  # (B, 3 Hc, ow)
+    return torch.matmul(rows[:, None], x.view(batch, 3, height, -1)).clamp_(0, 255).div_(255)        # (B, 3, oh, ow)
+
+
+def luma(x):
+    """(B, 1, H, W): PIL's conversion to L (ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B), in float."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def adjust_hue(x, hue):
+    """F.adjust_hue for a batch: x (B, 3, H, W) in [0, 1], hue (B,) in [-0.5, 0.5] of a full turn. The hue
+    h (in sixths of a turn, from the largest channel) is rotated and the pixel rebuilt from its value
+    v = max and chroma c = max - min: channel n (5, 3, 1 for R, G, B) = v - c * clamp(min(k, 4 - k), 0, 1),
+    k = (n + h) mod 6 (the closed form of the HSV -> RGB sector table; grey pixels stay grey)."""
+    r, g, b = x.unbind(dim=1)                                                    # (B, H, W) each
+    value, minimum = x.amax(dim=1), x.amin(dim=1)
+    chroma = value - minimum
+    safe = torch.where(chroma > 0, chroma, 1.0)
+    sixths = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    sixths = sixths + 6 * hue[:, None, None]
+    channels = []
+    for n in (5, 3, 1):
+        k = torch.remainder(n + sixths, 6)
+        channels.append(value - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
+    return torch.stack(channels, dim=1)                                          # (B, 3, H, W)
+
+
+def pil_blur_radius(sigma):
+    """PIL's ImageFilter.GaussianBlur(radius=sigma) is 3 box blurs of this (fractional) radius, whose
+    variances add up to sigma^2 (BoxBlur.c, _gaussian_blur_radius; Gwosdek et al. 2011). In float32 as
+    PIL computes it (sigma (B,) any float dtype -> (B,) float32), so the box weights below are PIL's own."""
+    sigma = sigma.float()
+    variance = sigma * sigma / 3
+    length = torch.sqrt(12.0 * variance.double() + 1.0).float()
+    whole = torch.floor((length.double() - 1.0) / 2.0).float()
+    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) * (whole + 1)))
+    return whole + fraction
+
+
+def box_blur_pass(x, radius, pad):
+    """One of PIL's box blurs along the last axis of x (B, C, H, L), per-sample radius (B,) float32 R =
+    r + fraction: the 2r + 1 pixels around each pixel weigh ww = 1 / (2R + 1) each, the two next ones
+    (1 - (2r + 1) ww) / 2 each, in PIL's 24-bit fixed point; the image edge is repeated. Sums over the
+    window come from a cumulative sum, so the cost does not grow with the radius. pad >= r + 1."""
+    whole = torch.floor(radius).long()
+    ww = torch.floor(2.0 ** 24 / (radius * 2 + 1)).long()              # float32 division, as PIL's C
+    fw = torch.div(2 ** 24 - (2 * whole + 1) * ww, 2, rounding_mode='floor')
+    ww, fw = ww.float() * 2.0 ** -24, fw.float() * 2.0 ** -24
+    length = x.shape[-1]
+    padded = F.pad(x, (pad, pad, 0, 0), mode='replicate')                          # (B, C, H, L + 2 pad)
+    sums = F.pad(padded.cumsum(dim=-1), (1, 0))                                    # sums[k] = padded[:k].sum()
+    centre = torch.arange(length, device=x.device) + pad                           # (L,) in padded coordinates
+    shape = (x.shape[0], x.shape[1], x.shape[2], length)
+
+    def at(values, where):  # values[..., where[b]] for each sample b
+        return values.gather(-1, where.view(-1, 1, 1, length).expand(shape))
+    near = at(sums, centre + whole[:, None] + 1) - at(sums, centre - whole[:, None])   # the 2r + 1 pixels
+    far = at(padded, centre - whole[:, None] - 1) + at(padded, centre + whole[:, None] + 1)
+    return ww.view(-1, 1, 1, 1) * near + fw.view(-1, 1, 1, 1) * far
+
+
+def gaussian_blur(x, sigma, max_sigma):
+    """common.GaussianBlur for a batch: PIL's Gaussian blur of standard deviation sigma (B,), i.e.
+    3 box blurs along the rows, then 3 along the columns (ImagingBoxBlur). x: (B, 3, H, W) in [0, 1]."""
+    radius = pil_blur_radius(sigma)
+    pad = int(pil_blur_radius(torch.tensor(float(max_sigma), dtype=torch.float64))) + 2  # on the host, no sync
+    for _ in range(3):
+        x = box_blur_pass(x, radius, pad)
+    x = x.transpose(2, 3)
+    for _ in range(3):
+        x = box_blur_pass(x, radius, pad)
+    return x.transpose(2, 3)
+
+
+class Augmentation(T.Compose):
+    """What common.augmentation and common.eval_transform return: a torchvision Compose (called on a PIL
+    image it is the --augment cpu path, unchanged) that also runs on batches of uint8 tensors (the
+    --augment device path): draw() gives each sample its parameters from its key, and Views.batch
+    crops (crop_views) and colours (colour_views) a batch with them. The recipe is read from the
+    Compose's own steps:
+    RandomResizedCrop, or [Resize] + CenterCrop (evaluation); then, in this order, any of the flip,
+    RandomApply([ColorJitter]), RandomGrayscale, RandomApply([GaussianBlur]), RandomSolarize."""
+
+    # which uniforms of a key each parameter uses (key_uniforms): fixed, so that adding a step changes no other
+    CROP, FLIP, JITTER, ORDER, FACTORS, GRAYSCALE, BLUR, SIGMA, SOLARIZE, COUNT = 0, 22, 23, 24, 28, 32, 33, 34, 35, 36
+
+    def __init__(self, transforms):
+        super().__init__(transforms)
+        self.random_crop = self.resize = self.centre_crop = None
+        self.flip_prob = self.jitter_prob = self.grayscale_prob = self.blur_prob = self.solarize_prob = 0.0
+        self.jitter_ranges, self.sigma_range, self.threshold = [None] * 4, (0.0, 0.0), 128
+        for step in transforms:
+            inner = step.transforms[0] if isinstance(step, T.RandomApply) else None
+            if isinstance(step, T.RandomResizedCrop):
+                self.random_crop, self.size, self.interpolation = step, step.size, step.interpolation
+            elif isinstance(step, T.Resize):
+                self.resize, self.interpolation = step, step.interpolation
+            elif isinstance(step, T.CenterCrop):
+                self.centre_crop, self.size = step, step.size
+            elif isinstance(step, T.RandomHorizontalFlip):
+                self.flip_prob = step.p
+            elif isinstance(inner, T.ColorJitter):
+                self.jitter_prob = step.p
+                self.jitter_ranges = [inner.brightness, inner.contrast, inner.saturation, inner.hue]
+            elif isinstance(step, T.RandomGrayscale):
+                self.grayscale_prob = step.p
+            elif isinstance(inner, GaussianBlur):
+                self.blur_prob, self.sigma_range = step.p, inner.sigma
+            elif isinstance(step, T.RandomSolarize):
+                self.solarize_prob, self.threshold = step.p, step.threshold
+            elif not isinstance(step, T.PILToTensor):
+                raise ValueError(f'Augmentation has no batched version of {step}')
+        if self.centre_crop is None and self.random_crop is None:
+            raise ValueError('Augmentation needs a RandomResizedCrop or a CenterCrop')
+        if self.random_crop is None and self.resize is None:
+            self.interpolation = T.InterpolationMode.BILINEAR
+        self.mode = {T.InterpolationMode.BILINEAR: 'bilinear', T.InterpolationMode.BICUBIC: 'bicubic'}[self.interpolation]
+
+    def draw(self, keys, heights, widths):
+        """The parameters of each sample's view, on the host: a dict of CPU tensors (B,) or (B, 4), from the
+        keys (B,) and the image sizes heights, widths (B,) (int64): the box cropped from the image (top,
+        left, height, width), the size it is resized to and the offset of the kept window in it (a centre
+        crop; 0 for RandomResizedCrop), flip; jitter_ops (B, 4): which of brightness, contrast, saturation,
+        hue the sample adjusts (none unless its jitter is applied), with their order and factors;
+        grayscale; blur and its sigma; solarize. A probability p means u < p for the sample's own u."""
+        u = key_uniforms(keys, self.COUNT)                                       # (B, 36) float64
+        heights, widths = heights.double(), widths.double()
+        out_h, out_w = self.size
+        if self.random_crop is not None:
+            top, left, height, width = crop_boxes(u[:, self.CROP:self.FLIP], heights, widths,
+                                                  self.random_crop.scale, self.random_crop.ratio)
+            resized_h, resized_w = torch.full_like(top, out_h), torch.full_like(top, out_w)
+            offset_top, offset_left = torch.zeros_like(top), torch.zeros_like(top)
+        else:
+            top, left, height, width = torch.zeros_like(heights), torch.zeros_like(heights), heights, widths
+            resized_h, resized_w = ((heights, widths) if self.resize is None
+                                    else resize_shorter_side(heights, widths, self.resize.size))
+            offset_top, offset_left = centre_offset(resized_h, out_h), centre_offset(resized_w, out_w)
+        factors = torch.zeros_like(u[:, self.FACTORS:self.GRAYSCALE])
+        enabled = torch.tensor([interval is not None for interval in self.jitter_ranges])
+        for k, interval in enumerate(self.jitter_ranges):
+            if interval is not None:  # ColorJitter's factor ~ U(interval): brightness 0.4 -> [0.6, 1.4]
+                factors[:, k] = interval[0] + (interval[1] - interval[0]) * u[:, self.FACTORS + k]
+        jitter = u[:, self.JITTER] < self.jitter_prob
+        low, high = self.sigma_range
+        return dict(top=top, left=left, height=height, width=width, resized_h=resized_h, resized_w=resized_w,
+                    offset_top=offset_top, offset_left=offset_left, flip=u[:, self.FLIP] < self.flip_prob,
+                    jitter=jitter, jitter_ops=jitter[:, None] & enabled, factors=factors.float(),
+                    order=u[:, self.ORDER:self.FACTORS].argsort(dim=1, stable=True),
+                    grayscale=u[:, self.GRAYSCALE] < self.grayscale_prob, blur=u[:, self.BLUR] < self.blur_prob,
+                    sigma=low + (high - low) * u[:, self.SIGMA], solarize=u[:, self.SOLARIZE] < self.solarize_prob)
+
+
+def send(device, **tensors):
+    """Small host tensors -> `device`, in one pinned, non-blocking copy per dtype (a step's parameters)."""
+    by_dtype, out = {}, {}
+    for name, tensor in tensors.items():
+        by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
+    for items in by_dtype.values():
+        flat = torch.cat([tensor.reshape(-1) for _, tensor in items])
+        flat = (flat.pin_memory() if device.type == 'cuda' else flat).to(device, non_blocking=True)
+        for (name, tensor), piece in zip(items, flat.split([tensor.numel() for _, tensor in items])):
+            out[name] = piece.view(tensor.shape)
+    return out
+
+
+def crop_views(groups, transforms, p, batch):
+    """The crops of V views of a batch of `batch` images: float (V * batch, 3, oh, ow) in [0, 1], view-major.
+    All V transforms crop to the same size with the same filter; p holds their parameters (host, view-
+    major). groups = [(canvas, members)]: uint8 canvases on the device and the batch positions of their
+    images (a host int64 tensor; None: the whole batch)."""
+    canvas = groups[0][0]
+    device, (out_h, out_w), mode, views = canvas.device, transforms[0].size, transforms[0].mode, len(transforms)
+    names = ('top', 'height', 'resized_h', 'offset_top', 'left', 'width', 'resized_w', 'offset_left')
+    geometry = send(device, boxes=torch.stack([p[name] for name in names], dim=1), flip=p['flip'])
+    boxes, flip = geometry['boxes'], geometry['flip']                            # (V*B, 8) float64, (V*B,)
+    out = torch.empty(views * batch, 3, out_h, out_w, device=device)
+    for canvas, members in groups:
+        place = None  # where the crops of this canvas go in `out`: (V*b,) on the device
+        if members is not None:
+            place = send(device, place=(members + batch * torch.arange(views)[:, None]).flatten())['place']
+        box, flipped = (boxes, flip) if members is None else (boxes[place], flip[place])
+        row_weights = resample_weights(*box[:, 0:4].unbind(1), out_h, canvas.shape[2], mode)   # (V*b, oh, Hc)
+        column_weights = resample_weights(*box[:, 4:8].unbind(1), out_w, canvas.shape[3], mode)  # (V*b, ow, Wc)
+        column_weights = torch.where(flipped[:, None, None], column_weights.flip(1), column_weights)  # flip
+        image = canvas.float()                                                    # (b, 3, Hc, Wc)
+        size = len(canvas)
+        for v in range(views):  # the same canvas under each view's weights
+            crops = resample(image, row_weights[v * size:(v + 1) * size], column_weights[v * size:(v + 1) * size])
+            if members is None:
+                out[v * size:(v + 1) * size] = crops
+            else:
+                out.index_copy_(0, place[v * size:(v + 1) * size], crops)
+    return out
+
+
+def colour_views(x, p, threshold):
+    """The photometric steps on float (N, 3, H, W) in [0, 1], in the PIL path's order, each on the samples
+    that make it (subsets known on the host, so the GPU never waits and skips what nobody does).
+
+    Colour jitter in each sample's own order: at each of the 4 positions, the samples whose adjustment
+    there is brightness, contrast or saturation blend with a target, f x + (1 - f) target clamped to
+    [0, 1] (torchvision's _blend): black, the image's mean grey, the grey image; those whose adjustment
+    is hue get adjust_hue. Then grayscale, blur, solarize (v >= threshold -> 255 - v)."""
+    def subset(mask):
+        return mask.nonzero()[:, 0]  # host
+
+    steps = []                                                        # (name, host indices, host values)
+    for position in range(4):
+        op = p['order'][:, position]                                  # (N,) the adjustment made here
+        active = p['jitter_ops'].gather(1, op[:, None])[:, 0]         # (N,) on for this sample?
+        factor = p['factors'].gather(1, op[:, None])[:, 0]            # (N,)
+        blend, hue = subset(active & (op < 3)), subset(active & (op == 3))
+        steps += [('blend', blend, torch.stack([op[blend].float(), factor[blend]], 1)), ('hue', hue, factor[hue])]
+    steps += [('grayscale', subset(p['grayscale']), None), ('blur', subset(p['blur']), p['sigma'][p['blur']]),
+              ('solarize', subset(p['solarize']), None)]
+    steps = [step for step in steps if len(step[1])]
+    if not steps:
+        return x
+    max_sigma = float(p['sigma'][p['blur']].max()) if p['blur'].any() else 0.0   # a host tensor: no sync
+    sent = send(x.device, **{f'i{k}': indices for k, (_, indices, _) in enumerate(steps)},
+                **{f'v{k}': values for k, (_, _, values) in enumerate(steps) if values is not None})
+    for k, (name, _, _) in enumerate(steps):
+        indices, values = sent[f'i{k}'], sent.get(f'v{k}')
+        picked = x.index_select(0, indices)                            # (n, 3, H, W)
+        if name == 'blend':
+            op, factor = values[:, 0, None, None, None], values[:, 1, None, None, None]
+            grey = luma(picked)                                        # (n, 1, H, W)
+            target = torch.where(op == 1, grey.mean(dim=(1, 2, 3), keepdim=True), grey)
+            target = torch.where(op == 0, 0.0, target)
+            picked = (factor * picked + (1 - factor) * target).clamp_(0, 1)
+        elif name == 'hue':
+            picked = adjust_hue(picked, values)
+        elif name == 'grayscale':
+            picked = luma(picked).expand_as(picked)
+        elif name == 'blur':
+            picked = gaussian_blur(picked, values, max_sigma)
+        else:
+            picked = torch.where(picked >= threshold / 255, 1 - picked, picked)
+        x.index_copy_(0, indices, picked)
+    return x
 
 
 # =============================================================================
@@ -1040,21 +1449,27 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def _indices(self):
+    def order(self):
+        """This rank's indices of the current epoch, in the order its batches take them: (n_rank,) int64, CPU."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = torch.randperm(self.n, generator=g)
         else:
-            order = list(range(self.n))
+            order = torch.arange(self.n)
         if self.drop_last:
             order = order[:self.n // (self.world * self.batch_size) * self.world * self.batch_size]
         return order[self.rank::self.world]
 
+    def steps(self):
+        """Batches per epoch on this rank (the last one short unless drop_last)."""
+        return len(self) // self.batch_size if self.drop_last else -(-len(self) // self.batch_size)
+
     def __iter__(self):
-        return iter([(self.epoch, i) for i in self._indices()])
+        return iter([(self.epoch, i) for i in self.order().tolist()])
 
     def __len__(self):
-        return len(self._indices())
+        used = self.n // (self.world * self.batch_size) * self.world * self.batch_size if self.drop_last else self.n
+        return len(range(self.rank, used, self.world))
 
 
 class Loader:
@@ -1101,16 +1516,381 @@ def quiet_worker(worker_id):
     sys.excepthook = lambda *exc_info: None  # multiprocessing's fd-sharing thread reports through this one
 
 
+# ---- 5b. --augment device: the images on the device, augmented there in batches ---------------------
+# A dataset that fits the memory budget is decoded once (by PIL, as the cpu path decodes it) into one
+# uint8 (N, 3, H, W) tensor on the device; each step gathers a batch of it and Views.batch makes the views.
+# A folder that does not fit (ImageNet) is read file by file in a few DataLoader workers and its JPEGs are
+# decoded on the device in batches (torchvision.io.decode_jpeg). Either way each rank takes its shard of
+# the epoch's permutation from EpochSampler, as the cpu path does: both visit the same images per rank
+# and step, and nothing is read back to the host per step (in memory).
+
+def configure_augment(args):
+    """Resolve --augment auto (device on a GPU, cpu otherwise) and check --device-data-gb; the start-up note."""
+    if args.device_data_gb is not None and not (math.isfinite(args.device_data_gb) and args.device_data_gb >= 0):
+        raise UsageError(f'--device-data-gb must be a number of GB >= 0, not {args.device_data_gb}')
+    args.augment_requested = args.augment
+    if args.augment == 'auto':
+        args.augment = 'device' if torch.cuda.is_available() else 'cpu'
+    if args.augment == 'cpu':
+        return 'augment cpu: PIL transforms, one image at a time, in DataLoader workers'
+    return 'augment device: images held (or decoded) on the training device, views made there in batches'
+
+
+def free_memory(device):
+    """Bytes free on `device`: the GPU's free memory, or the host's available memory."""
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def device_budget(args, device):
+    """(bytes, note): how much decoded data --augment device may hold on `device` (all splits together)."""
+    if args.device_data_gb is not None:
+        return args.device_data_gb * 1e9, f'--device-data-gb {args.device_data_gb:g}'
+    free = free_memory(device)
+    return 0.4 * free, f'40% of the {free / 1e9:.1f} GB free on {device.type}; --device-data-gb sets it'
+
+
+class DeviceImages:
+    """A split decoded once and held on the device: images uint8 (N, 3, Hc, Wc) (one canvas size; when
+    the images differ in size, image n fills the top-left heights[n] x widths[n] pixels), heights, widths
+    and labels (N,) int64."""
+
+    def __init__(self, images, heights, widths, labels, device):
+        self.images, self.labels, self.device = images.to(device), labels.to(device), device
+        self.host_heights, self.host_widths = heights, widths  # the crop parameters are drawn on the host
+        self.nbytes = images.numel()
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, sampler):
+        """Per step (groups, indices on the host and on the device, heights, widths (host), labels (device)):
+        the batch is an index gather on the device; its indices come from the host's copy of the order."""
+        order = sampler.order()  # (n_rank,) the rank's shard of the epoch's permutation: one copy per epoch
+        order_on_device = send(self.device, order=order)['order']
+        for step in range(sampler.steps()):
+            rows = slice(step * sampler.batch_size, (step + 1) * sampler.batch_size)
+            indices, on_device = order[rows], order_on_device[rows]
+            yield ([(self.images[on_device], None)], indices, on_device, self.host_heights[indices],
+                   self.host_widths[indices], self.labels[on_device])
+
+
+def is_jpeg(data):
+    return len(data) > 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF
+
+
+def decode_file(path, data=None):
+    """uint8 (3, h, w) of an image file, on the CPU: torchvision.io (JPEG, PNG, WebP, GIF), else PIL (BMP,
+    TIFF, PPM...); a file neither can read is reported by path (UsageError), as the PIL path does."""
+    try:
+        image = torchvision.io.decode_image(torchvision.io.read_file(path) if data is None else data,
+                                            mode=torchvision.io.ImageReadMode.RGB)
+        if image.dtype == torch.uint8:
+            return image
+    except (RuntimeError, ValueError):
+        pass
+    return torch.from_numpy(np.asarray(load_image(path)).copy()).permute(2, 0, 1)
+
+
+class EncodedFiles(torch.utils.data.Dataset):
+    """Item (epoch, i) -> (data, label, i) for the files of a folder split: a JPEG's bytes (uint8 (n,)),
+    decoded later on the device; any other file decoded here, in the worker, to uint8 (3, h, w)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        _, i = item
+        path, label = self.samples[i]
+        try:
+            data = torchvision.io.read_file(path)
+        except (OSError, RuntimeError) as e:
+            raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
+        return (data if is_jpeg(data) else decode_file(path, data)), label, i
+
+
+def collate_lists(batch):
+    """A batch of (data, label, index) whose data differ in size: (list of tensors, labels (B,), indices (B,))."""
+    data, labels, indices = zip(*batch)
+    return list(data), torch.tensor(labels), torch.tensor(indices)
+
+
+def decode_on_device(datas, paths, device):
+    """Decode a batch of files (JPEG bytes, or images already decoded by the worker) into uint8 (3, h, w)
+    tensors on `device`: the JPEGs in one batched torchvision.io.decode_jpeg call (nvJPEG on a GPU); if that
+    fails, one by one, then on the CPU (e.g. CMYK JPEGs), then with PIL, so a broken file is named."""
+    images = [None] * len(datas)
+    jpegs = [k for k, data in enumerate(datas) if data.dim() == 1]
+    try:
+        decoded = torchvision.io.decode_jpeg([datas[k] for k in jpegs], mode=torchvision.io.ImageReadMode.RGB,
+                                             device=device) if jpegs else []
+    except RuntimeError:
+        decoded = []
+        for k in jpegs:
+            try:
+                decoded.append(torchvision.io.decode_jpeg(datas[k], mode=torchvision.io.ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(decode_file(paths[k]).to(device))
+    for k, image in zip(jpegs, decoded):
+        images[k] = image
+    for k, data in enumerate(datas):
+        if images[k] is None:
+            images[k] = data.to(device, non_blocking=True)
+    return images
+
+
+class StreamedFiles:
+    """A folder split too large for the device: each step's files are read by a few DataLoader workers
+    (bytes only, so few are needed), decoded on the device in one batch, and put on canvases by size
+    (one per 64-px bucket of height and width), because a batched crop needs one canvas size."""
+
+    BUCKET = 64
+
+    def __init__(self, samples, sampler, workers, device):
+        self.samples, self.device = samples, device
+        self.loader = torch.utils.data.DataLoader(
+            EncodedFiles(samples), batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
+            collate_fn=collate_lists, drop_last=sampler.drop_last, pin_memory=device.type == 'cuda',
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_signals if workers > 0 else None)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def batches(self, sampler):
+        for datas, labels, indices in self.loader:
+            images = decode_on_device(datas, [self.samples[i][0] for i in indices.tolist()], self.device)
+            buckets = {}
+            for k, image in enumerate(images):
+                h, w = image.shape[1:]
+                buckets.setdefault((-(-h // self.BUCKET), -(-w // self.BUCKET)), []).append(k)
+            groups = []
+            for members in buckets.values():  # a loop over images only where their sizes differ
+                height, width = max(images[k].shape[1] for k in members), max(images[k].shape[2] for k in members)
+                canvas = torch.empty(len(members), 3, height, width, dtype=torch.uint8, device=self.device)
+                for slot, k in enumerate(members):  # outside its image a canvas is never read (weight 0)
+                    canvas[slot, :, :images[k].shape[1], :images[k].shape[2]] = images[k]
+                groups.append((canvas, None if len(buckets) == 1 else torch.tensor(members)))
+            yield (groups, indices, indices.to(self.device, non_blocking=True),
+                   torch.tensor([image.shape[1] for image in images]), torch.tensor([image.shape[2] for image in images]),
+                   labels.to(self.device, non_blocking=True))
+
+
+class DeviceLoader:
+    """--augment device: the Loader contract (len, epoch(e) yields (views, labels, indices) on the device,
+    normalised, channels-last for CNNs on a GPU; epoch_started, dataset_size) over DeviceImages or
+    StreamedFiles, with the views made by Views.batch."""
+
+    def __init__(self, source, views, sampler, device, seed, channels_last=False):
+        self.source, self.views, self.sampler, self.device, self.seed = source, views, sampler, device, seed
+        self.channels_last, self.epoch_started = channels_last, time.time()
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return self.sampler.steps()
+
+    @property
+    def dataset_size(self):
+        return len(self.source)
+
+    def _normalise(self, x):
+        x = x.sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+        self.epoch_started = time.time()  # MetricLogger times the epoch from here
+        for groups, indices, on_device, heights, widths, labels in self.source.batches(self.sampler):
+            views = self.views.batch(groups, indices, heights, widths, epoch, self.seed)
+            yield [self._normalise(v) for v in views], labels, on_device
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Item i -> (uint8 (3, h, w) tensor, label) of a dataset of (PIL image, label): its images as the PIL
+    path reads them."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return torch.from_numpy(np.asarray(image.convert('RGB')).copy()).permute(2, 0, 1), label, i
+
+
+def stack_canvas(images):
+    """uint8 (N, 3, Hc, Wc), heights (N,), widths (N,) of a list of uint8 (3, h, w) images (a canvas of the
+    largest height and width, each image top-left, zeros around it)."""
+    heights = torch.tensor([image.shape[1] for image in images], dtype=torch.int64)
+    widths = torch.tensor([image.shape[2] for image in images], dtype=torch.int64)
+    if bool((heights == heights[0]).all() and (widths == widths[0]).all()):
+        return torch.stack(images), heights, widths
+    canvas = torch.zeros(len(images), 3, int(heights.max()), int(widths.max()), dtype=torch.uint8)
+    for k, image in enumerate(images):
+        canvas[k, :, :image.shape[1], :image.shape[2]] = image
+    return canvas, heights, widths
+
+
+def decode_all(base, workers):
+    """(canvas, heights, widths, labels) of a whole dataset of PIL images, decoded in `workers` processes."""
+    loader = torch.utils.data.DataLoader(ImageList(base), batch_size=64, num_workers=workers, collate_fn=collate_lists,
+                                         worker_init_fn=ignore_signals if workers > 0 else None)
+    images, labels = [], []
+    for batch, batch_labels, _ in loader:
+        images += batch
+        labels.append(batch_labels)
+    return (*stack_canvas(images), torch.cat(labels).long())
+
+
+CACHE_VERSION = 1
+
+
+def cached_folder_split(args, base):
+    """decode_all of a folder split, through a cache on disk: <data>/.decoded/<split>-<fingerprint>.pt (or,
+    when the folder is not writable, under --data-dir/decoded/). The fingerprint hashes every file's path,
+    size, modification time and label, so a changed folder is decoded again (and its old cache removed).
+    Written atomically; rank 0 writes it while the other ranks wait, then they read it."""
+    root = os.path.normpath(base.root)
+    files = [(os.path.relpath(path, root), os.stat(path).st_size, os.stat(path).st_mtime_ns, label)
+             for path, label in base.samples]
+    fingerprint = hashlib.sha1(repr((CACHE_VERSION, files)).encode()).hexdigest()[:16]
+    dataset_root, split = os.path.dirname(root), os.path.basename(root)
+    places = [os.path.join(dataset_root, '.decoded'),
+              os.path.join(args.data_dir, 'decoded', hashlib.sha1(os.path.abspath(dataset_root).encode()).hexdigest()[:12])]
+    name = f'{split}-{fingerprint}.pt'
+    distributed = get_world_size() > 1
+    if distributed and get_rank() != 0:
+        dist.barrier()  # DDP: rank 0 decodes and writes the cache first
+    data = None
+    for place in places:
+        path = os.path.join(place, name)
+        if os.path.exists(path):
+            try:
+                record = torch.load(path, weights_only=True)
+                data = record['images'], record['heights'], record['widths'], record['labels']
+                print0(f'  decoded images of {root} read from {path}')
+                break
+            except Exception:  # a cache that cannot be read is decoded again
+                pass
+    if data is None:
+        data = decode_all(base, args.workers)
+        if get_rank() == 0:
+            for place in places:
+                if write_decoded_cache(place, name, split, data):
+                    print0(f'  decoded images of {root} cached in {os.path.join(place, name)}')
+                    break
+    if distributed and get_rank() == 0:
+        dist.barrier()
+    return data
+
+
+def write_decoded_cache(place, name, split, data):
+    """Write the cache atomically (tmp + rename) and remove older caches of the split; False if not writable."""
+    path = os.path.join(place, name)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        os.makedirs(place, exist_ok=True)
+        torch.save(dict(zip(('images', 'heights', 'widths', 'labels'), data)), tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return False
+    for old in os.listdir(place):
+        if old.startswith(f'{split}-') and old.endswith('.pt') and old != name:
+            try:
+                os.remove(os.path.join(place, old))
+            except OSError:
+                pass
+    return True
+
+
+def decoded_split(args, base):
+    """(images uint8 (N, 3, Hc, Wc), heights, widths, labels) of a whole split on the CPU, as the PIL path
+    sees them: the arrays torchvision keeps in memory (CIFAR, STL-10), the folder's files decoded by PIL
+    (through the cache), or the images of any other dataset (procedural) one by one."""
+    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too: (N, 32, 32, 3) uint8
+        images = torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor(base.targets, dtype=torch.int64)
+    elif isinstance(base, torchvision.datasets.STL10):  # (N, 3, 96, 96) uint8, label -1 for the unlabelled
+        images, labels = torch.from_numpy(base.data).contiguous(), torch.from_numpy(base.labels).long()
+    elif isinstance(base, ClassFolder):
+        return cached_folder_split(args, base)
+    else:
+        return decode_all(base, 0)
+    n, _, h, w = images.shape
+    return images, torch.full((n,), h), torch.full((n,), w), labels
+
+
+HELD = {}  # (data, split, device) -> DeviceImages: each split is decoded once per process (train = kNN's labelled)
+
+
+def device_source(args, split, base, sampler, device):
+    """The images of `split` for --augment device: DeviceImages when the decoded split fits what is left of
+    the budget (other held splits count), StreamedFiles for a folder that does not, else None."""
+    info = args.dataset_info
+    key = (args.data, 'train' if split == 'labelled' and args.data != 'stl10' else split, str(device))
+    if key in HELD:
+        return HELD[key]
+    budget, budget_note = device_budget(args, device)
+    left = budget - sum(images.nbytes for (_, _, where), images in HELD.items() if where == str(device))
+    estimate = len(base) * 3 * info['image_size'] ** 2  # exact for the named datasets; a folder: its first image's size
+    if estimate <= left:
+        images, heights, widths, labels = decoded_split(args, base)
+        if images.numel() <= left:  # a folder of mixed sizes needs a canvas of its largest height and width
+            HELD[key] = DeviceImages(images, heights, widths, labels, device)
+            print0(f'  {args.data} {split}: {len(images)} images held on {device.type} as uint8 '
+                   f'{tuple(images.shape[1:])}, {images.numel() / 1e9:.2f} GB of the {budget / 1e9:.1f} GB budget '
+                   f'({budget_note})')
+            return HELD[key]
+    if info['kind'] == 'folder':
+        workers = min(args.workers, 4)
+        print0(f'  {args.data} {split}: {len(base)} files read by {workers} workers and decoded on {device.type} in '
+               f'batches (decoded they would need more than the {left / 1e9:.2f} GB left of the {budget / 1e9:.1f} GB '
+               f'budget: {budget_note})')
+        return StreamedFiles(base.samples, sampler, workers, device)
+    return None
+
+
 def build_train_loader(args, transform, device, split='train'):
-    """The training loader: `transform` makes the list of views from one image. `split`: 'train', or
-    labelled_split(args) for the labelled images only (a linear probe on STL-10)."""
+    """The training loader: `transform` (a Views) makes the list of views from one image. --augment cpu:
+    PIL in DataLoader workers (Loader); --augment device: DeviceLoader, or the cpu path with a note when
+    the data does not fit the device's budget (a typed --augment device stops with a one-line error).
+    `split`: 'train', or labelled_split(args) for the labelled images only (a linear probe on STL-10)."""
     rank, world_size = get_rank(), get_world_size()
-    dataset = ViewDataset(base_dataset(args, split), transform, args.seed)
+    base = base_dataset(args, split)
     per_rank = args.batch_size // world_size
-    if len(dataset) < args.batch_size:
-        raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(dataset)} training images')
-    sampler = EpochSampler(len(dataset), per_rank, rank, world_size, args.seed)
-    return Loader(dataset, per_rank, sampler, args.workers, device, channels_last=uses_channels_last(args, device))
+    if len(base) < args.batch_size:
+        raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(base)} training images')
+    sampler = EpochSampler(len(base), per_rank, rank, world_size, args.seed)
+    channels_last = uses_channels_last(args, device)
+    if getattr(args, 'augment', 'cpu') == 'device':
+        source = device_source(args, split, base, sampler, device)
+        if source is not None:
+            return DeviceLoader(source, transform, sampler, device, args.seed, channels_last)
+        need = len(base) * 3 * args.dataset_info['image_size'] ** 2 / 1e9
+        budget, budget_note = device_budget(args, device)
+        message = (f'the {len(base)} decoded training images of {args.data} need {need:.2f} GB on {device.type}, '
+                   f'more than the {budget / 1e9:.2f} GB budget ({budget_note})')
+        if args.augment_requested == 'device':
+            raise UsageError(f'--augment device: {message}; raise --device-data-gb or use --augment cpu')
+        print0(f'  note: {message}: --augment cpu instead')
+    dataset = ViewDataset(base, transform, args.seed)
+    return Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last)
 
 
 def build_eval_loaders(args, device, batch_size=256):
@@ -1130,12 +1910,17 @@ def build_eval_loaders(args, device, batch_size=256):
     if k is not None and k > len(labelled):
         raise UsageError(f'--knn-k {k} is more neighbours than the {len(labelled)} labelled training images; '
                          f'use --knn-k {len(labelled)} or fewer')
-    loaders = []
-    for base in (labelled, test):
-        sampler = EpochSampler(len(base), batch_size, rank, world_size, args.seed, shuffle=False, drop_last=False)
-        loaders.append(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
-                              device, channels_last=uses_channels_last(args, device)))
-    return tuple(loaders)
+    samplers = [EpochSampler(len(base), batch_size, rank, world_size, args.seed, shuffle=False, drop_last=False)
+                for base in (labelled, test)]
+    if getattr(args, 'augment', 'cpu') == 'device':  # the same eval transform, batched (within ~1 grey level)
+        sources = [device_source(args, split, base, sampler, device)
+                   for split, base, sampler in zip((split_train, 'test'), (labelled, test), samplers)]
+        if all(source is not None for source in sources):
+            return tuple(DeviceLoader(source, transform, sampler, device, args.seed, uses_channels_last(args, device))
+                         for source, sampler in zip(sources, samplers))
+        print0('  note: the kNN splits do not fit the device budget; they are read by the PIL path')
+    return tuple(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
+                        device, channels_last=uses_channels_last(args, device)) for base, sampler in zip((labelled, test), samplers))
 
 
 def labelled_split(args):

@@ -148,7 +148,7 @@ def main():
     eval_loaders = common.build_eval_loaders(args, device)  # for the kNN monitor
 
     # ---- model: f and the memory bank (one row per training image); SyncBN and DDP when on several GPUs
-    model = InstDisc(common.build_backbone(args), args.proj_dim, num_images=len(loader.loader.dataset))
+    model = InstDisc(common.build_backbone(args), args.proj_dim, num_images=loader.dataset_size)
     model, raw_model = common.prepare_model(model, args, device)
 
     # ---- optimizer and schedules: SGD, weight decay on every parameter (authors' code); lr x0.1 at 120 and 160
