@@ -48,7 +48,7 @@ class Submission:
         self.root, self.method_file = root, method_file
         self.path = os.path.join(root, method_file)
 
-    def run(self, script, *args, check=True, timeout=300):
+    def run(self, script, *args, check=True, timeout=900):
         """`python script args` in the submission's folder, with this process's thread setting (2 if unset);
         returns the CompletedProcess. With check, a non-zero exit fails the test with the script's output."""
         env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))

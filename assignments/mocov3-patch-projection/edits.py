@@ -16,9 +16,9 @@ SOLUTION = [
 
 @torch.no_grad()
 def patch_grad_norm(backbone):
-    """The L2 norm of the gradient of the first layer (Sec. 4.1, Fig. 4: its spikes come first, then the
+    """The L2 norm of the gradient of the first layer (Sec. 4.2, Fig. 4: its spikes come first, then the
     training instability): the ViT's patch projection, weight and bias together; 0 when it has no gradient
-    (frozen: the random patch projection of Sec. 4.2). A tensor, read only on logging steps."""
+    (frozen: the random patch projection, Sec. 4.2). A tensor, read only on logging steps."""
     grads = [p.grad.float().norm() for p in backbone.patch_embed.parameters() if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros(())
 
