@@ -27,7 +27,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 
@@ -91,8 +93,8 @@ def run(main):
                 message = message.splitlines()[-1].split('Error: ', 1)[-1]
             code = 2 if isinstance(e, UsageError) else 1
         elif isinstance(e, RuntimeError):
-            message, code = (f'a collective operation timed out ({str(e).strip().splitlines()[0][:200]}): another '
-                             f'process is stuck or gone. {LAST_CHECKPOINT.get("note", "")}').strip(), 1
+            message, code = (f'a collective operation timed out {where_in_repo(e)}({str(e).strip().splitlines()[0][:160]}): '
+                             f'another process is stuck or gone. {LAST_CHECKPOINT.get("note", "")}').strip(), 1
         else:
             name = 'Ctrl-C' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'
             message = f'stopped by {name}. ' + LAST_CHECKPOINT.get('note', 'No checkpoint was written.')
@@ -101,6 +103,8 @@ def run(main):
         if rank == 0 or joined:
             prefix = f'rank {rank}: ' if joined and int(os.environ.get('WORLD_SIZE', 1)) > 1 and rank else ''
             print(f'error: {prefix}{message}', file=sys.stderr, flush=True)
+        threading.excepthook = lambda hook_args: None  # shutting down: loader threads talking to stopped workers
+        sys.excepthook = lambda *exc_info: None
         for path in _CREATED_OUTPUT_DIRS:  # nothing half-written: an output folder this run made and left empty
             if os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)
@@ -111,6 +115,16 @@ def run(main):
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
+
+
+def where_in_repo(error):
+    """'in common.py:123 all_reduce_sum, called from swav.py:170 sinkhorn ': the innermost two frames of the
+    error's traceback that lie in this repository, to say which collective (and which step of the method)
+    was waiting."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.dirname(os.path.abspath(f.filename)) == root]
+    names = [f'{os.path.basename(f.filename)}:{f.lineno} {f.name}' for f in frames[-2:]][::-1]
+    return ('in ' + ', called from '.join(names) + ' ') if names else ''
 
 
 def is_timeout(error):
@@ -147,9 +161,9 @@ def get_args_parser(description, method):
     g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=True,
                    help='convert BatchNorm to SyncBatchNorm when training on several GPUs')
     g = parser.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=100)
+    g.add_argument('--epochs', type=int, default=100, help='training epochs (the schedules span them)')
     g.add_argument('--batch-size', type=int, default=256, help='GLOBAL batch size, all processes together')
-    g.add_argument('--optimizer', default='sgd', choices=('sgd', 'lars', 'adamw'))
+    g.add_argument('--optimizer', default='sgd', choices=('sgd', 'lars', 'adamw'), help='SGD with momentum, LARS or AdamW')
     g.add_argument('--lr', type=float, default=0.05, help='base learning rate per 256 images (scaled linearly by batch/256)')
     g.add_argument('--min-lr', type=float, default=0.0, help='final learning rate of the cosine schedule (absolute)')
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, in epochs')
@@ -157,11 +171,11 @@ def get_args_parser(description, method):
     g.add_argument('--lars-eta', type=float, default=0.001, help='LARS trust coefficient eta')
     g.add_argument('--lars-clip', action=argparse.BooleanOptionalAction, default=False,
                    help="LARS: cap each parameter's adaptive lr at the global lr (LARC's clip mode)")
-    g.add_argument('--weight-decay', type=float, default=1e-4)
+    g.add_argument('--weight-decay', type=float, default=1e-4, help='weight decay (L2), excluded from biases and norms where the method says so')
     g = parser.add_argument_group('running')
     g.add_argument('--output-dir', default=None, help='checkpoints and logs (default: runs/<method>-<data>-<arch>); '
                    'rerunning the same command resumes from it')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--seed', type=int, default=0, help='random seed (data order and augmentation: seed + rank)')
     g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
                    help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
@@ -193,6 +207,11 @@ def parse_args(parser, small_image_preset, argv=None):
     images are small (CIFAR-like, <= 64 px), for every flag the user did not type.
     """
     argv = sys.argv[1:] if argv is None else argv
+    if small_image_preset:  # --help says that the defaults shown are replaced for small images
+        shown = {k: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in small_image_preset.items()}
+        parser.epilog = ('The defaults above are the paper\'s ImageNet recipe. For small images (<= 64 px, e.g. '
+                         'CIFAR and the procedural data) the method\'s small-image preset replaces them for every '
+                         'flag you do not type: ' + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in shown.items()))
     args = parser.parse_args(argv)
     typed = explicit_flags(parser, argv)
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
@@ -661,6 +680,17 @@ class VisionTransformer(nn.Module):
             x, _ = block(x)
         return self.norm(x)[:, 0]  # CLS token after the final norm, (B, D)
 
+    def get_intermediate_layers(self, x, n=1):
+        """Tokens after each of the last `n` blocks, each through the final norm (DINO's linear
+        protocol reads their CLS tokens): a list of n tensors (B, 1 + N, D), the last block's last."""
+        x = self.tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
     @torch.no_grad()
     def get_last_selfattention(self, x):
         """Attention of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS token's."""
@@ -781,7 +811,7 @@ def inspect_dataset(data, data_dir):
     """What we know about --data before loading it: sizes, classes, native image size."""
     if data == 'procedural' or data.startswith('procedural:'):
         n = ProceduralTextures.parse(data)
-        return dict(kind='procedural', num_train=n, num_test=max(200, n // 5), num_classes=10, image_size=32)
+        return dict(kind='procedural', num_train=n, num_test=max(1000, n // 5), num_classes=10, image_size=32)
     known = {'cifar10': (50000, 10000, 10, 32), 'cifar100': (50000, 10000, 100, 32), 'stl10': (105000, 8000, 10, 96)}
     if data in known:
         n_train, n_test, classes, size = known[data]
@@ -992,7 +1022,7 @@ class Loader:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=sampler.drop_last,
             pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_signals if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker if workers > 0 else None)
         self.epoch_started = time.time()
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
@@ -1016,17 +1046,21 @@ class Loader:
                    indices.to(self.device, non_blocking=True))
 
 
-def ignore_signals(worker_id):
+def quiet_worker(worker_id):
     """DataLoader workers leave Ctrl-C to the main process, which stops them cleanly; SIGTERM (the main
-    process's shutdown, or a signal to the whole process group) ends a worker quietly."""
+    process's shutdown, or a signal to the whole process group) ends a worker quietly, and so does the
+    main process going away while a worker's thread still hands it a batch (no thread traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.excepthook = lambda hook_args: None
+    sys.excepthook = lambda *exc_info: None  # multiprocessing's fd-sharing thread reports through this one
 
 
-def build_train_loader(args, transform, device):
-    """The training loader: `transform` makes the list of views from one image."""
+def build_train_loader(args, transform, device, split='train'):
+    """The training loader: `transform` makes the list of views from one image. `split`: 'train', or
+    labelled_split(args) for the labelled images only (a linear probe on STL-10)."""
     rank, world_size = get_rank(), get_world_size()
-    dataset = ViewDataset(base_dataset(args, 'train'), transform, args.seed)
+    dataset = ViewDataset(base_dataset(args, split), transform, args.seed)
     per_rank = args.batch_size // world_size
     if len(dataset) < args.batch_size:
         raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(dataset)} training images')
@@ -1043,7 +1077,7 @@ def build_eval_loaders(args, device, batch_size=256):
     if test is None:
         print0(f'  note: {args.data} has no val/ or test/ split; no kNN evaluation')
         return None
-    split_train = 'labelled' if args.data == 'stl10' else 'train'
+    split_train = labelled_split(args)
     rank, world_size = get_rank(), get_world_size()
     transform = Views([eval_transform(args.image_size, args.dataset_info['image_size'])])
     labelled = base_dataset(args, split_train)
@@ -1057,6 +1091,12 @@ def build_eval_loaders(args, device, batch_size=256):
         loaders.append(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
                               device, channels_last=uses_channels_last(args, device)))
     return tuple(loaders)
+
+
+def labelled_split(args):
+    """The split that holds the labelled training images: STL-10's 'labelled' 5k (its 'train' adds the
+    100k unlabelled ones), 'train' for every other dataset."""
+    return 'labelled' if args.data == 'stl10' else 'train'
 
 
 def uses_channels_last(args, device):
@@ -1372,8 +1412,8 @@ class MetricLogger:
 
     Every record has `epoch`, the 1-based epoch it belongs to (so a resume can drop the records
     of epochs its checkpoint does not hold):
-      step:  step, loss, images_per_s, the method's values (lr, tau, ...): steps 1 and 10, then
-             every --log-every steps (the first lines estimate the run's duration early)
+      step:  step, loss, images_per_s, the method's values (lr, tau, ...): the first and the tenth step this
+             process runs (they estimate the run's duration early), then every --log-every steps
       epoch: epoch_loss, epoch_seconds (the epoch's loading and training; no kNN, no checkpoint),
              train_seconds (their sum over the run, resumes included), epoch_images_per_s
       kNN:   knn_top1, knn_top5 (and knn_top1_k20), knn_seconds -- written by the method file
@@ -1384,7 +1424,7 @@ class MetricLogger:
         self.total_steps = args.epochs * self.steps_per_epoch
         self.path = os.path.join(args.output_dir, 'metrics.jsonl')
         self.is_main = get_rank() == 0
-        self.loss_sum, self.count, self.tic_step = None, 0, None
+        self.loss_sum, self.count, self.seen, self.tic_step = None, 0, 0, None
         self.train_seconds = sum(r.get('epoch_seconds', 0.0) for r in read_metrics(self.path))  # kept by resume()
 
     def log(self, **values):
@@ -1397,11 +1437,11 @@ class MetricLogger:
         """Call once per training step. `values` may hold tensors; they are read only when logging."""
         loss = loss.detach().float()
         self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
-        self.count += 1
-        if self.tic_step is None or self.count == 1:  # the epoch's first step: time from the epoch's start
+        self.count, self.seen = self.count + 1, self.seen + 1
+        if self.count == 1:  # the epoch's first step: time from the epoch's start
             self.tic, self.tic_step = self.loader.epoch_started, step
         done = step + 1
-        if done % self.args.log_every and done != self.total_steps and self.count not in (1, 10):
+        if done % self.args.log_every and done != self.total_steps and self.seen not in (1, 10):
             return
         loss_value = loss.item()
         self.check_finite(float(self.loss_sum), epoch, step)
@@ -1571,7 +1611,7 @@ def get_eval_parser(description, name):
                    'small / base)')
     g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'), help='ViT position embedding')
     g = parser.add_argument_group('running')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--seed', type=int, default=0, help='random seed (data order and augmentation: seed + rank)')
     g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
                    help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
     g.add_argument('--dist-timeout', type=float, default=1800,
@@ -1600,7 +1640,7 @@ def parse_eval_args(parser, argv=None):
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
     apply_size_defaults(args)
     validate_backbone_args(args)
-    args.output_dir, args.notes = None, [data_note(args)]
+    args.output_dir, args.notes = getattr(args, 'output_dir', None), [data_note(args)]  # None: writes no run folder
     return args, state
 
 
@@ -1633,15 +1673,17 @@ def load_eval_backbone(args, state, device):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device, args):
-    """L2-normalised backbone features and labels of a whole (sharded) dataset, gathered from
-    all ranks and put back in dataset order: ((N, D), (N,)). Runs in eval mode (BN frozen)."""
+def extract_features(backbone, loader, device, args, normalize=True):
+    """L2-normalised (or, normalize=False, raw float32) backbone features and labels of a whole
+    (sharded) dataset, gathered from all ranks and put back in dataset order: ((N, D), (N,)).
+    Runs in eval mode (BN frozen)."""
     was_training = backbone.training
     backbone.eval()
     features, labels, indices = [], [], []
     for views, y, i in loader.epoch(0):
         with autocast(device, args):
-            features.append(F.normalize(backbone(views[0]).float(), dim=1))
+            output = backbone(views[0]).float()  # (B, D)
+        features.append(F.normalize(output, dim=1) if normalize else output)
         labels.append(y)
         indices.append(i)
     backbone.train(was_training)
@@ -1686,10 +1728,10 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     return {k: tuple((100 * c / len(test_features)).tolist()) for k, c in correct.items()}
 
 
-def extract_train_test_features(backbone, eval_loaders, device, args):
+def extract_train_test_features(backbone, eval_loaders, device, args, normalize=True):
     """Features and labels of the labelled train split and of the test split."""
-    return (*extract_features(backbone, eval_loaders[0], device, args),
-            *extract_features(backbone, eval_loaders[1], device, args))
+    return (*extract_features(backbone, eval_loaders[0], device, args, normalize),
+            *extract_features(backbone, eval_loaders[1], device, args, normalize))
 
 
 def knn_due(args, epoch):

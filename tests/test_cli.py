@@ -1,5 +1,6 @@
 """Bad input: a one-line error that says what to do, exit code 2, nothing half-written."""
 import os
+import re
 import urllib.error
 
 import numpy as np
@@ -114,3 +115,113 @@ def test_folder_dataset_trains_and_evaluates(tmp_path):
     out = run_script('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--knn-every', '1', '--knn-k', '5',
                      '--output-dir', tmp_path / 'out')
     assert 'data ' in out.stdout and '24 px -> image size 16' in out.stdout and 'kNN (k=5' in out.stdout
+
+
+def test_bad_numbers_and_sizes_are_one_line_errors_and_nothing_is_written(tmp_path):
+    out = tmp_path / 'out'
+    run = ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', out]
+    for flags, match in ((['--lr', 'nan'], '--lr must be a finite number, not nan'),
+                         (['--lr', 'inf'], '--lr must be a finite number, not inf'),
+                         (['--image-size', '0'], '--image-size must be a positive number of pixels'),
+                         (['--arch', 'vit_tiny', '--patch-size', '0'], '--patch-size must be a positive number'),
+                         (['--arch', 'vit_tiny', '--num-heads', '5'], '--num-heads 5 does not divide the width 192'),
+                         (['--log-every', '0'], '--log-every must be at least 1'),
+                         (['--workers', '-1'], '--workers must be >= 0'),
+                         (['--min-scale', '2'], '--min-scale 2.0 is outside (0, 1]'),
+                         (['--knn-k', '0'], '--knn-k must be at least 1'),
+                         (['--knn-t', '0'], '--knn-t must be a positive temperature'),
+                         (['--dist-timeout', '0'], '--dist-timeout must be a positive number of seconds')):
+        expect_error('simclr.py', *run, *flags, match=match)
+    assert not out.exists()
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('')
+    run = ['--data', 'procedural:64', *TINY, *FAST]
+    expect_error('simclr.py', *run, '--output-dir', a_file, match='is a file, not a folder')
+    if os.path.isdir('/proc/1'):  # Linux: a place nobody, root included, can create files in
+        expect_error('simclr.py', *run, '--output-dir', '/proc/ssl-test/run', match='cannot write there')
+        expect_error('simclr.py', *run, '--output-dir', '/proc/1', match='cannot write there')
+
+
+def test_an_error_after_setup_leaves_no_empty_output_dir(tmp_path):
+    out = tmp_path / 'out'  # --knn-k is checked against the labelled training images once they are loaded
+    expect_error('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--knn-every', '1', '--knn-k', '65',
+                 '--output-dir', out, match='--knn-k 65 is more neighbours than the 64 labelled training images')
+    assert not out.exists()
+
+
+def test_resume_with_fewer_or_as_many_epochs_as_done(tmp_path):
+    run = ['--data', 'procedural:64', *TINY, *FAST, '--epochs', '2', '--output-dir', tmp_path]
+    run_script('simclr.py', *run)
+    expect_error('simclr.py', *run[:-4], '--epochs', '1', '--output-dir', tmp_path,
+                 match='holds 2 epochs, more than --epochs 1; give --epochs 2 or more')
+    out = run_script('simclr.py', *run)
+    assert 'nothing left to train' in out.stdout and 'epoch 1/2' not in out.stdout
+
+
+def test_eval_knn_bad_settings(tmp_path):
+    run_script('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path / 'run')
+    checkpoint = tmp_path / 'run' / 'checkpoint.pth'
+    for flags, match in ((['--k', '0'], 'every k must be at least 1'), (['--k', '-5'], 'every k must be at least 1'),
+                         (['--k', '65'], '--k 65 is more neighbours than the 64 training images'),
+                         (['--temperature', '0'], '--temperature must be a positive number'),
+                         (['--temperature', '-1'], '--temperature must be a positive number'),
+                         (['--temperature', 'nan'], '--temperature must be a positive number'),
+                         (['--json', tmp_path], 'is a folder; give a file name')):
+        expect_error('eval_knn.py', checkpoint, '--workers', '0', *flags, match=match)
+    if os.path.isdir('/proc/1'):
+        expect_error('eval_knn.py', checkpoint, '--json', '/proc/1/knn.json', match='cannot write in /proc/1')
+    assert not list(tmp_path.glob('*.tmp')) and not os.path.exists('/proc/1/knn.json.tmp')
+    state = torch.load(checkpoint, weights_only=True)
+    del state['backbone']['layer4.1.bn2.weight']
+    torch.save(state, tmp_path / 'missing.pth')
+    expect_error('eval_knn.py', tmp_path / 'missing.pth', match='its backbone does not fit --arch resnet18: 1 missing '
+                 '(e.g. layer4.1.bn2.weight)')
+    state = torch.load(checkpoint, weights_only=True)
+    state['backbone']['conv1.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(state, tmp_path / 'nan.pth')
+    expect_error('eval_knn.py', tmp_path / 'nan.pth', match='the backbone tensor conv1.weight holds NaN or inf')
+
+
+def test_eval_knn_help_lists_only_what_it_uses():
+    out = run_script('eval_knn.py', '--help').stdout
+    assert '--k K' in out and '--random-init' in out and '--arch' in out
+    for training_flag in ('--lr', '--epochs', '--optimizer', '--knn-every', '--lars-eta', '--output-dir'):
+        assert training_flag not in out, training_flag
+
+
+def test_method_help_shows_every_default_and_the_small_image_preset():
+    out = run_script('byol.py', '--help').stdout
+    flat = ' '.join(re.sub(r'-\n\s*', '-', out).split())  # argparse wraps lines, also at hyphens
+    assert 'small-image preset replaces them for every flag you do not type' in flat and '--tau-base 0.99' in flat
+    entries = [e for e in out.split('\n  -')[1:] if not e.startswith('h,')]
+    assert entries and all('(default' in e for e in entries), [e.split()[0] for e in entries if '(default' not in e]
+
+
+def test_test_classes_are_numbered_as_in_train(tmp_path):
+    """A val/ folder with fewer classes than train/ keeps each class's training label (ImageFolder alone
+    would number val's own classes 0, 1, ... and shift every label); a class train/ lacks is refused."""
+    make_folder(tmp_path / 'data')  # classes a, b in train and val
+    os.makedirs(tmp_path / 'data' / 'train' / 'c')
+    for i in range(3):
+        Image.fromarray(np.full((24, 24, 3), 40 * i, dtype=np.uint8)).save(tmp_path / 'data' / 'train' / 'c' / f'{i}.png')
+    import shutil
+    shutil.rmtree(tmp_path / 'data' / 'val' / 'a')
+    args = common.parse_args(common.get_args_parser('', 'test'), {}, ['--data', str(tmp_path / 'data')])
+    train, test = common.base_dataset(args, 'train'), common.base_dataset(args, 'test')
+    assert train.classes == ['a', 'b', 'c'] and args.dataset_info['num_classes'] == 3
+    assert set(test.targets) == {1}  # val/b holds class b of train, label 1 (ImageFolder alone: 0)
+    os.makedirs(tmp_path / 'data' / 'val' / 'zebra')
+    Image.fromarray(np.zeros((24, 24, 3), dtype=np.uint8)).save(tmp_path / 'data' / 'val' / 'zebra' / '0.png')
+    expect_error('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--output-dir', tmp_path / 'out',
+                 match='val/ has classes that train/ lacks (zebra)')
+
+
+def test_image_count_skips_files_that_are_not_images(tmp_path):
+    make_folder(tmp_path / 'data', n_per_class=3)
+    for junk in ('.DS_Store', 'notes.txt'):
+        (tmp_path / 'data' / 'train' / 'a' / junk).write_text('x')
+    info = common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))
+    assert (info['num_train'], info['num_test'], info['num_classes']) == (6, 6, 2)

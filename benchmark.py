@@ -1,0 +1,886 @@
+"""The CIFAR-10 benchmark: every method file trained with its small-image preset, one record per run.
+
+One command trains the methods (all eight, or those named), each as its own process with its own
+output folder, several at once on one GPU when --concurrent says so, and resumes each from its
+checkpoint when it is run again, so that a job cut by a time limit loses at most the epoch in
+flight. A run that has finished (its checkpoint holds --epochs epochs and its metrics the final
+kNN) is never trained again. Every finished run leaves a record with its provenance, and the
+README's results table and the figures are rendered from the records alone:
+
+  python benchmark.py --data /tmp/cifar10                              # all eight, 200 epochs, one at a time
+  python benchmark.py --data /tmp/cifar10 --methods simclr byol --concurrent 2
+  python benchmark.py --data /tmp/cifar10 --dry-run --budget-minutes 10   # commands, GPU-time estimates, what fits
+  python benchmark.py --report                                         # README table + figures from results/
+  python benchmark.py --report --name cifar10-200ep                    # ... from results/cifar10-200ep/ only
+  python benchmark.py --data procedural:256 --epochs 1 --name smoke -- --arch resnet18 --width 8 --workers 0
+
+Everything after `--` is passed to every method file. What a run is:
+  python METHOD.py --data D --epochs E --output-dir RUNS/NAME/METHOD --knn-every K --knn-k 200 --knn-t 0.1 ...
+with its log in RUNS/NAME/METHOD/train.log (default RUNS: runs/benchmark; NAME: <data>-<E>ep).
+
+A record, RESULTS/NAME/METHOD.json (default RESULTS: results), holds the method, its command line,
+the git commit (and whether the tree had uncommitted changes), Python / torch / torchvision versions,
+the device, world size, how many runs shared the machine, the epochs, the final-epoch kNN top-1
+(k=200, T=0.1, the CIFAR convention; also top-5 and top-1 at k=20), the best epoch's kNN and that
+epoch, the training wall-clock (the sum of the epochs' loading + training time, from metrics.jsonl:
+kNN passes, checkpoints and start-up excluded), images/s over it, the per-epoch kNN curve, the full
+argument list the run trained with (its preset), one entry per invocation that trained it, and the
+linear-probe top-1 (`linear_top1`) when eval_linear.py is in the repository. The run's
+metrics.jsonl and log are copied beside it (METHOD.metrics.jsonl, METHOD.log).
+
+Exit codes: 0 every run has its record; 1 a run failed (the others went on; its log's last error
+line is printed); 3 nothing failed but a run is unfinished (--budget-minutes ran out, or a
+--stop-after-epoch passed after `--`); 2 bad input; 143 / 130 stopped by SIGTERM / Ctrl-C (the
+runs keep their checkpoints: the same command goes on).
+"""
+import argparse
+import datetime
+import fcntl
+import glob
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+import torchvision
+
+import common
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SCHEMA = 'ssl-benchmark-record/1'
+
+# -----------------------------------------------------------------------------
+# The methods, the published numbers to compare with, and this project's targets.
+# The only numbers in this file typed by hand; every other number comes from a record.
+# -----------------------------------------------------------------------------
+METHODS = ('instdisc', 'simclr', 'moco', 'byol', 'simsiam', 'swav', 'mocov3', 'dino')    # table order (by year)
+RUN_ORDER = ('simclr', 'byol', 'simsiam', 'moco', 'swav', 'mocov3', 'dino', 'instdisc')  # default --methods:
+# the most informative first (the most cited CIFAR numbers, and the methods whose presets are least tried)
+LABELS = dict(instdisc='InstDisc', simclr='SimCLR', moco='MoCo v2', byol='BYOL', simsiam='SimSiam', swav='SwAV',
+              mocov3='MoCo v3', dino='DINO')
+KNN_K, KNN_T = 200, 0.1  # the kNN every number below uses: CIFAR convention (InstDisc, MoCo demo, Lightly)
+
+SOURCES = {
+    'lightly': ("Lightly's CIFAR-10 benchmark: ResNet-18 with the CIFAR stem, 200 epochs, kNN k=200 on the "
+                'test set after every epoch, the best epoch reported (lightly-ai/lightly, '
+                'docs/source/getting_started/benchmarks.rst at commit 0243660)',
+                'https://docs.lightly.ai/self-supervised-learning/getting_started/benchmarks.html'),
+    'moco-demo': ("the MoCo authors' CIFAR-10 demo: ResNet-18, 200 epochs, kNN monitor k=200 T=0.1, end of training",
+                  'https://colab.research.google.com/github/facebookresearch/moco/blob/colab-notebook/colab/'
+                  'moco_cifar10_demo.ipynb'),
+    'instdisc': ('Wu et al., CVPR 2018: CIFAR-10 kNN of a ResNet-18 on its 128-d features, about 80%',
+                 'https://arxiv.org/abs/1805.01978'),
+}
+# top1: %, protocol: 'best' epoch or 'final' epoch, setting: what differs between entries of one method.
+# Lightly's table at that commit also has the other batch size, given where our preset sits between.
+PUBLISHED = {
+    'instdisc': [dict(top1=80.0, protocol='final', source='instdisc', setting='128-d features', approximate=True)],
+    'simclr': [dict(top1=84.8, protocol='best', source='lightly', setting='bs 512')],
+    'moco': [dict(top1=85.3, protocol='final', source='moco-demo', setting='symmetric loss, as our preset'),
+             dict(top1=82.6, protocol='final', source='moco-demo', setting='asymmetric loss'),
+             dict(top1=84.7, protocol='best', source='lightly', setting='bs 512, queue 8192')],
+    'byol': [dict(top1=86.8, protocol='best', source='lightly', setting='bs 512'),
+             dict(top1=86.9, protocol='best', source='lightly', setting='bs 128')],
+    'simsiam': [dict(top1=76.4, protocol='best', source='lightly', setting='bs 512'),
+                dict(top1=81.9, protocol='best', source='lightly', setting='bs 128')],
+    'swav': [dict(top1=84.2, protocol='best', source='lightly', setting='bs 512'),
+             dict(top1=81.2, protocol='best', source='lightly', setting='bs 128')],
+    'mocov3': [],  # no published ResNet-18 CIFAR-10 kNN at 200 epochs
+    'dino': [dict(top1=81.3, protocol='best', source='lightly', setting='bs 512'),
+             dict(top1=84.0, protocol='best', source='lightly', setting='bs 128')],
+}
+# This project's goals (issue 12): final epoch, k=200, T=0.1.
+TARGETS = dict(instdisc=80.0, simclr=86.0, moco=86.0, byol=88.0, simsiam=85.0, swav=85.5, mocov3=86.0, dino=85.0)
+
+# Throughput measured before this script existed, for --dry-run when no record has one yet:
+# all eight methods, 10 epochs of CIFAR-10, 8 processes at once on one H100 (README, "On a GPU").
+EARLY_MEASUREMENTS = dict(path=os.path.join(ROOT, 'results', 'h100-2026-11-22', 'cifar10-10ep-concurrent-{}.metrics.jsonl'),
+                          at_once=8, device='NVIDIA H100 80GB HBM3')
+
+OWNED_FLAGS = ('--data', '--epochs', '--output-dir', '--knn-every', '--knn-k', '--knn-t')  # set by the benchmark
+TABLE_START, TABLE_END = '<!-- benchmark-table:start -->', '<!-- benchmark-table:end -->'
+
+
+# -----------------------------------------------------------------------------
+# Arguments
+# -----------------------------------------------------------------------------
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
+                                     usage='python benchmark.py --data D [options] [-- flags for every method file]'
+                                           '\n       python benchmark.py --report [--results R] [--readme README.md]',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group('training')
+    g.add_argument('--data', help='the dataset every method trains on, e.g. /tmp/cifar10 (the CIFAR-10 JPEG folders)')
+    g.add_argument('--methods', nargs='+', default=list(RUN_ORDER), help='methods to run, in this order')
+    g.add_argument('--epochs', type=int, default=200, help='epochs of every run')
+    g.add_argument('--concurrent', type=int, default=1, help='runs at once (separate processes sharing the GPU)')
+    g.add_argument('--name', default=None, help='name of this benchmark, None: <data>-<epochs>ep; with --report: only '
+                   'its records, None: all')
+    g.add_argument('--knn-every', type=int, default=10, help='epochs between kNN passes (0 = only after the last)')
+    g.add_argument('--runs', default=os.path.join('runs', 'benchmark'), help='where the runs train (RUNS/NAME/METHOD)')
+    g.add_argument('--results', default='results', help='where the records go (RESULTS/NAME/METHOD.json)')
+    g.add_argument('--budget-minutes', type=float, default=None,
+                   help='stop every run after this long (they keep their checkpoints); with --dry-run: say what fits')
+    g.add_argument('--linear-probe', action=argparse.BooleanOptionalAction, default=None,
+                   help='run eval_linear.py on each finished checkpoint; None: when eval_linear.py exists')
+    g.add_argument('--dry-run', action='store_true', help='print the commands and their estimated GPU time; run nothing')
+    g = parser.add_argument_group('report')
+    g.add_argument('--report', action='store_true', help='render the README table and the figures from the records')
+    g.add_argument('--readme', default='README.md', help=f'the file whose {TABLE_START} ... {TABLE_END} block is replaced')
+    return parser
+
+
+def parse_args(argv=None):
+    """(args, extra): the benchmark's flags, and those after `--` for every method file. Bad input is
+    refused here, in one line, before anything is run or written."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index('--') + 1:] if '--' in argv else []
+    argv = argv[:argv.index('--')] if '--' in argv else argv
+    args = get_parser().parse_args(argv)
+    if args.report:
+        if not os.path.isfile(args.readme):
+            raise common.UsageError(f'--readme {args.readme} does not exist; give the README to render the table into')
+        return args, extra
+    if args.data is None:
+        raise common.UsageError('--data is required (the dataset every method trains on, e.g. --data /tmp/cifar10); '
+                                'or --report to render the table')
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise common.UsageError(f"unknown --methods {' '.join(unknown)}; choose from: {' '.join(RUN_ORDER)}")
+    if len(set(args.methods)) != len(args.methods):
+        raise common.UsageError(f"--methods names a method twice ({' '.join(args.methods)}); name each once")
+    if args.epochs < 1 or args.concurrent < 1:
+        raise common.UsageError(f'--epochs and --concurrent must be at least 1, not {args.epochs} and {args.concurrent}')
+    if args.knn_every < 0:
+        raise common.UsageError(f'--knn-every must be >= 0 (0 = only after the last epoch), not {args.knn_every}: '
+                                'every record needs the final kNN')
+    if args.budget_minutes is not None and not args.budget_minutes > 0:
+        raise common.UsageError(f'--budget-minutes must be positive, not {args.budget_minutes}')
+    owned = [a for a in extra if a.split('=', 1)[0] in OWNED_FLAGS]
+    if owned:
+        raise common.UsageError(f"{owned[0].split('=', 1)[0]} after `--` is the benchmark's own setting "
+                                f"({' '.join(OWNED_FLAGS)}): give --data / --epochs / --knn-every before `--`; the kNN "
+                                f'is fixed at k={KNN_K}, T={KNN_T} and each run trains in {args.runs}/NAME/METHOD')
+    data_dir = flag_value(extra, '--data-dir', os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')))
+    args.dataset_info = common.inspect_dataset(args.data, data_dir)  # one-line error for a missing or empty folder
+    if args.name is None:
+        args.name = f"{os.path.basename(os.path.normpath(args.data)).replace(':', '')}-{args.epochs}ep"
+    if not re.fullmatch(r'[A-Za-z0-9._-]+', args.name):
+        raise common.UsageError(f"--name '{args.name}' must be letters, digits, '.', '_' or '-' (it names folders)")
+    return args, extra
+
+
+def flag_value(argv, flag, default=None):
+    """The value given to `flag` in an argument list (`--flag V` or `--flag=V`), else `default`."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + '='):
+            return a.split('=', 1)[1]
+    return default
+
+
+# -----------------------------------------------------------------------------
+# Provenance: git, device, the invocations recorded in each run's log
+# -----------------------------------------------------------------------------
+def git_state():
+    """(commit, dirty) of the checkout benchmark.py lives in; dirty = tracked files differ from the
+    commit. A copy of the tree without .git (a GPU machine) can be told through BENCHMARK_GIT_COMMIT
+    (and BENCHMARK_GIT_DIRTY=0/1), read where the checkout is; else (None, None)."""
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, check=True)
+        status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                                capture_output=True, text=True, check=True)
+        return commit.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        if os.environ.get('BENCHMARK_GIT_COMMIT'):
+            dirty = os.environ.get('BENCHMARK_GIT_DIRTY')
+            return os.environ['BENCHMARK_GIT_COMMIT'], None if dirty is None else dirty == '1'
+        return None, None
+
+
+def cpu_model():
+    """'<model name> (<n> cores)' from /proc/cpuinfo, else what platform knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        name = None
+    return f'{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores)'
+
+
+SEGMENT_START, SEGMENT_END = '# benchmark ', '# benchmark-end '
+HEADER = re.compile(r'^(\w+): (\d+) process\(es\) on (\w+)(?: \((.+)\))?$')  # common.setup's first line
+
+
+def read_segments(log_path):
+    """One dict per invocation that trained this run, from the lines the benchmark (start, end) and
+    the method file (`simclr: 1 process(es) on cuda (NVIDIA H200)`) wrote into its log."""
+    segments = []
+    if not os.path.exists(log_path):
+        return segments
+    with open(log_path, errors='replace') as f:
+        for line in f:
+            line = line.rstrip('\n')
+            try:
+                if line.startswith(SEGMENT_START):
+                    segments.append(json.loads(line[len(SEGMENT_START):]))
+                elif line.startswith(SEGMENT_END) and segments:
+                    segments[-1].update(json.loads(line[len(SEGMENT_END):]))
+            except ValueError:
+                continue  # a line cut by a kill
+            match = HEADER.match(line)
+            if match and segments and 'device' not in segments[-1]:
+                kind, name = match.group(3), match.group(4)
+                segments[-1].update(world_size=int(match.group(2)), device_type=kind,
+                                    device=name if kind == 'cuda' else cpu_model() if kind == 'cpu' else kind)
+    return segments
+
+
+def last_error_line(log_path):
+    """The last line of the last invocation's output that reads as an error (`error: ...` from
+    common.run, `X.py: error: ...` from argparse, or a traceback's last line); else its last line."""
+    lines = []
+    if os.path.exists(log_path):
+        with open(log_path, errors='replace') as f:
+            for line in f:
+                lines = [] if line.startswith(SEGMENT_START) else lines + [line.strip()]
+    lines = [line for line in lines if line and not line.startswith(SEGMENT_END)]
+    errors = [line for line in lines if line.startswith('error:') or ': error: ' in line  # common.run, argparse
+              or re.match(r'^[\w.]+(Error|Exception)\b', line)]                             # a traceback's last line
+    return (errors or lines or ['(no output)'])[-1]
+
+
+# -----------------------------------------------------------------------------
+# The state of one run: epochs done, finished or not, who is training it
+# -----------------------------------------------------------------------------
+def run_folder(args, method):
+    return os.path.join(args.runs, args.name, method)
+
+
+def epochs_done(folder):
+    """Epochs held by the run's checkpoint (0 without one); a corrupt checkpoint raises UsageError."""
+    path = os.path.join(folder, 'checkpoint.pth')
+    return common.read_checkpoint(path)['epoch'] if os.path.exists(path) else 0
+
+
+def is_finished(folder, epochs):
+    """Trained for `epochs` AND evaluated after the last one: the state a record is made from."""
+    knn_epochs = {r['epoch'] for r in common.read_metrics(os.path.join(folder, 'metrics.jsonl')) if 'knn_top1' in r}
+    return epochs_done(folder) == epochs and epochs in knn_epochs
+
+
+def lock_run(folder):
+    """An exclusive lock on folder/benchmark.lock, or None if another process holds it. The training
+    process inherits the lock, so a run stays locked while it trains even if the benchmark that
+    started it was killed: a second benchmark never trains the same folder at the same time."""
+    fd = os.open(os.path.join(folder, 'benchmark.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+# -----------------------------------------------------------------------------
+# Running: one process per method, at most --concurrent at once
+# -----------------------------------------------------------------------------
+def method_command(args, extra, method):
+    """The command line of one run (the method's small-image preset applies by itself on <= 64-px data)."""
+    script = os.path.relpath(os.path.join(ROOT, f'{method}.py'))
+    command = ['python', script, '--data', args.data, '--epochs', str(args.epochs),
+               '--output-dir', run_folder(args, method), '--knn-every', str(args.knn_every),
+               '--knn-k', str(KNN_K), '--knn-t', str(KNN_T)]
+    return command + worker_flags(args, extra) + extra
+
+
+def worker_flags(args, extra):
+    """With several runs at once, each gets its share of the CPU cores for data loading (the method
+    files' default, all cores but one, would oversubscribe them); a --workers after `--` wins."""
+    if args.concurrent == 1 or flag_value(extra, '--workers') is not None:
+        return []
+    return ['--workers', str(max(1, (os.cpu_count() or 2) // args.concurrent - 1))]
+
+
+def child_environment(args):
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 2) // args.concurrent)))
+    return env
+
+
+class Run:
+    """One method's training process: its folder, lock, log and the most runs that shared the machine with it."""
+
+    def __init__(self, args, extra, method, lock, done):
+        self.method, self.lock, self.folder, self.done = method, lock, run_folder(args, method), done
+        self.command = method_command(args, extra, method)
+        self.log_path = os.path.join(self.folder, 'train.log')
+        self.process, self.max_at_once, self.stopped = None, 0, False
+
+    def start(self, args, at_once):
+        commit, dirty = git_state()
+        with open(self.log_path, 'a') as log:
+            log.write(SEGMENT_START + json.dumps(dict(
+                started=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), git_commit=commit,
+                git_dirty=dirty, concurrent=args.concurrent, epochs_before=self.done,
+                command=shlex.join(self.command), benchmark_command=shlex.join(['python', 'benchmark.py'] + sys.argv[1:])))
+                + '\n')
+            log.flush()
+            self.started = time.time()
+            self.process = subprocess.Popen([sys.executable] + self.command[1:], stdout=log, stderr=subprocess.STDOUT,
+                                            env=child_environment(args), pass_fds=(self.lock,))
+        self.max_at_once = at_once
+
+    def end(self):
+        with open(self.log_path, 'a') as log:
+            log.write(SEGMENT_END + json.dumps(dict(exit_code=self.process.returncode, max_at_once=self.max_at_once,
+                                                    seconds=round(time.time() - self.started, 1))) + '\n')
+
+    def stop(self):
+        """SIGTERM: the method file ends in one line naming its last checkpoint (common.run)."""
+        if self.process and self.process.poll() is None:
+            self.stopped = True
+            self.process.send_signal(signal.SIGTERM)
+
+
+def train(args, extra):
+    """Run every method that is not finished, at most --concurrent at once; write each record as soon
+    as its run finishes. Returns the exit code (see the module docstring)."""
+    prepare_folder(os.path.join(args.results, args.name), '--results')
+    prepare_folder(os.path.join(args.runs, args.name), '--runs')
+    print(f"benchmark {args.name}: {' '.join(args.methods)}; {args.epochs} epochs on {args.data}, at most "
+          f'{args.concurrent} at once; logs in {os.path.join(args.runs, args.name)}/<method>/train.log', flush=True)
+    pending, failed, unfinished = [], [], []
+    for method in args.methods:
+        folder = run_folder(args, method)
+        os.makedirs(folder, exist_ok=True)
+        lock = lock_run(folder)
+        if lock is None:
+            print(f'  {method}: another process is training {folder}; skipped (rerun when it has ended)', flush=True)
+            unfinished.append(method)
+            continue
+        try:
+            done = epochs_done(folder)
+            if done > args.epochs:
+                raise common.UsageError(f'{folder} holds {done} epochs, more than --epochs {args.epochs}; use '
+                                        f'--epochs {done} or another --name')
+            if is_finished(folder, args.epochs):
+                record_path = os.path.join(args.results, args.name, f'{method}.json')
+                if os.path.exists(record_path):
+                    print(f'  {method}: already finished ({args.epochs} epochs); nothing left to train, record '
+                          f'{record_path} kept', flush=True)
+                elif finish(args, extra, method, folder) == 'failed':
+                    failed.append(method)
+                os.close(lock)
+                continue
+        except common.UsageError as e:
+            print(f'  {method}: FAILED: {e}', flush=True)
+            failed.append(method)
+            os.close(lock)
+            continue
+        pending.append(Run(args, extra, method, lock, done))
+
+    deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
+    running, last_progress = [], time.time()
+    try:
+        while pending or running:
+            while pending and len(running) < args.concurrent and not (deadline and time.time() > deadline):
+                run = pending.pop(0)
+                print(f'  {run.method}: starting with {run.done} of {args.epochs} epochs done: '
+                      f'{shlex.join(run.command)}', flush=True)
+                run.start(args, len(running) + 1)
+                running.append(run)
+            for run in running:
+                run.max_at_once = max(run.max_at_once, len(running))
+            if deadline and time.time() > deadline:
+                if pending:
+                    print(f"  budget of {args.budget_minutes:g} min spent: not started: "
+                          f"{' '.join(r.method for r in pending)}", flush=True)
+                    unfinished += [r.method for r in pending]
+                    for run in pending:
+                        os.close(run.lock)
+                    pending = []
+                for run in running:
+                    if not run.stopped:
+                        print(f'  {run.method}: budget of {args.budget_minutes:g} min spent; stopping it', flush=True)
+                        run.stop()
+            time.sleep(0.2)
+            if time.time() > last_progress + PROGRESS_SECONDS:
+                last_progress = time.time()
+                for run in running:
+                    print(f'  {run.method}: {progress(run.folder, args.epochs)}', flush=True)
+            for run in [r for r in running if r.process.poll() is not None]:
+                running.remove(run)
+                run.end()
+                outcome = conclude(args, extra, run)
+                if outcome == 'failed':
+                    failed.append(run.method)
+                elif outcome == 'unfinished':
+                    unfinished.append(run.method)
+                os.close(run.lock)
+    finally:  # SIGTERM / Ctrl-C to the benchmark: stop the runs, which keep their last checkpoints
+        for run in running:
+            run.stop()
+        for run in running:
+            try:
+                run.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                run.process.kill()
+                run.process.wait()
+            run.end()
+            print(f'  {run.method}: stopped after {epochs_done(run.folder)} of {args.epochs} epochs (checkpoint kept)',
+                  flush=True)
+    done = [m for m in args.methods if m not in failed and m not in unfinished]
+    print(f'benchmark {args.name}: {len(done)} of {len(args.methods)} finished'
+          + (f"; failed: {' '.join(failed)}" if failed else '')
+          + (f"; unfinished: {' '.join(unfinished)} (rerun the same command to go on)" if unfinished else ''),
+          flush=True)
+    return 1 if failed else 3 if unfinished else 0
+
+
+PROGRESS_SECONDS = 60  # how often the benchmark prints where its runs are
+
+
+def progress(folder, epochs):
+    """'epoch 57 of 200 done, 7,530 img/s, kNN top-1 80.12% at epoch 50', from the run's metrics.jsonl."""
+    records = common.read_metrics(os.path.join(folder, 'metrics.jsonl'))
+    epoch = next((r for r in reversed(records) if 'epoch_seconds' in r), None)
+    knn = next((r for r in reversed(records) if 'knn_top1' in r), None)
+    if epoch is None:
+        return 'in its first epoch'
+    return (f"epoch {epoch['epoch']} of {epochs} done, {epoch['epoch_images_per_s']:,.0f} img/s"
+            + (f", kNN top-1 {knn['knn_top1']:.2f}% at epoch {knn['epoch']}" if knn else ''))
+
+
+def conclude(args, extra, run):
+    """After a run's process has ended: its record if it finished, else why not. Returns
+    'finished', 'unfinished' (stopped with its checkpoint) or 'failed'."""
+    code = run.process.returncode
+    try:
+        done = epochs_done(run.folder)
+    except common.UsageError as e:
+        print(f'  {run.method}: FAILED (exit {code}): {e}', flush=True)
+        return 'failed'
+    if code == 0 and is_finished(run.folder, args.epochs):
+        return finish(args, extra, run.method, run.folder)
+    if run.stopped or code in (-signal.SIGTERM, 143, 130):
+        print(f'  {run.method}: stopped after {done} of {args.epochs} epochs (checkpoint kept)', flush=True)
+        return 'unfinished'
+    if code == 0 and done < args.epochs:
+        print(f'  {run.method}: ended after {done} of {args.epochs} epochs (--stop-after-epoch?); rerun to go on',
+              flush=True)
+        return 'unfinished'
+    reason = (last_error_line(run.log_path) if code else
+              f'trained {done} epochs but metrics.jsonl has no kNN record of epoch {args.epochs}')
+    print(f'  {run.method}: FAILED (exit {code}): {reason} (log: {run.log_path})', flush=True)
+    return 'failed'
+
+
+def prepare_folder(path, flag):
+    """Create `path` (a folder of --results or --runs) and check that files can be written in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise common.UsageError(f'{flag} {path}: cannot create it ({e.strerror}); choose a writable folder') from None
+    common.check_writable_file(os.path.join(path, '.probe'), flag)
+
+
+# -----------------------------------------------------------------------------
+# Records
+# -----------------------------------------------------------------------------
+def finish(args, extra, method, folder):
+    """Write RESULTS/NAME/METHOD.json (+ .metrics.jsonl, .log) for a finished run; 'finished', or
+    'failed' when its files cannot make a record."""
+    results = os.path.join(args.results, args.name)
+    try:
+        record = make_record(args, extra, method, folder)
+    except common.UsageError as e:
+        print(f'  {method}: FAILED: {e}', flush=True)
+        return 'failed'
+    linear = linear_probe_wanted(args)
+    if linear:
+        record.update(linear_probe(os.path.join(folder, 'checkpoint.pth'), os.path.join(folder, 'train.log'),
+                                   os.path.join(ROOT, 'eval_linear.py'), flag_value(extra, '--workers')))
+    else:
+        record['linear_note'] = 'not run: ' + ('--no-linear-probe' if linear is False else
+                                               'eval_linear.py is not in this repository')
+    for name in ('metrics.jsonl', 'train.log'):
+        source = os.path.join(folder, name)
+        if os.path.exists(source):
+            tmp = os.path.join(results, f".{method}.{name}.tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, os.path.join(results, f"{method}.{'log' if name == 'train.log' else name}"))
+    common.write_json(os.path.join(results, f'{method}.json'), record)  # last: a record's files are all there
+    best = f"best {record['best_knn_top1']:.2f}% at epoch {record['best_epoch']}"
+    print(f"  {method}: finished: kNN top-1 {record['knn_top1']:.2f}% ({best}), "
+          f"{record['train_seconds'] / 60:.1f} min of training, {record['images_per_s']:,.0f} img/s -> "
+          f'{os.path.join(results, method + ".json")}', flush=True)
+    return 'finished'
+
+
+def make_record(args, extra, method, folder):
+    """Everything the table, the figures and a reader checking a claim need, from the run's
+    checkpoint (its arguments), metrics.jsonl (the numbers) and log (who trained it, where)."""
+    state = common.read_checkpoint(os.path.join(folder, 'checkpoint.pth'))
+    metrics = common.read_metrics(os.path.join(folder, 'metrics.jsonl'))
+    epoch_records = [r for r in metrics if 'epoch_seconds' in r]
+    knn = [r for r in metrics if 'knn_top1' in r]
+    if [r['epoch'] for r in epoch_records] != list(range(1, args.epochs + 1)):
+        raise common.UsageError(f'{folder}/metrics.jsonl does not hold one epoch record (epoch_seconds) for each of '
+                                f'the {args.epochs} epochs, so its training time is unknown; was it trained by an '
+                                'older version? Train it again in another --name')
+    final = next(r for r in reversed(knn) if r['epoch'] == args.epochs)
+    best = max(knn, key=lambda r: (r['knn_top1'], -r['epoch']))  # ties: the earliest epoch
+    train_seconds = epoch_records[-1]['train_seconds']
+    images = round(sum(r['epoch_images_per_s'] * r['epoch_seconds'] for r in epoch_records))  # steps x batch
+    seconds_at = {r['epoch']: r['train_seconds'] for r in epoch_records}
+    segments = read_segments(os.path.join(folder, 'train.log'))
+    last = segments[-1] if segments else {}
+    commit, dirty = (last.get('git_commit'), last.get('git_dirty')) if segments else git_state()
+    devices = list(dict.fromkeys(s['device'] for s in segments if 'device' in s))
+    saved_args = state['args']
+    return dict(
+        schema=SCHEMA, method=method, label=LABELS[method], name=args.name,
+        recorded_at=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+        command=last.get('command', shlex.join(method_command(args, extra, method))),
+        benchmark=dict(data=args.data, epochs=args.epochs, knn_every=args.knn_every, extra=extra),
+        git_commit=commit, git_dirty=dirty,
+        python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+        device=' + '.join(devices) if devices else None,
+        device_type=last.get('device_type'), cpu=cpu_model(),
+        world_size=last.get('world_size'),
+        concurrency=max((s.get('max_at_once', s.get('concurrent', 1)) for s in segments), default=None),
+        epochs=state['epoch'], data=saved_args.get('data'),
+        dataset={k: saved_args.get('dataset_info', {}).get(k)
+                 for k in ('kind', 'num_train', 'num_test', 'num_classes', 'image_size')},
+        arch=saved_args.get('arch'), batch_size=saved_args.get('batch_size'),
+        knn_k=saved_args.get('knn_k'), knn_t=saved_args.get('knn_t'),
+        knn_top1=final['knn_top1'], knn_top5=final.get('knn_top5'), knn_top1_k20=final.get('knn_top1_k20'),
+        best_knn_top1=best['knn_top1'], best_epoch=best['epoch'],
+        train_seconds=train_seconds,
+        train_seconds_note='sum of the epochs\' loading + training wall-clock (metrics.jsonl epoch_seconds, resumes '
+                           'included); kNN passes, checkpoints and start-up excluded',
+        knn_seconds=sum(r.get('knn_seconds', 0.0) for r in knn),
+        images_seen=images, images_per_s=images / max(train_seconds, 1e-9),
+        knn_curve=[dict(epoch=r['epoch'], knn_top1=r['knn_top1'], knn_top5=r.get('knn_top5'),
+                        knn_top1_k20=r.get('knn_top1_k20'), train_seconds=seconds_at.get(r['epoch'])) for r in knn],
+        linear_top1=None,
+        args={k: v for k, v in saved_args.items() if k != 'dataset_info'},
+        segments=segments,
+        metrics=f'{method}.metrics.jsonl', log=f'{method}.log')
+
+
+def linear_probe_wanted(args):
+    """True: run it; None: eval_linear.py absent (skipped); False: --no-linear-probe."""
+    if args.linear_probe is False:
+        return False
+    return os.path.exists(os.path.join(ROOT, 'eval_linear.py')) or None
+
+
+def linear_probe(checkpoint, log_path, script, workers=None):
+    """`python eval_linear.py CKPT --json FILE` (its fast protocol), output appended to the run's log;
+    returns the record's linear_top1 (the JSON's `top1`, at its top level or under `results`) and a
+    linear_note when it could not be had."""
+    json_path = os.path.join(os.path.dirname(checkpoint), 'linear.json')
+    command = [sys.executable, script, checkpoint, '--json', json_path] + (['--workers', workers] if workers else [])
+    with open(log_path, 'a') as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED='1')).returncode
+    if code != 0:
+        return dict(linear_top1=None, linear_note=f'eval_linear.py exited {code}: {last_error_line(log_path)}')
+    try:
+        with open(json_path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        return dict(linear_top1=None, linear_note=f'eval_linear.py left no readable {json_path} ({type(e).__name__})')
+    nested = result.get('results') if isinstance(result.get('results'), dict) else {}
+    top1 = result.get('top1', nested.get('top1'))
+    if top1 is None:
+        return dict(linear_top1=None, linear_note=f'{json_path} has no top1')
+    return dict(linear_top1=float(top1), linear_command=shlex.join(['python', os.path.relpath(script)] + command[2:]))
+
+
+# -----------------------------------------------------------------------------
+# Dry run: the commands and what they will cost
+# -----------------------------------------------------------------------------
+def measured_rate(method, results_dir):
+    """(images/s of one process, how many ran at once, seconds per kNN pass or None, where it was measured)
+    from the newest GPU record of `method` under results_dir, else the early H100 measurements, else None."""
+    records = [r for r in load_records(results_dir) if r['method'] == method and r.get('device_type') == 'cuda']
+    if records:
+        r = max(records, key=lambda r: r['recorded_at'])
+        knn_pass = r['knn_seconds'] / len(r['knn_curve']) if r.get('knn_curve') else None
+        return (r['images_per_s'], r.get('concurrency') or 1, knn_pass,
+                f"{r['device']}, record {r['name']}/{method}.json")
+    path = EARLY_MEASUREMENTS['path'].format(method)
+    rates = sorted(r['images_per_s'] for r in common.read_metrics(path) if 'images_per_s' in r)
+    if not rates:
+        return None
+    knn_seconds = []  # the monitor's lines in the run's log: `  kNN (k=200, T=0.1): top-1 45.27  top-5 91.71  (9 s)`
+    log = path.replace('.metrics.jsonl', '.log')
+    if os.path.exists(log):
+        with open(log, errors='replace') as f:
+            knn_seconds = [float(m.group(1)) for m in map(re.compile(r'^\s*kNN \(k=.*\((\d+) s\)$').match, f) if m]
+    return (rates[len(rates) // 2], EARLY_MEASUREMENTS['at_once'],
+            sum(knn_seconds) / len(knn_seconds) if knn_seconds else None,
+            f"{EARLY_MEASUREMENTS['device']}, {os.path.relpath(path)} (median of its progress lines)")
+
+
+def knn_passes(done, epochs, every):
+    """kNN passes still to come in epochs done+1 .. epochs (common.knn_due: every `every` epochs, and the last)."""
+    return sum(1 for e in range(done + 1, epochs + 1) if e == epochs or (every and e % every == 0))
+
+
+def dry_run(args, extra):
+    """Print each run's command and its estimated GPU time; with --budget-minutes, which runs fit.
+
+    The estimate: remaining epochs x training images / rate, the rate being a measured images/s of one
+    process scaled by (runs at once then) / (--concurrent now), i.e. the machine's total throughput
+    taken as fixed and shared evenly (on the H100, SimCLR alone: 7,200-7,900 img/s; 8 at once: 1,213
+    each, 9,700 together: the scaling is right within ~30% and optimistic for fewer runs at once);
+    plus the kNN passes still to come at the measured seconds per pass. Checkpoints and start-up are
+    not included. The total is the time until the last run ends, runs starting in --methods order
+    whenever a slot is free; a run fits the budget if it ends within it."""
+    num_train = args.dataset_info['num_train']
+    print(f"benchmark {args.name} (dry run): {' '.join(args.methods)}; {args.epochs} epochs of {num_train:,} "
+          f'images, at most {args.concurrent} at once')
+    if worker_flags(args, extra):
+        print(f'  (--workers {worker_flags(args, extra)[1]}: this machine\'s {os.cpu_count()} cores shared by '
+              f'{args.concurrent} runs; the machine that trains computes its own)')
+    slots, fits, unknown = [0.0] * args.concurrent, [], []
+    for method in args.methods:
+        try:
+            done = epochs_done(run_folder(args, method))
+        except common.UsageError as e:
+            print(f'  {method}: {e}')
+            continue
+        print(f'  {shlex.join(method_command(args, extra, method))}')
+        if done >= args.epochs:
+            print(f'      already trained ({done} epochs): no GPU time')
+            fits.append(method)
+            continue
+        rate = measured_rate(method, args.results)
+        if rate is None:
+            print(f'      {args.epochs - done} epochs to train; estimate unknown (no measured images/s for {method})')
+            unknown.append(method)
+            continue
+        per_process, at_once, knn_pass, source = rate
+        here = per_process * at_once / args.concurrent
+        train_seconds = (args.epochs - done) * num_train / here
+        passes = knn_passes(done, args.epochs, args.knn_every)
+        seconds = train_seconds + passes * (knn_pass or 0.0)
+        slot = slots.index(min(slots))
+        slots[slot] += seconds
+        if args.budget_minutes and slots[slot] <= 60 * args.budget_minutes:
+            fits.append(method)
+        knn = f' + {passes} kNN passes x {knn_pass:.0f} s' if knn_pass else f' + {passes} kNN passes (time unknown)'
+        print(f'      {args.epochs - done} epochs x {num_train:,} images / {here:,.0f} img/s = '
+              f'{train_seconds / 60:.1f} min{knn} = {seconds / 60:.1f} min '
+              f'(from {per_process:,.0f} img/s with {at_once} at once: {source})')
+    print(f'  total: {max(slots) / 60:.1f} min of GPU time with {args.concurrent} at once'
+          + (f", plus {' '.join(unknown)} (unknown)" if unknown else '') + '; checkpoints and start-up not included')
+    if args.budget_minutes:
+        rest = [m for m in args.methods if m not in fits]
+        print(f"  within {args.budget_minutes:g} min: {' '.join(fits) if fits else 'none'}"
+              + (f"; not: {' '.join(rest)}" if rest else ''))
+        if fits and rest:
+            print(f"  to run what fits: --methods {' '.join(fits)}")
+
+
+# -----------------------------------------------------------------------------
+# Report: the README table and the figures, from the records
+# -----------------------------------------------------------------------------
+def load_records(results_dir):
+    """Every benchmark record under results_dir/*/ (other JSON files are ignored)."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(results_dir, '*', '*.json'))):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get('schema') == SCHEMA:
+            records.append(record)
+    return records
+
+
+def signed(x):
+    return f'{x:+.1f}'
+
+
+def published_cells(method, record):
+    """(published, delta) cells: each published number with its protocol and source, and ours minus it,
+    ours taken at the same protocol (our best epoch against a best-epoch number, final against final)."""
+    numbers, deltas = [], []
+    for entry in PUBLISHED[method]:
+        approx = '~' if entry.get('approximate') else ''
+        source = list(SOURCES).index(entry['source']) + 1
+        numbers.append(f"{approx}{entry['top1']:.1f} ({entry['protocol']}; {entry['setting']}) [{source}]")
+        if record:
+            ours = record['best_knn_top1'] if entry['protocol'] == 'best' else record['knn_top1']
+            deltas.append(f"{approx}{signed(ours - entry['top1'])} ({entry['protocol']})")
+    if not numbers:
+        return 'none published for this setting', ''
+    return '<br>'.join(numbers), '<br>'.join(deltas)
+
+
+CIFAR10 = dict(num_train=50000, num_test=10000, num_classes=10, image_size=32)
+
+
+def comparable(record):
+    """The published numbers and the targets are for CIFAR-10 at 200 epochs: only such a run is compared."""
+    return record['epochs'] == 200 and all(record['dataset'].get(k) == v for k, v in CIFAR10.items())
+
+
+def table_row(method, record, compare, linear):
+    """One row: ours (final / best), [linear], [published, ours - published, target], wall-clock, device, epochs."""
+    cells = [LABELS[method]]
+    if record is None:
+        cells += ['owed'] + ([''] if linear else [])
+    else:
+        cells += [f"**{record['knn_top1']:.2f}** / {record['best_knn_top1']:.2f} ({record['best_epoch']})"]
+        if linear:
+            cells += [f"{record['linear_top1']:.2f}" if record.get('linear_top1') is not None else '']
+    if compare:
+        published, delta = published_cells(method, record)
+        target = f'{TARGETS[method]:.1f}'
+        if record is not None:
+            short = record['knn_top1'] - TARGETS[method]
+            target += ' (met)' if short >= 0 else f' (short by {-short:.1f})'
+        cells += [published, delta, target]
+    if record is None:
+        return cells + ['', '', '']
+    at_once = f", {record['concurrency']} at once" if (record.get('concurrency') or 1) > 1 else ''
+    wall = f"{record['train_seconds'] / 60:.1f} min ({record['images_per_s']:,.0f} img/s{at_once})"
+    return cells + [wall, record['device'] or '?', str(record['epochs'])]
+
+
+def render_table(records, readme_dir, results_dir):
+    """The Markdown block between the README markers: one table per benchmark name, its figures,
+    the command that makes its missing rows, and the sources of the published numbers."""
+    groups = {}
+    for record in records:
+        groups.setdefault(record['name'], {})[record['method']] = record
+    lines = [TABLE_START,
+             '<!-- written by `python benchmark.py --report` from the records in '
+             f'{os.path.relpath(results_dir, readme_dir)}/; edit the records or benchmark.py, not this block -->', '']
+    if not groups:
+        lines += ['No benchmark record yet: every row is owed. The command that makes them (CIFAR-10 JPEG folders in '
+                  '/tmp/cifar10):', '', '```bash', 'python benchmark.py --data /tmp/cifar10', '```', '']
+        groups = {'cifar10-200ep': {}}
+    linear = any(r.get('linear_top1') is not None for r in records)
+    for name, by_method in sorted(groups.items()):
+        example = next(iter(by_method.values()), None)
+        compare = example is None or all(comparable(r) for r in by_method.values())
+        if example:
+            b = example['benchmark']
+            lines += [f"**{name}**: {b['epochs']} epochs on `{b['data']}`; kNN top-1 (%) on the test set, k={KNN_K}, "
+                      f"T={KNN_T}, from each run's own monitor (every {b['knn_every']} epochs and after the last)."
+                      + ('' if compare else ' Not CIFAR-10 at 200 epochs: not compared with the published numbers.')
+                      + (' The data is an image folder: if JPEG (as the CIFAR-10 copy in ../shared/data), compression '
+                         'may cost a little accuracy against the published runs on the original images.'
+                         if compare and example['dataset'].get('kind') == 'folder' else ''),
+                      '']
+        header = ['method', 'ours: final / best (epoch)'] + (['linear'] if linear else []) + \
+                 (['published', 'ours - published', 'target (final)'] if compare else []) + \
+                 ['training wall-clock', 'device', 'epochs']
+        lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        lines += ['| ' + ' | '.join(table_row(m, by_method.get(m), compare, linear)) + ' |' for m in METHODS]
+        lines.append('')
+        owed = [m for m in RUN_ORDER if m not in by_method]
+        if owed and example:
+            command = ['python', 'benchmark.py', '--data', b['data'], '--epochs', str(b['epochs']), '--name', name] + \
+                      (['--knn-every', str(b['knn_every'])] if b['knn_every'] != 10 else []) + ['--methods'] + owed + \
+                      (['--'] + b['extra'] if b['extra'] else [])
+            lines += [f'Owed rows: `{shlex.join(command)}`', '']
+        if example:
+            figures = [os.path.relpath(os.path.join(results_dir, name, f), readme_dir)
+                       for f in ('knn-vs-epoch.png', 'knn-vs-wallclock.png')]
+            lines += [f'![kNN top-1 against epoch]({figures[0]}) ![kNN top-1 against training wall-clock]({figures[1]})',
+                      '']
+    lines += ['Final: the last epoch; best: the best of the evaluated epochs (Lightly evaluates after every epoch, '
+              'this benchmark every --knn-every epochs, so our best can only be lower than theirs would be). Ours minus '
+              'published compares like with like: our best epoch with a best-epoch number, our final epoch with a '
+              "final-epoch number. Training wall-clock: the epochs' loading + training time, kNN passes, checkpoints and "
+              'start-up excluded; with several runs at once the machine was shared. Sources:', '']
+    lines += [f'{i}. {text}: <{url}>' for i, (text, url) in enumerate(SOURCES.values(), 1)]
+    lines += ['', TABLE_END]
+    return '\n'.join(lines)
+
+
+def plot_figures(records, results_dir):
+    """results/NAME/knn-vs-epoch.png and knn-vs-wallclock.png: every method's kNN curve."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    written = []
+    for name in sorted({r['name'] for r in records}):
+        group = sorted((r for r in records if r['name'] == name), key=lambda r: METHODS.index(r['method']))
+        for filename, x_of, xlabel in (('knn-vs-epoch.png', lambda p: p['epoch'], 'epoch'),
+                                       ('knn-vs-wallclock.png', lambda p: p['train_seconds'] / 60,
+                                        'training wall-clock (min; kNN passes excluded)')):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for r in group:
+                points = [p for p in r['knn_curve'] if p.get('train_seconds') is not None]
+                ax.plot([x_of(p) for p in points], [p['knn_top1'] for p in points], marker='o', markersize=3,
+                        label=f"{r['label']} ({r['knn_top1']:.1f})")
+            ax.set(xlabel=xlabel, ylabel=f'kNN top-1 (%), k={KNN_K}, T={KNN_T}', title=f'{name}: kNN top-1')
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = os.path.join(results_dir, name, filename)
+            tmp = path + '.tmp'
+            fig.savefig(tmp, dpi=100, format='png')
+            plt.close(fig)
+            os.replace(tmp, path)
+            written.append(path)
+    return written
+
+
+def report(args):
+    """Render the table into the README between the markers, and the figures beside the records.
+    Without the markers, the table is printed and the README is left as it is."""
+    records = [r for r in load_records(args.results) if args.name in (None, r['name'])]
+    readme_dir = os.path.dirname(os.path.abspath(args.readme))
+    table = render_table(records, readme_dir, os.path.abspath(args.results))
+    with open(args.readme) as f:
+        text = f.read()
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    if start < 0 or end < start:
+        print(table)
+        raise common.UsageError(f'{args.readme} has no {TABLE_START} ... {TABLE_END} block; add these two lines where '
+                                'the table goes (the table is printed above)')
+    for path in plot_figures(records, args.results):
+        print(f'wrote {path}')
+    updated = text[:start] + table + text[end + len(TABLE_END):]
+    if updated != text:
+        tmp = args.readme + '.tmp'
+        with open(tmp, 'w') as f:
+            f.write(updated)
+        os.replace(tmp, args.readme)
+    print(f'{args.readme}: table of {len(records)} record(s) from {args.results}/'
+          + ('' if updated != text else ' (unchanged)'))
+
+
+def main():
+    args, extra = parse_args()
+    common.LAST_CHECKPOINT['note'] = 'The runs keep their last checkpoints; the same command goes on from them.'
+    if args.report:
+        return report(args)
+    if args.dry_run:
+        return dry_run(args, extra)
+    code = train(args, extra)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == '__main__':
+    common.run(main)

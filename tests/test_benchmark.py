@@ -1,0 +1,296 @@
+"""benchmark.py: records with every field, the report rendered from them, resuming instead of retraining,
+a killed benchmark resumed to the same numbers as an uninterrupted one, the dry run's commands and estimates."""
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import benchmark
+import common
+from conftest import ROOT, TINY
+
+# Three epochs of 8 steps (256 procedural images, batch 32) on the tiny backbone, kNN after each epoch.
+SETTINGS = ['--data', 'procedural:256', '--epochs', '3', '--knn-every', '1', '--name', 'smoke']
+TINY_RUN = ['--', *TINY, '--batch-size', '32']
+RECORD_FIELDS = {  # what a record must hold (issue 12)
+    'method', 'command', 'git_commit', 'git_dirty', 'torch', 'torchvision', 'device', 'world_size', 'concurrency',
+    'epochs', 'knn_top1', 'knn_top1_k20', 'knn_k', 'knn_t', 'best_knn_top1', 'best_epoch', 'train_seconds',
+    'train_seconds_note', 'images_per_s', 'knn_curve', 'linear_top1', 'dataset', 'args', 'segments'}
+
+
+def folders(tmp_path):
+    return ['--runs', str(tmp_path / 'runs'), '--results', str(tmp_path / 'results')]
+
+
+def bench_command(*args):
+    return [sys.executable, os.path.join(ROOT, 'benchmark.py'), *map(str, args)]
+
+
+# One thread per training process in every test here: a run compared number for number with another
+# must see the same thread count (set in the environment, so benchmark.py passes it on unchanged).
+ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+
+
+def bench(*args, check=True):
+    result = subprocess.run(bench_command(*args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f'benchmark.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+    return result
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+    """SimCLR and InstDisc, 3 epochs, both at once, never interrupted: the reference of the tests below."""
+    tmp_path = tmp_path_factory.mktemp('straight')
+    out = bench(*SETTINGS, '--methods', 'simclr', 'instdisc', '--concurrent', '2', *folders(tmp_path), *TINY_RUN)
+    return tmp_path, out
+
+
+def record(tmp_path, method, name='smoke'):
+    with open(tmp_path / 'results' / name / f'{method}.json') as f:
+        return json.load(f)
+
+
+def metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_methods_in_one_command_write_records_with_every_field(straight):
+    tmp_path, out = straight
+    assert out.stdout.count(': finished: kNN top-1') == 2
+    for method in ('simclr', 'instdisc'):
+        r = record(tmp_path, method)
+        assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+        run_metrics = metrics(tmp_path / 'runs' / 'smoke' / method / 'metrics.jsonl')
+        with open(tmp_path / 'results' / 'smoke' / f'{method}.metrics.jsonl') as copy, \
+                open(tmp_path / 'runs' / 'smoke' / method / 'metrics.jsonl') as original:
+            assert copy.read() == original.read()
+        knn = [m for m in run_metrics if 'knn_top1' in m]
+        epochs = [m for m in run_metrics if 'epoch_seconds' in m]
+        assert r['method'] == method and r['epochs'] == 3 and (r['knn_k'], r['knn_t']) == (200, 0.1)
+        assert [p['epoch'] for p in r['knn_curve']] == [1, 2, 3]
+        assert r['knn_top1'] == knn[-1]['knn_top1'] and r['knn_top1_k20'] == knn[-1]['knn_top1_k20']
+        best = max(knn, key=lambda m: m['knn_top1'])['knn_top1']
+        assert r['best_knn_top1'] == best and any(m['knn_top1'] == best and m['epoch'] == r['best_epoch'] for m in knn)
+        assert r['train_seconds'] == pytest.approx(sum(m['epoch_seconds'] for m in epochs))
+        assert r['images_per_s'] == pytest.approx(3 * (256 // 32) * 32 / r['train_seconds'], rel=1e-6)
+        assert f'python {method}.py --data procedural:256 --epochs 3 ' in r['command'] and '--knn-k 200' in r['command']
+        assert r['torch'] == torch.__version__ and r['world_size'] == 1 and r['concurrency'] == 2
+        assert r['device'] == benchmark.cpu_model() and r['dataset']['num_train'] == 256
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
+        if head.returncode == 0:  # a copy of the tree without .git records None
+            assert r['git_commit'] == head.stdout.strip() and isinstance(r['git_dirty'], bool)
+        if os.path.exists(os.path.join(ROOT, 'eval_linear.py')):
+            assert isinstance(r['linear_top1'], float)
+        else:
+            assert r['linear_top1'] is None and 'eval_linear.py is not in this repository' in r['linear_note']
+
+
+def test_second_invocation_trains_nothing_and_keeps_the_records(straight):
+    tmp_path, _ = straight
+    paths = [tmp_path / 'results' / 'smoke' / f'{m}{ext}' for m in ('simclr', 'instdisc') for ext in ('.json', '.log')]
+    before = [p.read_bytes() for p in paths]
+    out = bench(*SETTINGS, '--methods', 'simclr', 'instdisc', '--concurrent', '2', *folders(tmp_path), *TINY_RUN)
+    assert out.stdout.count('nothing left to train') == 2 and 'starting' not in out.stdout
+    assert [p.read_bytes() for p in paths] == before
+
+
+def report(results, readme):
+    benchmark.report(benchmark.parse_args(['--report', '--results', str(results), '--readme', str(readme)])[0])
+
+
+def test_report_renders_the_table_between_the_markers_and_both_figures(straight, tmp_path, capsys):
+    results = straight[0] / 'results'
+    readme = tmp_path / 'README.md'
+    readme.write_text('# Title\n\nbefore\n\n' + benchmark.TABLE_START + '\nold table\n' + benchmark.TABLE_END + '\n\nafter\n')
+    report(results, readme)
+    text = readme.read_text()
+    assert text.startswith('# Title\n\nbefore\n\n') and text.endswith('\n\nafter\n') and 'old table' not in text
+    for method, label in (('simclr', 'SimCLR'), ('instdisc', 'InstDisc')):
+        r = record(straight[0], method)
+        row = next(line for line in text.splitlines() if line.startswith(f'| {label} |'))
+        assert f"**{r['knn_top1']:.2f}** / {r['best_knn_top1']:.2f} ({r['best_epoch']})" in row
+        assert f"{r['train_seconds'] / 60:.1f} min" in row and r['device'] in row
+    assert '| BYOL | owed |' in text and 'Owed rows: `python benchmark.py --data procedural:256 --epochs 3' in text
+    assert 'not compared with the published numbers' in text  # procedural data, 3 epochs
+    for figure in ('knn-vs-epoch.png', 'knn-vs-wallclock.png'):
+        assert (results / 'smoke' / figure).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        assert os.path.relpath(results / 'smoke' / figure, tmp_path) in text
+    report(results, readme)
+    assert readme.read_text() == text  # rendering is a function of the records
+
+    plain = tmp_path / 'PLAIN.md'
+    plain.write_text('no markers here\n')
+    capsys.readouterr()
+    with pytest.raises(common.UsageError, match='has no ' + re.escape(benchmark.TABLE_START)):
+        report(results, plain)
+    assert '| SimCLR |' in capsys.readouterr().out and plain.read_text() == 'no markers here\n'
+
+
+def cifar_record(method, final, best, best_epoch):
+    return dict(schema=benchmark.SCHEMA, method=method, label=benchmark.LABELS[method], name='cifar10-200ep',
+                knn_top1=final, best_knn_top1=best, best_epoch=best_epoch, epochs=200, train_seconds=1200.0,
+                images_per_s=8333.0, concurrency=1, device='NVIDIA H200', linear_top1=None,
+                dataset=dict(kind='folder', num_train=50000, num_test=10000, num_classes=10, image_size=32),
+                benchmark=dict(data='/tmp/cifar10', epochs=200, knn_every=10, extra=[]))
+
+
+def test_comparison_with_published_numbers_is_like_with_like():
+    table = benchmark.render_table([cifar_record('simclr', 86.5, 87.0, 190), cifar_record('moco', 85.0, 85.5, 180)],
+                                   '/repo', '/repo/results')
+    rows = {line.split(' | ')[0][2:]: line.split(' | ') for line in table.splitlines() if line.startswith('| ')}
+    simclr, moco = rows['SimCLR'], rows['MoCo v2']
+    assert simclr[1] == '**86.50** / 87.00 (190)'
+    assert simclr[3] == '+2.2 (best)'            # Lightly's best epoch, 84.8, against our best, 87.0
+    assert simclr[4] == '86.0 (met)'             # the target is for the final epoch
+    assert moco[3].split('<br>') == ['-0.3 (final)', '+2.4 (final)', '+0.8 (best)']  # 85.3 / 82.6 final, 84.7 best
+    assert moco[4] == '86.0 (short by 1.0)'
+    assert rows['MoCo v3'][2] == 'none published for this setting' and rows['BYOL'][1] == 'owed'
+    assert 'Owed rows: `python benchmark.py --data /tmp/cifar10 --epochs 200 --name cifar10-200ep --methods byol ' \
+           'simsiam swav mocov3 dino instdisc`' in table
+    assert '![kNN top-1 against epoch](results/cifar10-200ep/knn-vs-epoch.png)' in table
+
+
+def checkpoint_epoch(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)['epoch']
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def start_and_interrupt(tmp_path, after_epoch, how):
+    """Start the benchmark of SimCLR alone; once its checkpoint holds `after_epoch` epochs, interrupt it:
+    'term' sends SIGTERM to the benchmark alone (it must stop its run), 'kill' SIGKILLs the whole process
+    group (a job's time limit). Returns the epochs the checkpoint holds afterwards."""
+    checkpoint = tmp_path / 'runs' / 'smoke' / 'simclr' / 'checkpoint.pth'
+    process = subprocess.Popen(bench_command(*SETTINGS, '--methods', 'simclr', *folders(tmp_path), *TINY_RUN),
+                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        while checkpoint_epoch(checkpoint) < after_epoch and process.poll() is None:
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()
+        if how == 'term':
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    if how == 'term':
+        assert process.returncode == 143 and 'error: stopped by SIGTERM' in err, err
+        assert 'simclr: stopped after' in out
+    return checkpoint_epoch(checkpoint)
+
+
+def test_killed_benchmark_resumed_by_the_same_command_gives_the_same_records(straight, tmp_path):
+    done = start_and_interrupt(tmp_path, 1, 'term')
+    assert 1 <= done < 3
+    lock = benchmark.lock_run(tmp_path / 'runs' / 'smoke' / 'simclr')
+    assert lock is not None, 'the training process outlived the benchmark that was stopped'
+    os.close(lock)
+    assert not (tmp_path / 'results' / 'smoke' / 'simclr.json').exists()
+    if done == 1:
+        done = start_and_interrupt(tmp_path, 2, 'kill')
+        assert done == 2
+    out = bench(*SETTINGS, '--methods', 'simclr', *folders(tmp_path), *TINY_RUN)
+    assert f'starting with {done} of 3 epochs done' in out.stdout
+    resumed, reference = record(tmp_path, 'simclr'), record(straight[0], 'simclr')
+    assert [s['epochs_before'] for s in resumed['segments']][-1] == done and len(resumed['segments']) >= 2
+    for key in ('epochs', 'best_epoch', 'images_seen'):
+        assert resumed[key] == reference[key], key
+    for key in ('knn_top1', 'knn_top1_k20', 'best_knn_top1'):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+    for ours, theirs in zip(resumed['knn_curve'], reference['knn_curve'], strict=True):
+        assert ours['epoch'] == theirs['epoch'] and ours['knn_top1'] == pytest.approx(theirs['knn_top1'], abs=1e-6)
+    losses = [[m['epoch_loss'] for m in metrics(folder / 'results' / 'smoke' / 'simclr.metrics.jsonl')
+               if 'epoch_loss' in m] for folder in (tmp_path, straight[0])]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_a_failing_method_is_reported_and_the_others_go_on(tmp_path):
+    # --proj-hidden-dim is SimCLR's: InstDisc refuses it, SimCLR trains
+    out = bench('--data', 'procedural:256', '--epochs', '1', '--knn-every', '0', '--name', 'fail',
+                '--methods', 'instdisc', 'simclr', *folders(tmp_path), '--', *TINY, '--batch-size', '32',
+                '--proj-hidden-dim', '32', check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert 'instdisc: FAILED (exit 2): instdisc.py: error: unrecognized arguments: --proj-hidden-dim 32' in out.stdout
+    assert 'simclr: finished' in out.stdout and 'failed: instdisc' in out.stdout
+    assert record(tmp_path, 'simclr', 'fail')['epochs'] == 1
+    assert not (tmp_path / 'results' / 'fail' / 'instdisc.json').exists()
+
+
+def test_dry_run_prints_the_commands_and_estimates_from_measured_images_per_second(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    results = tmp_path / 'results'
+    os.makedirs(results / 'earlier')
+    gpu_record = dict(schema=benchmark.SCHEMA, method='simclr', name='earlier', device='NVIDIA H200', device_type='cuda',
+                      images_per_s=5000.0, concurrency=2, knn_seconds=30.0, knn_curve=[{}, {}, {}],
+                      recorded_at='2026-12-01T00:00:00+00:00')
+    (results / 'earlier' / 'simclr.json').write_text(json.dumps(gpu_record))
+    args, extra = benchmark.parse_args(['--data', 'cifar10', '--methods', 'simclr', 'dino', '--budget-minutes', '25',
+                                        '--runs', str(tmp_path / 'runs'), '--results', str(results)])
+    benchmark.dry_run(args, extra)
+    out = capsys.readouterr().out
+    for method in ('simclr', 'dino'):
+        assert (f'python {method}.py --data cifar10 --epochs 200 --output-dir {tmp_path}/runs/cifar10-200ep/{method} '
+                f'--knn-every 10 --knn-k 200 --knn-t 0.1\n') in out
+    # SimCLR from the record: 5,000 img/s with 2 at once -> 10,000 img/s alone, 200 x 50,000 images: 1,000 s;
+    # its 3 kNN passes took 30 s: 20 more passes (every 10 epochs) at 10 s each
+    assert '200 epochs x 50,000 images / 10,000 img/s = 16.7 min + 20 kNN passes x 10 s = 20.0 min' in out
+    # DINO: no record; the H100 progress lines of 8 runs at once (upper median), x 8, and its log's kNN seconds
+    early = os.path.join(ROOT, 'results', 'h100-2026-11-22', 'cifar10-10ep-concurrent-dino')
+    rate = 8 * statistics.median_high(m['images_per_s'] for m in metrics(early + '.metrics.jsonl') if 'images_per_s' in m)
+    with open(early + '.log') as f:
+        knn = [int(line.rsplit('(', 1)[1].split()[0]) for line in f if 'kNN (' in line and line.rstrip().endswith(' s)')]
+    dino_seconds = 200 * 50000 / rate + 20 * sum(knn) / len(knn)
+    assert f'= {dino_seconds / 60:.1f} min (from' in out and f'total: {(1200 + dino_seconds) / 60:.1f} min' in out
+    assert 'within 25 min: simclr; not: dino' in out
+    assert not (tmp_path / 'runs').exists()  # a dry run writes nothing
+
+
+def test_bad_input_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    cases = [(['--data', 'procedural', '--methods', 'simclr', 'nope'], 'unknown --methods nope'),
+             (['--data', 'procedural', '--methods', 'byol', 'byol'], 'names a method twice'),
+             (['--data', 'procedural', '--epochs', '0'], '--epochs and --concurrent must be at least 1'),
+             (['--data', 'procedural', '--knn-every', '-1'], 'every record needs the final kNN'),
+             (['--data', 'procedural', '--', '--epochs', '5'], "--epochs after `--` is the benchmark's own setting"),
+             (['--data', 'procedural', '--', '--knn-k=20'], "--knn-k after `--` is the benchmark's own setting"),
+             (['--data', 'procedural', '--name', 'a/b'], "--name 'a/b' must be letters"),
+             (['--data', str(tmp_path / 'missing')], 'is neither a dataset name'),
+             (['--epochs', '10'], '--data is required'),
+             (['--report', '--readme', str(tmp_path / 'missing.md')], 'does not exist')]
+    for argv, message in cases:
+        with pytest.raises(common.UsageError, match=re.escape(message)):  # common.run: `error: ...`, exit code 2
+            benchmark.parse_args(argv + folders(tmp_path) if '--' not in argv else folders(tmp_path) + argv)
+    assert not (tmp_path / 'runs').exists() and not (tmp_path / 'results').exists()
+
+
+def test_a_run_locked_by_another_process_is_not_taken(tmp_path):
+    first = benchmark.lock_run(tmp_path)
+    assert first is not None and benchmark.lock_run(tmp_path) is None
+    os.close(first)
+    second = benchmark.lock_run(tmp_path)
+    assert second is not None
+    os.close(second)
+
+
+def test_linear_probe_reads_eval_linear_json_and_reports_a_failure(tmp_path):
+    log = tmp_path / 'train.log'
+    good = tmp_path / 'eval_linear.py'
+    good.write_text('import json, sys\njson.dump({"results": {"top1": 91.25}}, open(sys.argv[sys.argv.index("--json") + 1], "w"))\n')
+    result = benchmark.linear_probe(str(tmp_path / 'checkpoint.pth'), str(log), str(good))
+    assert result['linear_top1'] == 91.25 and '--json' in result['linear_command']
+    bad = tmp_path / 'broken.py'
+    bad.write_text('import sys\nprint("error: no test split")\nsys.exit(2)\n')
+    result = benchmark.linear_probe(str(tmp_path / 'checkpoint.pth'), str(log), str(bad))
+    assert result['linear_top1'] is None and 'exited 2: error: no test split' in result['linear_note']
