@@ -1,8 +1,9 @@
 """Measure what a checker's verdict rests on, over seeds and thread counts, before trusting a threshold.
 
 A checker that trains defines `measure(submission, output_dir, *flags) -> number` and `ARMS`
-({arm name: flags}); this script applies the assignment's reference solution in a temporary copy of
-the repository and prints measure() for every arm, seed and OMP_NUM_THREADS, then each arm's range:
+({arm name: flags, or (another such function, flags)}); this script applies the assignment's reference
+solution in a temporary copy of the repository and prints the value for every arm, seed and
+OMP_NUM_THREADS, then each arm's range:
   python assignments/measure.py simsiam-stop-gradient --seeds 0 1 2 3 4 --threads 1 2
 Nothing in the repository is changed. The numbers are what the checker's comments quote.
 """
@@ -51,11 +52,12 @@ def main():
         for arm, flags in checker.ARMS.items():
             if args.arms and arm not in args.arms:
                 continue
+            function, flags = (checker.measure, flags) if isinstance(flags, list) else flags
             for threads in args.threads:
                 os.environ['OMP_NUM_THREADS'] = str(threads)
                 for seed in args.seeds:
                     folder = tempfile.mkdtemp(dir=root)
-                    value = checker.measure(submission, folder, *flags, '--seed', str(seed))
+                    value = function(submission, folder, *flags, '--seed', str(seed))
                     values.setdefault(arm, []).append(value)
                     print(f'{args.name}  {arm:24s} threads {threads} seed {seed}: {value:.4g}', flush=True)
         for arm, numbers in values.items():
