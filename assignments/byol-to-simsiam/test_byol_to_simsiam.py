@@ -61,7 +61,8 @@ def test_every_parameter_is_trained_no_target_network(one_step):
 def test_the_online_network_does_not_collapse(one_step, submission, tmp_path):
     require_no_target(one_step)  # first things first: on BYOL itself this would pass
     std = measure(submission, tmp_path)
-    # Measured (seeds 0-4, 1 and 2 threads): TO BE FILLED IN
+    # Measured, reference solution, seeds 0-4: 0.058-0.108 (1 thread), 0.069-0.090 (2 threads); without the
+    # .detach() too (one run per lr, 1 thread): 0.002 (lr 2.0), 0.004 (lr 1.0). Threshold 0.035.
     expect(std > 0.2 / math.sqrt(PROJ_DIM),
            f'output_std fell to {std:.4f} (healthy: about {1 / math.sqrt(PROJ_DIM):.3f} = 1/sqrt(d); collapsed: 0): '
            'every image gets the same projection. The online network may be its own target only behind a '

@@ -16,7 +16,8 @@ RUN = ['--data', 'procedural:256', *TINY, '--batch-size', '32', '--epochs', '100
        '--local-crop-size', '8', '--log-every', '4', '--knn-every', '-1']
 LN_K = math.log(K)  # 5.55
 # Measured, mean of the last 5 logged teacher_entropy (steps 32-48) / ln K, seeds 0-4, OMP_NUM_THREADS=1 / 2:
-#   --no-centering: TO BE FILLED IN     --no-sharpening: TO BE FILLED IN     both (not asserted): TO BE FILLED IN
+#   --no-centering: 0.0003-0.0024     --no-sharpening: 0.947-0.971     both (not asserted): 0.44-0.71
+#   (the same with 1 and 2 threads)
 
 
 def require_flags(submission):

@@ -19,7 +19,7 @@ HEALTHY = 1 / math.sqrt(PROJ_DIM)                # 0.177: outputs spread over th
 FLOOR = 2 / math.sqrt(BATCH * PROJ_DIM)          # 0.0625: all images but one alike (see README.md, "What you see")
 THRESHOLD = 0.7 / math.sqrt(PROJ_DIM)            # 0.124, between the two
 # Measured, mean of the last 5 logged output_std (steps 48-64), seeds 0-4, OMP_NUM_THREADS=1 / 2:
-#   --no-stop-gradient: TO BE FILLED IN          stop-gradient: TO BE FILLED IN
+#   --no-stop-gradient: 0.078-0.097 / 0.063-0.096          stop-gradient: 0.166-0.176 / 0.166-0.171
 
 
 def require_flag(submission):

@@ -22,7 +22,7 @@ RUN = ['--data', 'procedural:256', *TINY, '--batch-size', '32', '--epochs', '100
        '--knn-every', '-1']
 LN_K = math.log(PROTOTYPES)  # 3.91: the loss of uniform predictions
 # Measured, mean of the last 5 logged losses (steps 32-48) / ln K, seeds 0-4, OMP_NUM_THREADS=1 / 2:
-#   --no-sinkhorn: TO BE FILLED IN        Sinkhorn: TO BE FILLED IN
+#   --no-sinkhorn: 0.00018-0.00020 (both)        Sinkhorn: 0.989-1.001 / 0.988-1.001
 
 
 def require_flag(submission):
@@ -60,7 +60,8 @@ def test_without_sinkhorn_swav_finds_the_trivial_solution(submission, tmp_path):
     expect(loss < 0.1, f'with --no-sinkhorn the loss is still {loss:.2f} ln K after 48 steps (the trivial solution '
                        'drives it to 0): are the codes softmax(scores / eps) of each sample? (README.md, step 2)')
     share = largest_prototype_share(submission, os.path.join(tmp_path, 'checkpoint.pth'))
-    # Measured: TO BE FILLED IN
+    # Measured (seeds 0-4, 1 and 2 threads): 1.0 in every run. With Sinkhorn: 0.25-0.995, so this is no test of
+    # the default: in eval mode the raw scores may favour one prototype; Sinkhorn spreads the codes, in training
     expect(share > 0.9, f'with --no-sinkhorn, only {share:.0%} of the test images go to the most common prototype '
                         '(the trivial solution: all of them; README.md, step 3)')
 
