@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import common  # noqa: E402  (this repository's: the teacher's plumbing)
 
-# The tiny setting of tests/conftest.py: a ResNet-18 of base width 8 on 16-px crops, no data-loading processes.
+# tests/conftest.py's TINY_BACKBONE: a ResNet-18 of base width 8 on 16-px crops, no data-loading processes.
 TINY = ['--arch', 'resnet18', '--width', '8', '--image-size', '16', '--workers', '0']
 
 
@@ -53,7 +53,11 @@ class Submission:
         returns the CompletedProcess. With check, a non-zero exit fails the test with the script's output."""
         env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
         command = [sys.executable, os.path.join(self.root, script)] + [str(a) for a in args]
-        result = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            result = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f'{script} {" ".join(str(a) for a in args)}\nran longer than {timeout} s (the checker\'s runs '
+                        'take seconds to a minute): an endless loop?', pytrace=False)
         if check and result.returncode != 0:
             pytest.fail(f'{script} {" ".join(str(a) for a in args)}\nexited {result.returncode}:\n'
                         f'{result.stdout[-1500:]}\n{result.stderr[-3000:]}', pytrace=False)
