@@ -1,0 +1,101 @@
+"""assignments/: every checker fails on its starting point (saying which README step is missing) and passes on
+the reference solution, each in a temporary copy of the repository (never this one); the patches are exactly
+what make_patches.py makes of the current method files; every method file has an assignment; a submission is
+graded from a file (--submission) or a clone ($SUBMISSION). Marked `assignments` (pytest -m "not assignments"
+skips them): each runs a checker twice, tens of seconds."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+ASSIGNMENTS = os.path.join(ROOT, 'assignments')
+NAMES = sorted(name for name in os.listdir(ASSIGNMENTS) if os.path.isfile(os.path.join(ASSIGNMENTS, name, 'edits.py')))
+METHOD_FILES = {'instdisc.py', 'simclr.py', 'moco.py', 'byol.py', 'simsiam.py', 'swav.py', 'mocov3.py', 'dino.py'}
+
+pytestmark = pytest.mark.assignments
+
+
+def method_file(name):
+    spec = importlib.util.spec_from_file_location('edits', os.path.join(ASSIGNMENTS, name, 'edits.py'))
+    edits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(edits)
+    return edits.FILE
+
+
+def copy_repository(destination):
+    """What a fresh clone holds that the checkers need: the scripts, pytest.ini and assignments/."""
+    os.makedirs(destination)
+    for name in os.listdir(ROOT):
+        if name.endswith('.py') or name == 'pytest.ini':
+            shutil.copy(os.path.join(ROOT, name), destination)
+    shutil.copytree(ASSIGNMENTS, os.path.join(destination, 'assignments'),
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    return destination
+
+
+def git_apply(root, patch):
+    result = subprocess.run(['git', 'apply', patch], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, f'git apply {patch}: {result.stderr}'
+
+
+def run_checker(root, name, *options, env=None):
+    """`python -m pytest assignments/<name> -x` in root, as a teacher or a student types it."""
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
+    return subprocess.run([sys.executable, '-m', 'pytest', os.path.join('assignments', name), '-x', *options],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_checker_fails_on_the_starting_point_and_passes_on_the_solution(name, tmp_path):
+    root = copy_repository(tmp_path / 'clone')
+    handout = os.path.join(ASSIGNMENTS, name, 'handout.patch')
+    if os.path.exists(handout):
+        git_apply(root, handout)  # what the teacher hands out
+    before = run_checker(root, name)
+    assert before.returncode == 1 and 'README.md, step' in before.stdout, before.stdout[-3000:] + before.stderr[-2000:]
+    git_apply(root, os.path.join(ASSIGNMENTS, name, 'solution.patch'))
+    after = run_checker(root, name)
+    assert after.returncode == 0, after.stdout[-4000:] + after.stderr[-2000:]
+
+
+def test_patches_are_what_the_edits_make_of_the_method_files_and_apply_with_patch_too(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ASSIGNMENTS, 'make_patches.py'), '--check'],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if shutil.which('patch') is None:
+        return  # git apply has been checked; GNU patch is only the teacher's alternative
+    root = copy_repository(tmp_path / 'clone')
+    for name in NAMES:
+        for patch in ('handout.patch', 'solution.patch'):
+            path = os.path.join(ASSIGNMENTS, name, patch)
+            if os.path.exists(path):
+                result = subprocess.run(['patch', '-p1', '--forward', '-i', path], cwd=root, capture_output=True, text=True)
+                assert result.returncode == 0 and 'fuzz' not in result.stdout, f'patch -p1 < {path}: {result.stdout}'
+
+
+def test_every_method_file_has_an_assignment_with_readme_checker_and_solution():
+    assert len(NAMES) >= 8 and {method_file(name) for name in NAMES} == METHOD_FILES
+    for name in NAMES:
+        files = os.listdir(os.path.join(ASSIGNMENTS, name))
+        assert {'README.md', 'solution.patch', 'edits.py'} <= set(files), name
+        assert len([f for f in files if f.startswith('test_') and f.endswith('.py')]) == 1, name
+
+
+def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
+    root = copy_repository(tmp_path / 'teacher')  # the reference files stay as they are
+    student = copy_repository(tmp_path / 'student')
+    git_apply(student, os.path.join(ASSIGNMENTS, 'simclr-nt-xent', 'handout.patch'))
+    os.makedirs(tmp_path / 'inbox')
+    shutil.copy(os.path.join(student, 'simclr.py'), tmp_path / 'inbox' / 'alice_simclr.py')  # any file name
+    stub = run_checker(root, 'simclr-nt-xent', '--submission', str(tmp_path / 'inbox' / 'alice_simclr.py'))
+    assert stub.returncode == 1 and 'nt_xent_loss is still the stub' in stub.stdout, stub.stdout[-3000:]
+    git_apply(student, os.path.join(ASSIGNMENTS, 'simclr-nt-xent', 'solution.patch'))
+    solved = run_checker(root, 'simclr-nt-xent', env=dict(os.environ, SUBMISSION=student))  # a clone: its simclr.py
+    assert solved.returncode == 0, solved.stdout[-3000:] + solved.stderr[-2000:]
+    missing = run_checker(root, 'simclr-nt-xent', '--submission', str(tmp_path / 'nowhere.py'))
+    assert missing.returncode != 0 and 'no such file' in missing.stdout, missing.stdout[-2000:]
