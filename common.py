@@ -1614,7 +1614,7 @@ class EncodedFiles(torch.utils.data.Dataset):
         _, i = item
         path, label = self.samples[i]
         try:
-            data = torchvision.io.read_file(path)
+            data = torchvision.io.read_file(path).clone()  # a worker cannot send read_file's own storage: it hangs
         except (OSError, RuntimeError) as e:
             raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
         return (data if is_jpeg(data) else decode_file(path, data)), label, i
@@ -1663,7 +1663,7 @@ class StreamedFiles:
             EncodedFiles(samples), batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
             collate_fn=collate_lists, drop_last=sampler.drop_last, pin_memory=device.type == 'cuda',
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=ignore_signals if workers > 0 else None)
+            worker_init_fn=quiet_worker if workers > 0 else None)
 
     def __len__(self):
         return len(self.samples)
@@ -1748,7 +1748,7 @@ def stack_canvas(images):
 def decode_all(base, workers):
     """(canvas, heights, widths, labels) of a whole dataset of PIL images, decoded in `workers` processes."""
     loader = torch.utils.data.DataLoader(ImageList(base), batch_size=64, num_workers=workers, collate_fn=collate_lists,
-                                         worker_init_fn=ignore_signals if workers > 0 else None)
+                                         worker_init_fn=quiet_worker if workers > 0 else None)
     images, labels = [], []
     for batch, batch_labels, _ in loader:
         images += batch

@@ -18,7 +18,6 @@ Run:
 ViT checkpoints (ours or --pretrained): `--attention-image` draws, instead of evaluating, the last block's attention from the
 CLS token to every patch, one panel per head, over the image (as in the DINO paper's figures).
 """
-import json
 import math
 
 import torch

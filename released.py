@@ -20,7 +20,6 @@ import argparse
 import os
 import pickle
 import re
-import sys
 import warnings
 from typing import NamedTuple
 

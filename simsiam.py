@@ -21,7 +21,6 @@ Run:
 import argparse
 from collections import OrderedDict
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -16,7 +16,6 @@ One process (no torchrun). Prints a table; --json FILE also writes it.
 import argparse
 import contextlib
 import io
-import json
 import os
 import runpy
 import subprocess

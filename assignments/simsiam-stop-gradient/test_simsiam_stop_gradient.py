@@ -4,8 +4,6 @@ Two tiny runs.
   pytest assignments/simsiam-stop-gradient [--submission path/to/simsiam.py]"""
 import math
 
-import pytest
-
 from conftest import TINY, expect
 
 METHOD_FILE = 'simsiam.py'
