@@ -853,7 +853,9 @@ def report(args):
     table = render_table(records, readme_dir, os.path.abspath(args.results))
     with open(args.readme) as f:
         text = f.read()
-    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    # the markers are whole lines (the README also names them in its prose)
+    start = next((m.start() for m in re.finditer(f'^{re.escape(TABLE_START)}$', text, re.M)), -1)
+    end = next((m.start() for m in re.finditer(f'^{re.escape(TABLE_END)}$', text, re.M) if m.start() > start), -1)
     if start < 0 or end < start:
         print(table)
         raise common.UsageError(f'{args.readme} has no {TABLE_START} ... {TABLE_END} block; add these two lines where '

@@ -110,10 +110,11 @@ def report(results, readme):
 def test_report_renders_the_table_between_the_markers_and_both_figures(straight, tmp_path, capsys):
     results = straight[0] / 'results'
     readme = tmp_path / 'README.md'
-    readme.write_text('# Title\n\nbefore\n\n' + benchmark.TABLE_START + '\nold table\n' + benchmark.TABLE_END + '\n\nafter\n')
+    prose = f'The table goes between `{benchmark.TABLE_START}` and `{benchmark.TABLE_END}`.\n\n'  # named, not marking
+    readme.write_text('# Title\n\n' + prose + benchmark.TABLE_START + '\nold table\n' + benchmark.TABLE_END + '\n\nafter\n')
     report(results, readme)
     text = readme.read_text()
-    assert text.startswith('# Title\n\nbefore\n\n') and text.endswith('\n\nafter\n') and 'old table' not in text
+    assert text.startswith('# Title\n\n' + prose) and text.endswith('\n\nafter\n') and 'old table' not in text
     for method, label in (('simclr', 'SimCLR'), ('instdisc', 'InstDisc')):
         r = record(straight[0], method)
         row = next(line for line in text.splitlines() if line.startswith(f'| {label} |'))
