@@ -5,7 +5,7 @@ import math
 import torch
 
 import byol
-from conftest import TINY, knn_gain_over_seeds, run_distributed, run_script
+from conftest import TINY, learning_run, run_distributed, run_script
 
 
 def regression_reference(p, z):
@@ -109,18 +109,19 @@ def test_target_stays_identical_across_ranks_without_broadcast(tmp_path):
 
 
 # 300 steps on the procedural textures; tau_base 0.9 lets the target follow within so few steps.
-TRAIN = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '32', '--optimizer', 'sgd', '--lr', '1.0',
-         '--min-scale', '0.3', '--proj-hidden-dim', '128', '--pred-hidden-dim', '128', '--warmup-epochs', '1',
-         '--tau-base', '0.9', '--knn-every', '-1']
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+LEARNING = ['--optimizer', 'sgd', '--lr', '1.0', '--tau-base', '0.9', '--min-scale', '0.3', '--proj-hidden-dim', '128',
+            '--proj-dim', '128', '--pred-hidden-dim', '32', '--warmup-epochs', '1']
+LEARNING_MARGIN = 6
 
 
 def test_byol_learns_beyond_the_untrained_network_without_collapse(tmp_path):
-    trained, untrained, run = knn_gain_over_seeds(tmp_path, 'byol.py', 6, *TRAIN)
-    assert trained > untrained + 6, (trained, untrained)  # measured: 55.0 vs 42.5 (seed 0)
-    records = [json.loads(line) for line in open(run / 'metrics.jsonl')]
+    gain, records = learning_run(tmp_path, 'byol.py', *LEARNING)
+    assert gain > LEARNING_MARGIN, gain  # kNN top-1 gain over the untrained network: smallest of 20 runs +13.4
     epoch_loss = [r['epoch_loss'] for r in records if 'epoch_loss' in r]  # the mean loss of each epoch
-    assert epoch_loss[-1] < 0.85 * epoch_loss[0], epoch_loss
-    assert all(r['output_std'] > 0.5 / math.sqrt(256) for r in records if 'step' in r)  # ~1/sqrt(d); 0 = collapse
+    assert epoch_loss[-1] < 0.6 * epoch_loss[0], epoch_loss  # measured (last / first): 0.14-0.29
+    # no collapse: output_std ~1/sqrt(128) = 0.088 when spread, 0 when collapsed; the smallest logged: 0.040-0.059
+    assert all(r['output_std'] > 0.25 / math.sqrt(128) for r in records if 'step' in r)
 
 
 def test_torchrun_two_processes_and_tau_end_points(tmp_path):

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import instdisc
-from conftest import TINY, knn_trained_and_untrained, run_distributed, run_script
+from conftest import TINY, learning_run, run_distributed, run_script
 from test_cli import expect_error
 from test_moco import tiny_backbone
 
@@ -113,12 +113,14 @@ def test_after_ddp_steps_the_memory_bank_is_identical_on_both_ranks(tmp_path):
         assert torch.allclose(results[0]['bank'][:24].norm(dim=1), torch.ones(24))  # all 24 seen images updated
 
 
-KNN_RUN = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '32', '--min-scale', '0.3', '--knn-every', '-1']
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+LEARNING = ['--min-scale', '0.3', '--lr', '0.25', '--temperature', '0.5']
+LEARNING_MARGIN = 15
 
 
 def test_instdisc_learns_beyond_the_untrained_network(tmp_path):
-    trained, untrained = knn_trained_and_untrained(tmp_path, 'instdisc.py', *KNN_RUN, '--lr', '0.25', '--temperature', '0.5')
-    assert trained > untrained + 10, (trained, untrained)  # measured: 72.0 vs 42.5 (300 steps, full softmax, 2 threads)
+    gain, _ = learning_run(tmp_path, 'instdisc.py', *LEARNING)
+    assert gain > LEARNING_MARGIN, gain  # kNN top-1 gain over the untrained network: smallest of 11 runs +38.9
 
 
 def test_torchrun_two_processes_nce_and_bad_input(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 import common
 import mocov3
-from conftest import TINY, knn_trained_and_untrained, run_distributed, run_script
+from conftest import TINY, learning_run, run_distributed, run_script
 from test_cli import expect_error
 
 
@@ -137,8 +137,11 @@ def test_torchrun_two_processes_with_a_vit(tmp_path):
     assert torch.equal(checkpoint['backbone']['patch_embed.weight'], fresh.patch_embed.weight)
 
 
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+LEARNING = ['--min-scale', '0.3', '--optimizer', 'sgd', '--lr', '1.0', '--mlp-hidden-dim', '128', '--warmup-epochs', '1']
+LEARNING_MARGIN = 5
+
+
 def test_mocov3_learns_beyond_the_untrained_network(tmp_path):
-    run = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '32', '--min-scale', '0.3',
-           '--optimizer', 'sgd', '--lr', '1.0', '--mlp-hidden-dim', '128', '--warmup-epochs', '1', '--knn-every', '-1']
-    trained, untrained = knn_trained_and_untrained(tmp_path, 'mocov3.py', *run)
-    assert trained > untrained + 10, (trained, untrained)  # measured: 65.5 vs 42.5 (300 steps, ResNet)
+    gain, _ = learning_run(tmp_path, 'mocov3.py', *LEARNING)
+    assert gain > LEARNING_MARGIN, gain  # kNN top-1 gain over the untrained network: smallest of 20 runs +11.7

@@ -1,11 +1,10 @@
 """simsiam.py: the loss against Eq. (4), the stop-gradient, the heads, the predictor's fixed lr, torchrun, learning."""
-import json
 import math
 
 import torch
 
 import simsiam
-from conftest import TINY, knn_gain_over_seeds, run_script
+from conftest import TINY, learning_run, run_script
 
 
 def D_reference(p, z):
@@ -91,16 +90,18 @@ def test_predictor_keeps_its_fixed_lr_through_training(tmp_path):
 # The TINY recipe, tweaked: SimSiam (no negatives) starts slower than SimCLR on the procedural textures, so it
 # trains 30 epochs (900 steps) at lr 2.0 per 256. Measured: ~30.5% vs ~22.5% untrained after 900 steps (10 epochs:
 # no gain over the untrained network yet).
-TRAIN = ['--data', 'procedural:960', *TINY, '--epochs', '10', '--batch-size', '32', '--lr', '2.0', '--min-scale', '0.3',
-         '--proj-hidden-dim', '128', '--proj-dim', '128', '--pred-hidden-dim', '32', '--warmup-epochs', '1',
-         '--log-every', '30', '--knn-every', '-1']
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+LEARNING = ['--lr', '2.0', '--min-scale', '0.3', '--proj-hidden-dim', '128', '--proj-dim', '128', '--pred-hidden-dim', '32',
+            '--warmup-epochs', '1']
+LEARNING_MARGIN = 10
 
 
 def test_simsiam_learns_beyond_the_untrained_network(tmp_path):
-    trained, untrained, run = knn_gain_over_seeds(tmp_path, 'simsiam.py', 10, *TRAIN)
-    assert trained > untrained + 10, (trained, untrained)  # measured: 62.0 vs 42.5 (seed 0, 300 steps, 2 threads)
-    steps = [json.loads(line) for line in open(run / 'metrics.jsonl') if '"step"' in line]
-    assert steps[0]['loss'] > steps[-1]['loss'] and all(r['output_std'] > 0.02 for r in steps)  # no collapse
+    gain, records = learning_run(tmp_path, 'simsiam.py', *LEARNING)
+    assert gain > LEARNING_MARGIN, gain  # kNN top-1 gain over the untrained network: smallest of 20 runs +23.4
+    steps = [r for r in records if 'step' in r]
+    # no collapse: output_std ~1/sqrt(128) = 0.088 when spread, 0 when collapsed; the smallest logged: 0.065-0.085
+    assert steps[0]['loss'] > steps[-1]['loss'] and all(r['output_std'] > 0.35 / math.sqrt(128) for r in steps)
 
 
 def test_torchrun_two_processes(tmp_path):
