@@ -68,8 +68,19 @@ class Interrupted(Exception):
     last checkpoint is, as for Ctrl-C."""
 
 
+STOP = {}  # the signal that asked this process to stop: set by the handler, checked at every step
+
+
 def _raise_interrupted(signum, frame):
-    raise Interrupted()
+    STOP['signal'] = signum
+    raise Interrupted() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def check_stop():
+    """Raise again the stop a signal asked for: its first exception can be swallowed where Python ignores
+    exceptions (a DataLoader iterator's __del__ at an epoch's end prints "Exception ignored" and goes on)."""
+    if STOP:
+        raise Interrupted() if STOP['signal'] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def run(main):
@@ -84,8 +95,11 @@ def run(main):
     called without an active exception"). After an error, the rank exits at once: tearing down a
     group whose other ranks may be stuck in a collective can block until NCCL's watchdog fires."""
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the caller chose to ignore Ctrl-C
+        signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         main()
+        check_stop()  # a stop signal whose exception was swallowed in the last step
     except (UsageError, TrainingError, Interrupted, KeyboardInterrupt, RuntimeError) as e:
         joined = dist.is_available() and dist.is_initialized()
         if isinstance(e, RuntimeError) and not is_timeout(e):
@@ -1502,6 +1516,7 @@ class Loader:
         self.sampler.set_epoch(epoch)
         self.epoch_started = time.time()  # MetricLogger times the epoch from here
         for views, labels, indices in self.loader:
+            check_stop()
             yield ([self._to_device(v) for v in views], labels.to(self.device, non_blocking=True),
                    indices.to(self.device, non_blocking=True))
 
@@ -1713,6 +1728,7 @@ class DeviceLoader:
         self.sampler.set_epoch(epoch)
         self.epoch_started = time.time()  # MetricLogger times the epoch from here
         for groups, indices, on_device, heights, widths, labels in self.source.batches(self.sampler):
+            check_stop()
             views = self.views.batch(groups, indices, heights, widths, epoch, self.seed)
             yield [self._normalise(v) for v in views], labels, on_device
 

@@ -158,3 +158,20 @@ def test_the_first_progress_lines_come_early_with_an_estimate(tmp_path):
                      '--output-dir', tmp_path).stdout
     lines = [line for line in out.splitlines() if line.startswith('epoch ')]
     assert lines[0].startswith('epoch 1/3 step 1/12 ') and 'eta' in lines[0] and lines[1].startswith('epoch 3/3 step 10/12')
+
+
+def test_a_stop_signal_whose_exception_was_swallowed_still_stops(tmp_path):
+    # Python swallows an exception raised inside a __del__ (a DataLoader iterator's, at an epoch's end): the stop
+    # a signal asked for must not be lost with it
+    script = tmp_path / 'swallow.py'
+    script.write_text('import os, signal, sys\nsys.path.insert(0, sys.argv[1])\nimport common\n\n\ndef main():\n'
+                      '    try:\n        os.kill(os.getpid(), signal.SIGINT)\n    except KeyboardInterrupt:\n'
+                      '        pass  # swallowed\n    print("went on")\n\n\ncommon.run(main)\n')
+    result = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and 'error: stopped by Ctrl-C.' in result.stderr, (result.returncode, result.stderr)
+    common.STOP['signal'] = signal.SIGTERM
+    try:
+        with pytest.raises(common.Interrupted):
+            common.check_stop()
+    finally:
+        common.STOP.clear()
