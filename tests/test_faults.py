@@ -71,7 +71,13 @@ def start_training(tmp_path, *extra, nproc=None):
     launcher = ([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
                  str(free_port())] if nproc else [sys.executable])
     out, err = open(tmp_path / 'stdout', 'w'), open(tmp_path / 'stderr', 'w')
-    return subprocess.Popen(launcher + [os.path.join(ROOT, 'simclr.py'), *run], cwd=ROOT, env=env, stdout=out, stderr=err)
+    return subprocess.Popen(launcher + [os.path.join(ROOT, 'simclr.py'), *run], cwd=ROOT, env=env, stdout=out, stderr=err,
+                            preexec_fn=default_sigint)
+
+
+def default_sigint():
+    """A child of a background job inherits an ignored SIGINT (and Python then leaves Ctrl-C ignored): restore it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(predicate, timeout=120):
@@ -167,7 +173,8 @@ def test_a_stop_signal_whose_exception_was_swallowed_still_stops(tmp_path):
     script.write_text('import os, signal, sys\nsys.path.insert(0, sys.argv[1])\nimport common\n\n\ndef main():\n'
                       '    try:\n        os.kill(os.getpid(), signal.SIGINT)\n    except KeyboardInterrupt:\n'
                       '        pass  # swallowed\n    print("went on")\n\n\ncommon.run(main)\n')
-    result = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True, timeout=120,
+                            preexec_fn=default_sigint)
     assert result.returncode == 130 and 'error: stopped by Ctrl-C.' in result.stderr, (result.returncode, result.stderr)
     common.STOP['signal'] = signal.SIGTERM
     try:
