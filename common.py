@@ -2157,6 +2157,21 @@ def last_checkpoint_note(args):
     return LAST_CHECKPOINT.get('note', f'No checkpoint was written to {args.output_dir}.')
 
 
+def save_atomically(obj, path):
+    """torch.save to path.tmp, flushed to disk, then renamed over path: a reader sees the old file or the
+    new one, never half of one. On an OSError (e.g. a full disk) the partial .tmp is removed and it is raised."""
+    tmp = f'{path}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(args, epoch, backbone, **objects):
     """Atomically write <output-dir>/checkpoint.pth: method, args, epochs done, `backbone` (the
     weights the paper evaluates, loadable by eval_knn.py) and the state of every named object
@@ -2174,19 +2189,11 @@ def save_checkpoint(args, epoch, backbone, **objects):
         raise TrainingError(f'after epoch {epoch} the tensor {bad} holds NaN or inf; nothing was saved. '
                             f'{last_checkpoint_note(args)} (try a lower --lr or --precision fp32)')
     path = checkpoint_path(args)
-    tmp = path + '.tmp'
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_atomically(state, path)
     except OSError as e:
         raise TrainingError(f'could not write the checkpoint of epoch {epoch} to {path} ({e.strerror}). '
                             f'{last_checkpoint_note(args)}') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     LAST_CHECKPOINT['note'] = (f'The last good checkpoint is {path} ({epoch} epoch(s) done); '
                                'the same command resumes from it.')
 

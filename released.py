@@ -394,18 +394,10 @@ def export(checkpoint, out):
                      + (", or into a torchvision resnet whose conv1 is Conv2d(3, 64, 3, 1, 1, bias=False) and "
                         "maxpool Identity" if args.get('width', 64) == 64 else '')]
     common.check_writable_file(out, 'OUT')
-    tmp = f'{out}.tmp'
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        common.save_atomically(sd, out)
     except OSError as e:
         raise common.UsageError(f'could not write {out} ({e.strerror})') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return [f"wrote {out}: {len(sd)} tensors, the {state.get('method', '?')} backbone of {checkpoint} "
             f"(epoch {state.get('epoch', '?')})"] + [line.replace('OUT', out) for line in lines]
 
