@@ -2505,19 +2505,19 @@ def get_eval_parser(description, name):
     return parser
 
 
-def parse_eval_args(parser, argv=None):
+def parse_eval_args(parser, argv=None, load_released=None):
     """Parse an evaluation script's flags. Returns (args, state): the checkpoint's contents (None with
-    --random-init; for --pretrained, released.load's mapping of the file into a checkpoint's form), its data
-    and backbone settings filled in for every flag not typed."""
+    --random-init; for --pretrained, `load_released`'s mapping of the file into a checkpoint's form: the
+    evaluation scripts pass tools/released.py's `load`), its data and backbone settings filled in for every
+    flag not typed."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if sum((bool(args.checkpoint), bool(args.pretrained), args.random_init)) != 1:
         raise UsageError('give one of: a checkpoint to evaluate, --pretrained FILE (the authors\' weights), '
                          'or --random-init with --data and --arch')
     state = None
-    if args.pretrained:  # the authors' layout mapped onto our backbone; its settings inferred (released.py)
-        import released
-        state, args.checkpoint = released.load(args.pretrained), args.pretrained
+    if args.pretrained:  # the authors' layout mapped onto our backbone; its settings inferred (tools/released.py)
+        state, args.checkpoint = load_released(args.pretrained), args.pretrained
     elif args.checkpoint:
         state = read_checkpoint(args.checkpoint)
         if not (isinstance(state, dict) and isinstance(state.get('backbone'), dict) and 'args' in state):

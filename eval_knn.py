@@ -24,6 +24,7 @@ import torch
 import torchvision.transforms as T
 
 import common
+from tools import released
 
 parser = common.get_eval_parser(__doc__, 'eval_knn')
 evaluation = parser.add_argument_group('kNN evaluation')
@@ -36,7 +37,7 @@ evaluation.add_argument('--attention-out', default='attention.png', help='where 
 
 
 def main():
-    args, state = common.parse_eval_args(parser)
+    args, state = common.parse_eval_args(parser, load_released=released.load)
     if any(k < 1 for k in args.k):
         raise common.UsageError(f'--k {" ".join(map(str, args.k))}: every k must be at least 1 neighbour')
     if not (math.isfinite(args.temperature) and args.temperature > 0):

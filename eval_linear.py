@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from tools import released
 
 parser = common.get_eval_parser(__doc__, 'eval_linear')
 parser.set_defaults(sync_bn=False, compile=False)  # common.prepare_model reads them; a linear layer has no BN
@@ -319,7 +320,7 @@ def check_resume_source(args):
 
 
 def main():
-    args, state = common.parse_eval_args(parser)
+    args, state = common.parse_eval_args(parser, load_released=released.load)
     check_linear_args(args)
     if args.json:
         common.check_writable_file(args.json, '--json')

@@ -503,7 +503,7 @@ def test_training_on_the_device_path_resumes_exactly(tmp_path):
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
 
 
-# SimCLR's learning test on the cpu (PIL) path, 300 steps (tests/measure_learning.py measures it as simclr-cpu)
+# SimCLR's learning test on the cpu (PIL) path, 300 steps (tools/measure_learning.py measures it as simclr-cpu)
 LEARNING_CPU = [*SIMCLR_LEARNING, '--augment', 'cpu', '--epochs', '10']
 LEARNING_CPU_MARGIN = 18
 
@@ -529,7 +529,7 @@ def test_multi_crop_methods_and_instdisc_run_on_the_device_path(tmp_path):
 
 
 def test_throughput_command_measures_both_paths(tmp_path):
-    run_script('throughput.py', 'simclr.py', '--data', 'procedural:32', *TINY, '--batch-size', '16',
+    run_script('tools/throughput.py', 'simclr.py', '--data', 'procedural:32', *TINY, '--batch-size', '16',
                '--proj-hidden-dim', '16', '--augment', 'cpu', 'device', '--steps', '1', '--warmup', '1', '--json',
                tmp_path / 't.json')
     rows = json.load(open(tmp_path / 't.json'))['rows']

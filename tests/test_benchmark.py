@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import benchmark
+from tools import benchmark
 import common
 from conftest import ROOT, TINY
 
@@ -30,7 +30,7 @@ def folders(tmp_path):
 
 
 def bench_command(*args):
-    return [sys.executable, os.path.join(ROOT, 'benchmark.py'), *map(str, args)]
+    return [sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py'), *map(str, args)]
 
 
 # One thread per training process in every test here: a run compared number for number with another
@@ -120,7 +120,7 @@ def test_report_renders_the_table_between_the_markers_and_both_figures(straight,
         row = next(line for line in text.splitlines() if line.startswith(f'| {label} |'))
         assert f"**{r['knn_top1']:.2f}** / {r['best_knn_top1']:.2f} ({r['best_epoch']})" in row
         assert f"{r['train_seconds'] / 60:.1f} min" in row and r['device'] in row
-    assert '| BYOL | owed |' in text and 'Owed rows: `python benchmark.py --data procedural:256 --epochs 3' in text
+    assert '| BYOL | owed |' in text and 'Owed rows: `python tools/benchmark.py --data procedural:256 --epochs 3' in text
     assert 'not compared with the published numbers' in text  # procedural data, 3 epochs
     for figure in ('knn-vs-epoch.png', 'knn-vs-wallclock.png'):
         assert (results / 'smoke' / figure).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -155,7 +155,7 @@ def test_comparison_with_published_numbers_is_like_with_like():
     assert moco[3].split('<br>') == ['-0.3 (final)', '+2.4 (final)', '+0.8 (best)']  # 85.3 / 82.6 final, 84.7 best
     assert moco[4] == '86.0 (short by 1.0)'
     assert rows['MoCo v3'][2] == 'none published for this setting' and rows['BYOL'][1] == 'owed'
-    assert 'Owed rows: `python benchmark.py --data /tmp/cifar10 --epochs 200 --name cifar10-200ep --methods byol ' \
+    assert 'Owed rows: `python tools/benchmark.py --data /tmp/cifar10 --epochs 200 --name cifar10-200ep --methods byol ' \
            'simsiam swav mocov3 dino instdisc`' in table
     assert '![kNN top-1 against epoch](results/cifar10-200ep/knn-vs-epoch.png)' in table
 

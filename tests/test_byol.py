@@ -109,7 +109,7 @@ def test_target_stays_identical_across_ranks_without_broadcast(tmp_path):
 
 
 # 300 steps on the procedural textures; tau_base 0.9 lets the target follow within so few steps.
-# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tools/measure_learning.py measures both)
 LEARNING = ['--optimizer', 'sgd', '--lr', '1.0', '--tau-base', '0.9', '--min-scale', '0.3', '--proj-hidden-dim', '128',
             '--proj-dim', '128', '--pred-hidden-dim', '32', '--warmup-epochs', '1']
 LEARNING_MARGIN = 6

@@ -142,7 +142,7 @@ def test_bad_input(tmp_path):
     assert not out.exists()
 
 
-# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both).
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tools/measure_learning.py measures both).
 # A ResNet-18 with a small DINO head (K 64), SGD, 2 local 8-px crops, a sharp teacher (tau_t 0.02, no warm-up).
 LEARNING = ['--optimizer', 'sgd', '--lr', '1.0', '--weight-decay', '1e-5', '--weight-decay-end', '1e-5', '--min-lr', '0',
             '--warmup-epochs', '1', '--hidden-dim', '128', '--bottleneck-dim', '64', '--out-dim', '64', '--use-bn-in-head',

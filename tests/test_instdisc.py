@@ -113,7 +113,7 @@ def test_after_ddp_steps_the_memory_bank_is_identical_on_both_ranks(tmp_path):
         assert torch.allclose(results[0]['bank'][:24].norm(dim=1), torch.ones(24))  # all 24 seen images updated
 
 
-# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tools/measure_learning.py measures both)
 LEARNING = ['--min-scale', '0.3', '--lr', '0.25', '--temperature', '0.5']
 LEARNING_MARGIN = 15
 

@@ -161,7 +161,7 @@ def test_version_recipes_and_bad_queue_size(tmp_path):
     assert not out.exists()
 
 
-# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tools/measure_learning.py measures both)
 LEARNING = ['--min-scale', '0.3', '--lr', '0.5', '--queue-size', '256', '--key-momentum', '0.99', '--temperature', '0.5',
             '--no-symmetric']
 LEARNING_MARGIN = 5

@@ -137,7 +137,7 @@ def test_torchrun_two_processes_with_a_vit(tmp_path):
     assert torch.equal(checkpoint['backbone']['patch_embed.weight'], fresh.patch_embed.weight)
 
 
-# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tools/measure_learning.py measures both)
 LEARNING = ['--min-scale', '0.3', '--optimizer', 'sgd', '--lr', '1.0', '--mlp-hidden-dim', '128', '--warmup-epochs', '1']
 LEARNING_MARGIN = 5
 

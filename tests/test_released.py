@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 import common
-import released
+from tools import released
 from conftest import run_script
 from test_cli import expect_error
 
@@ -214,7 +214,7 @@ def test_export_gives_a_plain_torchvision_resnet(arch, tmp_path):
     torch.manual_seed(0)
     backbone = randomise_bn(build(arch=arch, width=64))
     our_checkpoint(tmp_path / 'checkpoint.pth', backbone, arch=arch, width=64)
-    out = run_script('released.py', 'export', tmp_path / 'checkpoint.pth', tmp_path / f'{arch}.pth')
+    out = run_script('tools/released.py', 'export', tmp_path / 'checkpoint.pth', tmp_path / f'{arch}.pth')
     assert "torchvision's layout" in out.stdout and 'misses only fc.weight, fc.bias' in out.stdout
     reference = getattr(torchvision.models, arch)()
     result = reference.load_state_dict(torch.load(tmp_path / f'{arch}.pth', weights_only=True), strict=False)
@@ -255,7 +255,7 @@ def test_export_says_when_a_resnet_is_no_plain_torchvision_one_and_refuses_other
     lines = released.export(str(tmp_path / 'cifar.pth'), str(tmp_path / 'cifar-export.pth'))
     assert 'the CIFAR stem' in lines[1] and 'width 8' in lines[1] and 'not a plain torchvision resnet18' in lines[1]
     torch.save({'conv1.weight': t(8, 3, 7, 7)}, tmp_path / 'released.pth')
-    expect_error('released.py', 'export', tmp_path / 'released.pth', tmp_path / 'out.pth',
+    expect_error('tools/released.py', 'export', tmp_path / 'released.pth', tmp_path / 'out.pth',
                  match='is not a checkpoint of this project')
-    expect_error('released.py', 'export', tmp_path / 'cifar.pth', tmp_path, match='is a folder')
+    expect_error('tools/released.py', 'export', tmp_path / 'cifar.pth', tmp_path, match='is a folder')
     assert not (tmp_path / 'out.pth').exists()

@@ -65,7 +65,7 @@ def test_model_forward_shapes_and_one_bn_batch():
     assert not model.projector[-1].bias.requires_grad
 
 
-# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tools/measure_learning.py measures both)
 LEARNING = ['--optimizer', 'sgd', '--lr', '0.5', '--min-scale', '0.3', '--proj-hidden-dim', '128', '--warmup-epochs', '1']
 LEARNING_MARGIN = 20
 

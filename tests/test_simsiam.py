@@ -90,7 +90,7 @@ def test_predictor_keeps_its_fixed_lr_through_training(tmp_path):
 # The TINY recipe, tweaked: SimSiam (no negatives) starts slower than SimCLR on the procedural textures, so it
 # trains 30 epochs (900 steps) at lr 2.0 per 256. Measured: ~30.5% vs ~22.5% untrained after 900 steps (10 epochs:
 # no gain over the untrained network yet).
-# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tools/measure_learning.py measures both)
 LEARNING = ['--lr', '2.0', '--min-scale', '0.3', '--proj-hidden-dim', '128', '--proj-dim', '128', '--pred-hidden-dim', '32',
             '--warmup-epochs', '1']
 LEARNING_MARGIN = 10

@@ -1,6 +1,6 @@
 """What CI cannot see: the suite itself depends on nothing that only one machine has (packages, files), nor
 on the order its tests run in or the number of threads; and each learning test's margin was measured, over
-seeds and CPU rounding variants, with the flags it runs (tests/measure_learning.py)."""
+seeds and CPU rounding variants, with the flags it runs (tools/measure_learning.py)."""
 import ast
 import os
 import re
@@ -27,7 +27,8 @@ def test_every_import_is_the_standard_library_the_repository_or_a_requirement():
     requirements = {re.split(r'[<>=!~\[ ]', line.strip())[0].lower()
                     for line in open(os.path.join(ROOT, 'requirements.txt')) if line.strip() and not line.startswith('#')}
     files = repository_files('.py')
-    local = {os.path.splitext(os.path.basename(f))[0] for f in files}
+    local = {os.path.splitext(os.path.basename(f))[0] for f in files} | {
+        os.path.dirname(f) for f in files if f.endswith('/__init__.py')}  # packages: tools
     assert {'common', 'simclr', 'conftest'} <= local
     missing = set()
     for name in files:
@@ -60,18 +61,18 @@ def test_unit_tests_pass_in_another_order_and_with_one_thread():
 
 
 def test_every_learning_margin_is_at_most_half_the_smallest_gain_measured_with_its_flags():
-    import measure_learning  # the learning tests' settings are measured before they are trusted (README, Results)
+    from tools import measure_learning  # the learning tests' settings are measured before they are trusted (README, Results)
     records = measure_learning.read_records()
     for name in measure_learning.METHODS:
         script, flags, margin = measure_learning.setting(name)
         mine = [r for r in records if r['method'] == name and r['script'] == script and r['flags'] == flags]
-        assert {r['seed'] for r in mine} >= {0, 1, 2, 3, 4}, f'{name}: measure seeds 0-4 with tests/measure_learning.py'
+        assert {r['seed'] for r in mine} >= {0, 1, 2, 3, 4}, f'{name}: measure seeds 0-4 with tools/measure_learning.py'
         assert {r['variant'] for r in mine} >= {'2t', '2t-avx2'}, f'{name}: measure 2 threads, and with AVX2 kernels'
         assert margin <= min(r['gain'] for r in mine) / 2, (name, margin, min(r['gain'] for r in mine))
 
 
 def test_the_readmes_learning_table_is_the_one_its_records_give():
-    import measure_learning
+    from tools import measure_learning
     readme = open(os.path.join(ROOT, 'README.md')).read()
     assert measure_learning.rendered(readme, measure_learning.read_records()) == readme, \
-        'run python tests/measure_learning.py --report'
+        'run python tools/measure_learning.py --report'

@@ -215,7 +215,7 @@ def test_torchrun_two_processes_with_a_queue_and_no_resume_on_another_world_size
     expect_error('swav.py', *run, '--epochs', '3', '--queue-length', '0', match='has --queue-length 64, not 0')
 
 
-# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tests/measure_learning.py measures both)
+# The learning test: flags beyond conftest.LEARN, and the asserted kNN gain (tools/measure_learning.py measures both)
 LEARNING = ['--size-crops', '16', '8', '--nmb-crops', '2', '2', '--min-scale-crops', '0.3', '0.1', '--max-scale-crops', '1.0',
             '0.3', '--optimizer', 'sgd', '--lr', '1.0', '--nmb-prototypes', '32', '--temperature', '0.2',
             '--proj-hidden-dim', '128', '--warmup-epochs', '1', '--start-warmup', '0']

@@ -5,8 +5,8 @@ module's `LEARNING` flags and asserts that the kNN top-1 gain over the same netw
 module's `LEARNING_MARGIN`. A margin is only a test of the method if no seed and no CPU crosses it, so before
 changing a setting or a margin, measure:
 
-  python tests/measure_learning.py --methods byol swav --seeds 0 1 2 3 4 --variants 2t 1t 2t-avx2 --jobs 2
-  python tests/measure_learning.py --report          # the table between the learning-table markers of README.md
+  python tools/measure_learning.py --methods byol swav --seeds 0 1 2 3 4 --variants 2t 1t 2t-avx2 --jobs 2
+  python tools/measure_learning.py --report          # the table between the learning-table markers of README.md
 
 Variants: `1t` / `2t` are OMP_NUM_THREADS=1 / 2 (tests run with 2, as on CI's machine); `-avx2` also limits
 ATen, oneDNN and MKL to AVX2 kernels, which round as an older or an AMD CPU's do. Every run appends one record
@@ -25,7 +25,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [HERE, ROOT]
+sys.path[:0] = [HERE, ROOT, os.path.join(ROOT, 'tests')]  # conftest: the learning tests' settings
 import benchmark  # noqa: E402 (after the path)
 
 RECORDS = os.path.join(ROOT, 'results', 'cpu-learning', 'records.jsonl')
@@ -151,7 +151,7 @@ def rendered(readme, records):
     end = re.search(f'^{re.escape(END)}$', readme, re.M)
     if not start or not end or end.start() < start.start():
         return None
-    return (readme[:start.start()] + START + '\n<!-- written by `python tests/measure_learning.py --report` from '
+    return (readme[:start.start()] + START + '\n<!-- written by `python tools/measure_learning.py --report` from '
             'results/cpu-learning/records.jsonl -->\n' + table(records) + '\n' + readme[end.start():])
 
 

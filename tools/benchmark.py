@@ -7,12 +7,12 @@ flight. A run that has finished (its checkpoint holds --epochs epochs and its me
 kNN) is never trained again. Every finished run leaves a record with its provenance, and the
 README's results table and the figures are rendered from the records alone:
 
-  python benchmark.py --data /tmp/cifar10                              # all eight, 200 epochs, one at a time
-  python benchmark.py --data /tmp/cifar10 --methods simclr byol --concurrent 2
-  python benchmark.py --data /tmp/cifar10 --dry-run --budget-minutes 10   # commands, GPU-time estimates, what fits
-  python benchmark.py --report                                         # README table + figures from results/
-  python benchmark.py --report --name cifar10-200ep                    # ... from results/cifar10-200ep/ only
-  python benchmark.py --data procedural:256 --epochs 1 --name smoke -- --arch resnet18 --width 8 --workers 0
+  python tools/benchmark.py --data /tmp/cifar10                              # all eight, 200 epochs, one at a time
+  python tools/benchmark.py --data /tmp/cifar10 --methods simclr byol --concurrent 2
+  python tools/benchmark.py --data /tmp/cifar10 --dry-run --budget-minutes 10   # commands, GPU-time estimates, what fits
+  python tools/benchmark.py --report                                         # README table + figures from results/
+  python tools/benchmark.py --report --name cifar10-200ep                    # ... from results/cifar10-200ep/ only
+  python tools/benchmark.py --data procedural:256 --epochs 1 --name smoke -- --arch resnet18 --width 8 --workers 0
 
 Everything after `--` is passed to every method file. What a run is:
   python METHOD.py --data D --epochs E --output-dir RUNS/NAME/METHOD --knn-every K --knn-k 200 --knn-t 0.1 ...
@@ -51,9 +51,10 @@ import time
 import torch
 import torchvision
 
-import common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's root
+import common  # noqa: E402 (after the path)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = 'ssl-benchmark-record/1'
 
 # -----------------------------------------------------------------------------
@@ -113,8 +114,8 @@ TABLE_START, TABLE_END = '<!-- benchmark-table:start -->', '<!-- benchmark-table
 # -----------------------------------------------------------------------------
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False,
-                                     usage='python benchmark.py --data D [options] [-- flags for every method file]'
-                                           '\n       python benchmark.py --report [--results R] [--readme README.md]',
+                                     usage='python tools/benchmark.py --data D [options] [-- flags for every method file]'
+                                           '\n       python tools/benchmark.py --report [--results R] [--readme README.md]',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group('training')
     g.add_argument('--data', help='the dataset every method trains on, e.g. /tmp/cifar10 (the CIFAR-10 JPEG folders)')
@@ -331,7 +332,7 @@ class Run:
             log.write(SEGMENT_START + json.dumps(dict(
                 started=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), git_commit=commit,
                 git_dirty=dirty, concurrent=args.concurrent, epochs_before=self.done,
-                command=shlex.join(self.command), benchmark_command=shlex.join(['python', 'benchmark.py'] + sys.argv[1:])))
+                command=shlex.join(self.command), benchmark_command=shlex.join(['python', 'tools/benchmark.py'] + sys.argv[1:])))
                 + '\n')
             log.flush()
             self.started = time.time()
@@ -770,11 +771,11 @@ def render_table(records, readme_dir, results_dir):
     for record in records:
         groups.setdefault(record['name'], {})[record['method']] = record
     lines = [TABLE_START,
-             '<!-- written by `python benchmark.py --report` from the records in '
+             '<!-- written by `python tools/benchmark.py --report` from the records in '
              f'{os.path.relpath(results_dir, readme_dir)}/; edit the records or benchmark.py, not this block -->', '']
     if not groups:
         lines += ['No benchmark record yet: every row is owed. The command that makes them (CIFAR-10 JPEG folders in '
-                  '/tmp/cifar10):', '', '```bash', 'python benchmark.py --data /tmp/cifar10', '```', '']
+                  '/tmp/cifar10):', '', '```bash', 'python tools/benchmark.py --data /tmp/cifar10', '```', '']
         groups = {'cifar10-200ep': {}}
     linear = any(r.get('linear_top1') is not None for r in records)
     for name, by_method in sorted(groups.items()):
@@ -797,7 +798,7 @@ def render_table(records, readme_dir, results_dir):
         lines.append('')
         owed = [m for m in RUN_ORDER if m not in by_method]
         if owed and example:
-            command = ['python', 'benchmark.py', '--data', b['data'], '--epochs', str(b['epochs']), '--name', name] + \
+            command = ['python', 'tools/benchmark.py', '--data', b['data'], '--epochs', str(b['epochs']), '--name', name] + \
                       (['--knn-every', str(b['knn_every'])] if b['knn_every'] != 10 else []) + ['--methods'] + owed + \
                       (['--'] + b['extra'] if b['extra'] else [])
             lines += [f'Owed rows: `{shlex.join(command)}`', '']

@@ -9,8 +9,8 @@ backbone's state dict together with the flags that build that backbone. Nothing 
 
   python eval_knn.py --pretrained dino_deitsmall16_pretrain.pth --data /imagenet       # kNN of DINO's ViT-S/16
   python eval_knn.py --pretrained vit-s-300ep.pth.tar --data /imagenet --attention-image img.jpg
-  python released.py inspect moco_v2_800ep_pretrain.pth.tar        # which layout, which architecture
-  python released.py export runs/dino-cifar10-vit_tiny/checkpoint.pth vit_tiny.pth   # ours, in DINO's layout
+  python tools/released.py inspect moco_v2_800ep_pretrain.pth.tar        # which layout, which architecture
+  python tools/released.py export runs/dino-cifar10-vit_tiny/checkpoint.pth vit_tiny.pth   # ours, in DINO's layout
 
 Export writes the backbone of any of our checkpoints as a plain torchvision ResNet state dict
 (`torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only fc.weight / fc.bias) or, for
@@ -20,12 +20,14 @@ import argparse
 import os
 import pickle
 import re
+import sys
 import warnings
 from typing import NamedTuple
 
 import torch
 
-import common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's root
+import common  # noqa: E402 (after the path)
 
 # =============================================================================
 # 1. Reading a released file

@@ -1,8 +1,8 @@
 """Throughput of a method file on this machine: images/s of its input pipeline alone and of whole training
 steps, for each --augment path, in one command that anyone can repeat.
 
-  python throughput.py simclr.py --data /tmp/cifar10 --augment cpu device
-  python throughput.py dino.py --data /tmp/inet --arch vit_small --batch-size 64 --augment cpu device --json dino.json
+  python tools/throughput.py simclr.py --data /tmp/cifar10 --augment cpu device
+  python tools/throughput.py dino.py --data /tmp/inet --arch vit_small --batch-size 64 --augment cpu device --json dino.json
 
 Every flag this script does not know (--data, --arch, --batch-size, ...) goes to the method file. For each path:
   input pipeline   the method file runs up to common.build_train_loader (its own views, data and flags); then
@@ -25,7 +25,8 @@ import time
 
 import torch
 
-import common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's root
+import common  # noqa: E402 (after the path)
 
 
 class Measured(Exception):
