@@ -61,7 +61,7 @@ def test_unit_tests_pass_in_another_order_and_with_one_thread():
 
 
 def test_every_learning_margin_is_at_most_half_the_smallest_gain_measured_with_its_flags():
-    from tools import measure_learning  # the learning tests' settings are measured before they are trusted (README, Results)
+    from tools import measure_learning  # the learning tests' settings are measured before they are trusted (docs/results.md)
     records = measure_learning.read_records()
     for name in measure_learning.METHODS:
         script, flags, margin = measure_learning.setting(name)
@@ -71,8 +71,172 @@ def test_every_learning_margin_is_at_most_half_the_smallest_gain_measured_with_i
         assert margin <= min(r['gain'] for r in mine) / 2, (name, margin, min(r['gain'] for r in mine))
 
 
-def test_the_readmes_learning_table_is_the_one_its_records_give():
+def test_the_learning_table_in_docs_results_is_the_one_its_records_give():
     from tools import measure_learning
-    readme = open(os.path.join(ROOT, 'README.md')).read()
-    assert measure_learning.rendered(readme, measure_learning.read_records()) == readme, \
+    results = open(os.path.join(ROOT, 'docs', 'results.md')).read()
+    assert measure_learning.rendered(results, measure_learning.read_records()) == results, \
         'run python tools/measure_learning.py --report'
+
+
+# -----------------------------------------------------------------------------
+# The documents: README.md is a short user's guide; its links and commands work
+# -----------------------------------------------------------------------------
+README_MAX_LINES = 300
+
+
+def documents():
+    """README.md, docs/*.md and the assignments' READMEs, relative to ROOT."""
+    names = ['README.md'] + sorted(n for n in repository_files('.md')
+                                   if n.startswith('docs/') or (n.startswith('assignments/') and n.endswith('README.md')))
+    return [n for n in names if os.path.isfile(os.path.join(ROOT, n))]
+
+
+def outside_code(text):
+    """The Markdown text with fenced code blocks and inline code spans blanked (their links are not links)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith(('```', '~~~')):
+            fenced = not fenced
+            lines.append('')
+            continue
+        lines.append('' if fenced else re.sub(r'`+[^`]*`+', '', line))
+    return lines
+
+
+def heading_anchors(text):
+    """The #anchors GitHub gives a Markdown file's headings: the heading's text (link targets, emphasis and code
+    marks dropped), lower-cased, every character but letters, digits, spaces, '-' and '_' removed, spaces turned
+    into '-'; a repeated anchor gets -1, -2, ..."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if line.lstrip().startswith(('```', '~~~')):
+            fenced = not fenced
+        heading = None if fenced else re.match(r'^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$', line)
+        if not heading:
+            continue
+        words = re.sub(r'!?\[([^\]]*)\]\([^)]*\)', r'\1', heading.group(1))  # [text](url) -> text
+        slug = re.sub(r'[^\w\- ]', '', words.replace('`', '').lower()).replace(' ', '-')
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f'{slug}-{n}'
+        anchors.add(anchor)
+    return anchors
+
+
+def test_the_readme_is_a_short_users_guide():
+    lines = open(os.path.join(ROOT, 'README.md')).read().splitlines()
+    assert len(lines) <= README_MAX_LINES, f'README.md has {len(lines)} lines; at most {README_MAX_LINES} (docs/ for more)'
+
+
+def test_every_relative_link_in_the_documents_points_to_a_file_and_heading_that_exist():
+    broken = []
+    for name in documents():
+        text = open(os.path.join(ROOT, name)).read()
+        for i, line in enumerate(outside_code(text)):
+            targets = re.findall(r'\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)', line)  # [text](target)
+            targets += re.findall(r'^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)', line)  # [label]: target
+            for target in targets:
+                if re.match(r'^[a-z][a-z0-9+.-]*:', target, re.I):  # https:, mailto:
+                    continue
+                path, _, anchor = target.partition('#')
+                file = os.path.normpath(os.path.join(ROOT, os.path.dirname(name), path)) if path else \
+                    os.path.join(ROOT, name)
+                if not os.path.exists(file):
+                    broken.append(f'{name}:{i + 1}: {target} (no such file)')
+                elif anchor and file.endswith('.md') and anchor not in heading_anchors(open(file).read()):
+                    broken.append(f'{name}:{i + 1}: {target} (no such heading)')
+    assert not broken, '\n'.join(broken)
+
+
+class Parsed(BaseException):
+    """Raised by the intercepted argparse once a script's own parser has read its command line."""
+
+
+def parse_with_the_scripts_parser(script, flags):
+    """Parse `flags` with `script`'s own argparse parser: the script is loaded as a module (not run) and its
+    main() is called with the flags as its command line; the first parse of the outermost parser ends the call
+    before anything else runs. Returns (namespace, the flags a parse_known_args left over); raises SystemExit
+    (argparse's error) for a flag the parser does not accept."""
+    import argparse
+    import contextlib
+    import io
+    import runpy
+    calls = {'depth': 0}
+    original = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+
+    def intercepted(which):
+        def parse(self, args=None, namespace=None):
+            calls['depth'] += 1
+            try:
+                result = original[which](self, args, namespace)
+            finally:
+                calls['depth'] -= 1
+            if calls['depth'] == 0:
+                raise Parsed((result, []) if which == 0 else result)
+            return result
+        return parse
+
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = intercepted(0), intercepted(1)
+    sys.argv = [script] + flags
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            module = runpy.run_path(os.path.join(ROOT, script), run_name='readme_command')
+            module['main']()
+    except Parsed as done:
+        return done.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = original
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    raise AssertionError(f'{script}: main() returned without parsing its command line')
+
+
+def readme_commands():
+    """(line, script, flags) of every `python X.py ...`, `python tools/X.py ...` and `torchrun ... X.py ...` in
+    README.md's fenced code blocks (continuation lines joined, comments and environment assignments dropped)."""
+    import shlex
+    commands, fenced, pending = [], False, ''
+    for i, line in enumerate(open(os.path.join(ROOT, 'README.md')).read().splitlines()):
+        if line.lstrip().startswith('```'):
+            fenced = not fenced
+            continue
+        if not fenced:
+            continue
+        pending += line
+        if pending.endswith('\\'):
+            pending = pending[:-1] + ' '
+            continue
+        words, pending = shlex.split(pending, comments=True), ''
+        while words and re.match(r'^\w+=', words[0]):  # OMP_NUM_THREADS=2 python ...
+            words = words[1:]
+        if words and words[0] in ('python', 'python3') and len(words) > 1 and words[1].endswith('.py'):
+            commands.append((i + 1, words[1], words[2:]))
+        elif words and words[0] == 'torchrun':
+            script = next((n for n, w in enumerate(words) if w.endswith('.py')), None)
+            assert script is not None, f'README.md:{i + 1}: torchrun without a script'
+            commands.append((i + 1, words[script], words[script + 1:]))
+    return commands
+
+
+def test_every_readme_command_names_a_script_that_exists_and_flags_its_parser_accepts():
+    import io
+    import contextlib
+    commands = readme_commands()
+    assert len(commands) >= 3, 'README.md: no commands found in its code blocks'
+    bad = []
+    for line, script, flags in commands:
+        if not os.path.isfile(os.path.join(ROOT, script)):
+            bad.append(f'README.md:{line}: {script} does not exist')
+            continue
+        if '--help' in flags or '-h' in flags:
+            continue
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                args, rest = parse_with_the_scripts_parser(script, flags)
+                if script == 'tools/throughput.py':  # the flags it does not know go to the method file
+                    parse_with_the_scripts_parser(args.script, rest)
+        except SystemExit:
+            bad.append(f'README.md:{line}: {script} {" ".join(flags)}\n  {errors.getvalue().strip().splitlines()[-1]}')
+    assert not bad, '\n'.join(bad)

@@ -6,7 +6,7 @@ module's `LEARNING_MARGIN`. A margin is only a test of the method if no seed and
 changing a setting or a margin, measure:
 
   python tools/measure_learning.py --methods byol swav --seeds 0 1 2 3 4 --variants 2t 1t 2t-avx2 --jobs 2
-  python tools/measure_learning.py --report          # the table between the learning-table markers of README.md
+  python tools/measure_learning.py --report          # the table between the learning-table markers of docs/results.md
 
 Variants: `1t` / `2t` are OMP_NUM_THREADS=1 / 2 (tests run with 2, as on CI's machine); `-avx2` also limits
 ATen, oneDNN and MKL to AVX2 kernels, which round as an older or an AMD CPU's do. Every run appends one record
@@ -174,7 +174,8 @@ def main():
     parser.add_argument('--variants', nargs='+', default=['2t'], choices=list(VARIANTS))
     parser.add_argument('--jobs', type=int, default=1, help='runs at once (each with its variant\'s threads)')
     parser.add_argument('--report', action='store_true', help='render the table into --readme and exit')
-    parser.add_argument('--readme', default=os.path.join(ROOT, 'README.md'))
+    parser.add_argument('--readme', default=os.path.join(ROOT, 'docs', 'results.md'),
+                        help='the Markdown file whose learning-table block is replaced')
     parser.add_argument('--records', default=RECORDS, help='the records file (appended to, and read by --report)')
     args = parser.parse_args()
     if args.jobs < 1:
