@@ -25,7 +25,8 @@ def repository_files(suffix):
 
 def test_every_import_is_the_standard_library_the_repository_or_a_requirement():
     requirements = {re.split(r'[<>=!~\[ ]', line.strip())[0].lower()
-                    for line in open(os.path.join(ROOT, 'requirements.txt')) if line.strip() and not line.startswith('#')}
+                    for line in open(os.path.join(ROOT, 'requirements.txt'))
+                    if line.strip() and not line.startswith('#')}
     files = repository_files('.py')
     local = {os.path.splitext(os.path.basename(f))[0] for f in files} | {
         os.path.dirname(f) for f in files if f.endswith('/__init__.py')}  # packages: tools
@@ -56,18 +57,21 @@ def test_unit_tests_pass_in_another_order_and_with_one_thread():
     for order in ('reverse', 'shuffle:1'):
         env = dict(os.environ, SSL_TEST_ORDER=order, SSL_TEST_THREADS='1', OMP_NUM_THREADS='1')
         result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
-                                 'tests/test_common.py'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                                 'tests/test_common.py'], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=900)
         assert result.returncode == 0, f'SSL_TEST_ORDER={order}:\n{result.stdout[-3000:]}'
 
 
 def test_every_learning_margin_is_at_most_half_the_smallest_gain_measured_with_its_flags():
-    from tools import measure_learning  # the learning tests' settings are measured before they are trusted (docs/results.md)
+    from tools import measure_learning  # a learning test's setting is measured before it is trusted
     records = measure_learning.read_records()
     for name in measure_learning.METHODS:
         script, flags, margin = measure_learning.setting(name)
         mine = [r for r in records if r['method'] == name and r['script'] == script and r['flags'] == flags]
-        assert {r['seed'] for r in mine} >= {0, 1, 2, 3, 4}, f'{name}: measure seeds 0-4 with tools/measure_learning.py'
-        assert {r['variant'] for r in mine} >= {'2t', '2t-avx2'}, f'{name}: measure 2 threads, and with AVX2 kernels'
+        assert {r['seed'] for r in mine} >= {0, 1, 2, 3, 4}, \
+            f'{name}: measure seeds 0-4 with tools/measure_learning.py'
+        assert {r['variant'] for r in mine} >= {'2t', '2t-avx2'}, \
+            f'{name}: measure 2 threads, and with AVX2 kernels'
         assert margin <= min(r['gain'] for r in mine) / 2, (name, margin, min(r['gain'] for r in mine))
 
 
@@ -82,12 +86,14 @@ def test_the_learning_table_in_docs_results_is_the_one_its_records_give():
 # The documents: README.md is a short user's guide; its links and commands work
 # -----------------------------------------------------------------------------
 README_MAX_LINES = 300
+FENCE = re.compile(r' {0,3}(`{3}|~{3})')  # the two ways to open and close a fenced code block
 
 
 def documents():
     """README.md, docs/*.md and the assignments' READMEs, relative to ROOT."""
-    names = ['README.md'] + sorted(n for n in repository_files('.md')
-                                   if n.startswith('docs/') or (n.startswith('assignments/') and n.endswith('README.md')))
+    names = ['README.md'] + sorted(
+        n for n in repository_files('.md')
+        if n.startswith('docs/') or (n.startswith('assignments/') and n.endswith('README.md')))
     return [n for n in names if os.path.isfile(os.path.join(ROOT, n))]
 
 
@@ -95,7 +101,7 @@ def outside_code(text):
     """The Markdown text with fenced code blocks and inline code spans blanked (their links are not links)."""
     lines, fenced = [], False
     for line in text.splitlines():
-        if line.lstrip().startswith(('```', '~~~')):
+        if FENCE.match(line):
             fenced = not fenced
             lines.append('')
             continue
@@ -104,12 +110,12 @@ def outside_code(text):
 
 
 def heading_anchors(text):
-    """The #anchors GitHub gives a Markdown file's headings: the heading's text (link targets, emphasis and code
-    marks dropped), lower-cased, every character but letters, digits, spaces, '-' and '_' removed, spaces turned
-    into '-'; a repeated anchor gets -1, -2, ..."""
+    """The #anchors GitHub gives a Markdown file's headings: the heading's text (link targets and code marks
+    dropped), lower-cased, every character but letters, digits, spaces, '-' and '_' removed, spaces
+    turned into '-'; a repeated anchor gets -1, -2, ..."""
     anchors, fenced = set(), False
     for line in text.splitlines():
-        if line.lstrip().startswith(('```', '~~~')):
+        if FENCE.match(line):
             fenced = not fenced
         heading = None if fenced else re.match(r'^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$', line)
         if not heading:
@@ -126,7 +132,8 @@ def heading_anchors(text):
 
 def test_the_readme_is_a_short_users_guide():
     lines = open(os.path.join(ROOT, 'README.md')).read().splitlines()
-    assert len(lines) <= README_MAX_LINES, f'README.md has {len(lines)} lines; at most {README_MAX_LINES} (docs/ for more)'
+    assert len(lines) <= README_MAX_LINES, \
+        f'README.md has {len(lines)} lines; at most {README_MAX_LINES} (docs/ for the rest)'
 
 
 def test_every_relative_link_in_the_documents_points_to_a_file_and_heading_that_exist():
@@ -178,7 +185,8 @@ def parse_with_the_scripts_parser(script, flags):
         return parse
 
     saved_argv, saved_path = sys.argv, list(sys.path)
-    argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = intercepted(0), intercepted(1)
+    argparse.ArgumentParser.parse_args = intercepted(0)
+    argparse.ArgumentParser.parse_known_args = intercepted(1)
     sys.argv = [script] + flags
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -193,8 +201,9 @@ def parse_with_the_scripts_parser(script, flags):
 
 
 def readme_commands():
-    """(line, script, flags) of every `python X.py ...`, `python tools/X.py ...` and `torchrun ... X.py ...` in
-    README.md's fenced code blocks (continuation lines joined, comments and environment assignments dropped)."""
+    """(line, script, flags) of every `python X.py ...`, `python tools/X.py ...` and `torchrun ... X.py ...`
+    in README.md's fenced code blocks (continuation lines joined; comments and variable assignments dropped).
+    """
     import shlex
     commands, fenced, pending = [], False, ''
     for i, line in enumerate(open(os.path.join(ROOT, 'README.md')).read().splitlines()):
@@ -220,8 +229,8 @@ def readme_commands():
 
 
 def test_every_readme_command_names_a_script_that_exists_and_flags_its_parser_accepts():
-    import io
     import contextlib
+    import io
     commands = readme_commands()
     assert len(commands) >= 3, 'README.md: no commands found in its code blocks'
     bad = []
@@ -238,5 +247,6 @@ def test_every_readme_command_names_a_script_that_exists_and_flags_its_parser_ac
                 if script == 'tools/throughput.py':  # the flags it does not know go to the method file
                     parse_with_the_scripts_parser(args.script, rest)
         except SystemExit:
-            bad.append(f'README.md:{line}: {script} {" ".join(flags)}\n  {errors.getvalue().strip().splitlines()[-1]}')
+            reason = (errors.getvalue().strip().splitlines() or ['exited'])[-1]
+            bad.append(f'README.md:{line}: {script} {" ".join(flags)}\n  {reason}')
     assert not bad, '\n'.join(bad)

@@ -6,7 +6,7 @@ module's `LEARNING_MARGIN`. A margin is only a test of the method if no seed and
 changing a setting or a margin, measure:
 
   python tools/measure_learning.py --methods byol swav --seeds 0 1 2 3 4 --variants 2t 1t 2t-avx2 --jobs 2
-  python tools/measure_learning.py --report          # the table between the learning-table markers of docs/results.md
+  python tools/measure_learning.py --report          # the table in docs/results.md, between its markers
 
 Variants: `1t` / `2t` are OMP_NUM_THREADS=1 / 2 (tests run with 2, as on CI's machine); `-avx2` also limits
 ATen, oneDNN and MKL to AVX2 kernels, which round as an older or an AMD CPU's do. Every run appends one record
