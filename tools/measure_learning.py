@@ -1,4 +1,4 @@
-"""Measure the learning tests' gains over seeds and CPU rounding variants, and render the README's table.
+"""Measure the learning tests' gains over seeds and CPU rounding variants, and render their table.
 
 Each learning test (`tests/test_<method>.py`) trains its method for 300 steps with `conftest.LEARN` plus the
 module's `LEARNING` flags and asserts that the kNN top-1 gain over the same network untrained exceeds the
@@ -120,7 +120,7 @@ def run(args):
 
 
 def table(records):
-    """The README table: per learning test, the records made with its current flags."""
+    """The results table: per learning test, the records made with its current flags."""
     from conftest import LEARN
     lines = ['| method | asserted gain | smallest gain (variant, seed) | gains, 2 threads, seeds 0-4 | other variants (runs): '
              'range | flags beyond the common ones |', '|---|---|---|---|---|---|']
@@ -146,7 +146,7 @@ def table(records):
 
 
 def rendered(readme, records):
-    """The README's text with the table between the learning-table markers (None without the markers)."""
+    """The document's text with the table between the learning-table markers (None without the markers)."""
     start = re.search(f'^{re.escape(START)}$', readme, re.M)  # the markers are whole lines
     end = re.search(f'^{re.escape(END)}$', readme, re.M)
     if not start or not end or end.start() < start.start():
