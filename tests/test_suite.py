@@ -136,6 +136,18 @@ def test_the_readme_is_a_short_users_guide():
         f'README.md has {len(lines)} lines; at most {README_MAX_LINES} (docs/ for the rest)'
 
 
+def test_the_rendered_blocks_have_their_markers():
+    """The renderers (tools/benchmark.py, tools/measure_learning.py) replace what lies between these lines."""
+    wanted = {'README.md': ['cpu-summary'],
+              'docs/results.md': ['cpu-benchmark', 'benchmark-table', 'learning-table']}
+    for name, blocks in wanted.items():
+        lines = open(os.path.join(ROOT, name)).read().splitlines()
+        for block in blocks:
+            start, end = f'<!-- {block}:start -->', f'<!-- {block}:end -->'
+            assert lines.count(start) == 1 and lines.count(end) == 1, f'{name}: one {start} ... {end} block'
+            assert lines.index(start) < lines.index(end), f'{name}: {start} after {end}'
+
+
 def test_every_relative_link_in_the_documents_points_to_a_file_and_heading_that_exist():
     broken = []
     for name in documents():
