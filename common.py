@@ -2607,7 +2607,9 @@ def extract_features(backbone, loader, device, args, normalize=True):
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, ks, temperature, chunk=512):
     """Weighted kNN classifier (Wu et al. 2018): each test feature's k most cosine-similar
     training features vote for their class with weight exp(similarity / T). Features must be
-    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks` (1 <= k <= N_train)."""
+    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks` (1 <= k <= N_train).
+    The votes are summed in log space (log sum_j exp(s_j / T) per class): at a small T, exp(s / T)
+    overflows even float64 (T = 0.001: e^1000), and every class would tie at inf."""
     if not all(1 <= k <= len(train_features) for k in ks) or not temperature > 0:
         raise ValueError(f'kNN needs 1 <= k <= {len(train_features)} and T > 0, not k={ks}, T={temperature}')
     k_max = max(ks)
@@ -2615,13 +2617,16 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     for start in range(0, len(test_features), chunk):
         similarity = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
         top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
-        weights, neighbour_labels = (top_sim.double() / temperature).exp(), train_labels[top_idx]  # float64: no
-        labels = test_labels[start:start + chunk, None]                                            # overflow at small T
+        logits, neighbour_labels = top_sim.double() / temperature, train_labels[top_idx]  # (c, k_max) log-weights
+        labels = test_labels[start:start + chunk, None]
         for k in ks:
-            votes = torch.zeros(len(top_sim), num_classes, device=top_sim.device, dtype=torch.float64)
-            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])  # (c, classes)
+            votes = torch.full((len(top_sim), num_classes), -math.inf, device=top_sim.device, dtype=torch.float64)
+            peak = votes.scatter_reduce(1, neighbour_labels[:, :k], logits[:, :k], 'amax')  # (c, classes)
+            shifted = (logits[:, :k] - peak.gather(1, neighbour_labels[:, :k])).exp()      # <= 1: no overflow
+            sums = torch.zeros_like(votes).scatter_add_(1, neighbour_labels[:, :k], shifted)
+            votes = peak + sums.log()  # log of the summed weights; -inf for a class without votes
             top_votes, ranked = votes.topk(min(5, num_classes), dim=1)
-            hit = (ranked == labels) & (top_votes > 0)  # a class without votes is no prediction
+            hit = (ranked == labels) & (top_votes > -math.inf)  # a class without votes is no prediction
             correct[k] += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
     return {k: tuple((100 * c / len(test_features)).tolist()) for k, c in correct.items()}
 
