@@ -279,7 +279,10 @@ def data_note(args):
     """The printed line that says what --data holds and how the images are fed to the backbone."""
     info = args.dataset_info
     return (f"data {args.data}: {info['num_train']} train / {info['num_test']} test images, "
-            f"{info['num_classes']} classes, {info['image_size']} px -> image size {args.image_size}"
+            f"{info['num_classes']} classes, {info['image_size']} px"
+            + (' (median of {2} sampled files: {0}-{1} px)'.format(*info['image_sizes'])
+               if info.get('image_sizes') and info['image_sizes'][0] != info['image_sizes'][1] else '')
+            + f" -> image size {args.image_size}"
             + (', CIFAR stem' if args.cifar_stem and args.arch.startswith('resnet') else '')
             + (f', patch {args.patch_size}' if args.arch.startswith('vit') else ''))
 
@@ -1291,25 +1294,55 @@ def inspect_dataset(data, data_dir):
         raise UsageError(f"--data '{data}' has no train/ folder; expected train/<class>/*.jpg and val/ (or test/) alike")
     test = next((os.path.join(data, s) for s in ('val', 'test') if os.path.isdir(os.path.join(data, s))), None)
     classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
-    first = next((os.path.join(train, c, f) for c in classes for f in sorted(os.listdir(os.path.join(train, c)))
-                  if f.lower().endswith(IMAGE_EXTENSIONS)), None)
-    if first is None:
+    num_train, sample = count_images(train, classes, sample=64)
+    if not num_train:
         raise UsageError(f"--data '{data}': no images in {train}/<class>/ (expected {', '.join(IMAGE_EXTENSIONS)})")
-    size = max(load_image(first).size)
+    sizes = sorted(max(image_size(path)) for path in sample)  # not the first file alone: it may be an odd one
+    size = sizes[(len(sizes) - 1) // 2]
+    if size < 8:
+        raise UsageError(f"--data '{data}': its images are {size} px (the median of {len(sizes)} sampled); "
+                         'a backbone needs at least 8 px')
     test_classes = sorted(d for d in os.listdir(test) if os.path.isdir(os.path.join(test, d))) if test else []
     unknown = [c for c in test_classes if c not in classes]
     if unknown:  # each split would number its own classes: the test labels would be shifted
         raise UsageError(f"--data '{data}': {os.path.basename(test)}/ has classes that train/ lacks "
                          f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); every test class "
                          'needs training images of the same name')
-    return dict(kind='folder', num_train=count_images(train, classes), num_test=count_images(test, test_classes),
-                num_classes=len(classes), image_size=size, train=train, test=test, classes=classes)
+    return dict(kind='folder', num_train=num_train, num_test=count_images(test, test_classes)[0],
+                num_classes=len(classes), image_size=size, image_sizes=(sizes[0], sizes[-1], len(sizes)),
+                train=train, test=test, classes=classes)
 
 
-def count_images(root, classes):
-    """Image files (by extension) under root/<class>/, as ImageFolder finds them: no .DS_Store or notes.txt."""
-    return sum(1 for c in classes for _, _, files in os.walk(os.path.join(root, c), followlinks=True)
-               for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+def count_images(root, classes, sample=0):
+    """(number, a sample of paths) of the image files (by extension) under root/<class>/, as ImageFolder finds
+    them: no .DS_Store or notes.txt. The sample: about `sample` files spread over the classes and over each
+    class's files. A link to a folder inside a class folder is refused: followed, `loop -> .` would count the
+    class's images again and again, `up -> ..` would give every class's images this class's label."""
+    count, paths = 0, []
+    per_class = -(-sample // max(1, len(classes)))
+    for c in classes:
+        files = []
+        for folder, subfolders, names in os.walk(os.path.join(root, c)):  # links to folders are not walked
+            links = [d for d in subfolders if os.path.islink(os.path.join(folder, d))]
+            if links:
+                raise UsageError(f'{os.path.join(folder, links[0])} is a link to a folder inside a class folder; '
+                                 'such links are not followed (a loop, or another class\'s images under this '
+                                 'label): remove it, or put the images themselves there')
+            files += [os.path.join(folder, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+        count += len(files)
+        files.sort()
+        chosen = min(per_class, len(files))
+        paths += [files[i * len(files) // chosen] for i in range(chosen)]
+    return count, paths
+
+
+def image_size(path):
+    """(width, height) of an image file, read from its header (one line when it cannot be read)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as e:
+        raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
 
 
 class ClassFolder(torchvision.datasets.ImageFolder):
@@ -1329,9 +1362,14 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 
 
 def load_image(path):
+    """An image file as 8-bit RGB. 16-bit greys (a PNG's mode I;16, or I) are scaled to 8 bits: convert('RGB')
+    would clip every value above 255 to white."""
     try:
         with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
+            image = Image.open(f)
+            if image.mode.startswith('I') and (image.mode != 'I' or image.getextrema()[1] > 255):
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+            return image.convert('RGB')
     except Exception as e:
         raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
 
@@ -2249,14 +2287,28 @@ def resume(args, **objects):
         if key in state['args'] and state['args'][key] != getattr(args, key):
             raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
                              f"not {getattr(args, key)}; use the same value or another --output-dir")
-    done = state['epoch']
+    if not same_data(state['args'].get('data'), args.data):
+        raise UsageError(f"{path} was trained on --data {state['args'].get('data')}, not {args.data}; use the same "
+                         '--data to resume, or another --output-dir')
+    changed = changed_settings(state['args'], args)
+    if changed:
+        print0(f'  resuming with settings that differ from the checkpoint\'s: {", ".join(changed)}')
+    done = state.get('epoch')
+    if not isinstance(done, int) or not 0 <= done:
+        raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or use '
+                         'another --output-dir')
     if done > args.epochs:
         raise UsageError(f'{path} holds {done} epochs, more than --epochs {args.epochs}; give --epochs {done} '
                          'or more to go on training, or use another --output-dir')
     for name, obj in objects.items():
-        if isinstance(obj, nn.Module):
+        if isinstance(obj, nn.Module) and isinstance(state.get(name), dict):
             check_shapes(path, name, state[name], obj.state_dict())
-        obj.load_state_dict(state[name])
+        try:
+            obj.load_state_dict(state[name])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # an edited or foreign checkpoint
+            problem = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UsageError(f'{path}: its {name} does not load into this run ({problem}); delete it or use '
+                             'another --output-dir') from None
         if isinstance(obj, LARS):  # load_state_dict restores the saved hyper-parameters: the flags win
             for group in obj.param_groups:
                 group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip, denominator=args.lars_denominator)
@@ -2266,6 +2318,27 @@ def resume(args, **objects):
            + (f'; --epochs is {args.epochs}: nothing left to train (raise --epochs to train longer)'
               if done == args.epochs else ''))
     return done
+
+
+# What resume() names when it differs from the checkpoint's (refused if it cannot change: data, arch, ...):
+# everything but where and how this process runs.
+NOT_SETTINGS = {'output_dir', 'data_dir', 'dataset_info', 'notes', 'workers', 'augment', 'device_data_gb', 'epochs',
+                'stop_after_epoch', 'log_every', 'knn_every', 'dist_timeout', 'compile', 'precision'}
+
+
+def same_data(saved, data):
+    """Is --data the data a checkpoint was trained on? A folder given by another path counts as the same."""
+    if saved == data:
+        return True
+    return bool(saved) and os.path.isdir(saved) and os.path.isdir(data) and os.path.samefile(saved, data)
+
+
+def changed_settings(saved, args):
+    """'--lr 0.1 (checkpoint: 0.05)' for every setting of this run that differs from the checkpoint's."""
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+    return [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})" for key, value in sorted(vars(args).items())
+            if key in saved and key not in NOT_SETTINGS and plain(saved[key]) != plain(value)]
 
 
 def check_shapes(path, name, saved, current):
