@@ -23,6 +23,7 @@ method's recipe.
 """
 import argparse
 import datetime
+import errno
 import hashlib
 import itertools
 import json
@@ -102,9 +103,12 @@ def run(main):
         check_stop()  # a stop signal whose exception was swallowed in the last step
     except (UsageError, TrainingError, Interrupted, KeyboardInterrupt, RuntimeError) as e:
         joined = dist.is_available() and dist.is_initialized()
-        if isinstance(e, RuntimeError) and not is_timeout(e):
+        if isinstance(e, RuntimeError) and not is_timeout(e) and not isinstance(e, torch.OutOfMemoryError):
+            remove_empty_output_dirs()  # a bug's traceback: still nothing half-written
             raise
-        if isinstance(e, (UsageError, TrainingError)):
+        if isinstance(e, torch.OutOfMemoryError):
+            message, code = out_of_memory_message(e), 1
+        elif isinstance(e, (UsageError, TrainingError)):
             message = str(e).strip()
             if 'Original Traceback' in message:  # raised inside a DataLoader worker: keep its last line
                 message = message.splitlines()[-1].split('Error: ', 1)[-1]
@@ -122,16 +126,46 @@ def run(main):
             print(f'error: {prefix}{message}', file=sys.stderr, flush=True)
         threading.excepthook = lambda hook_args: None  # shutting down: loader threads talking to stopped workers
         sys.excepthook = lambda *exc_info: None
-        for path in _CREATED_OUTPUT_DIRS:  # nothing half-written: an output folder this run made and left empty
-            if os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
+        remove_empty_output_dirs()
         if joined:
             sys.stdout.flush()
             os._exit(code)
         sys.exit(code)
+    except BaseException:  # a bug's traceback (or argparse's exit): still nothing half-written
+        remove_empty_output_dirs()
+        raise
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
+
+
+def remove_empty_output_dirs():
+    """Nothing half-written: an output folder this run made and left empty is removed."""
+    for path in _CREATED_OUTPUT_DIRS:
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+
+
+def out_of_memory_message(error):
+    """The device's out-of-memory error in one line: the batch each process held, and what to try."""
+    first = '. '.join(str(error).strip().split('. ')[:2])[:160]
+    batch, world_size = RUNNING.get('batch_size'), RUNNING.get('world_size', 1)
+    held = (f'with a per-GPU batch of {batch // world_size} (--batch-size {batch} over {world_size} process(es))'
+            if batch else 'evaluating in batches of 256 images per process')
+    advice = ('give a smaller --batch-size (the lr is scaled with it), or spread the batch over more GPUs '
+              '(torchrun --nproc_per_node=N)' if batch else 'try a smaller --image-size, or more GPUs (torchrun)')
+    return (f'the device ran out of memory {held} ({first}): {advice}. '
+            f'{LAST_CHECKPOINT.get("note", "")}').strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose own errors (an unknown flag, 'invalid int value') are one line and exit code 2,
+    as every other bad input is, instead of 20 lines of usage before the error."""
+
+    def error(self, message):
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(f'error: {message}; see {self.prog} --help', file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def where_in_repo(error):
@@ -152,8 +186,8 @@ def is_timeout(error):
 
 def get_args_parser(description, method):
     """The flags every method shares. The method file adds its own block and sets defaults."""
-    parser = argparse.ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(method=method)
     g = parser.add_argument_group('data')
     g.add_argument('--data', required=True,
@@ -241,6 +275,9 @@ def parse_args(parser, small_image_preset, argv=None):
                          'CIFAR and the procedural data) the method\'s small-image preset replaces them for every '
                          'flag you do not type: ' + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in shown.items()))
     args = parser.parse_args(argv)
+    check_declared_ranges(parser, args)
+    if args.output_dir == '':
+        raise UsageError("--output-dir '' names no folder; give a path (or leave the flag out for runs/...)")
     typed = explicit_flags(parser, argv)
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
     small = args.dataset_info['image_size'] <= 64
@@ -371,6 +408,64 @@ def check_ranges(args, positive=(), non_negative=(), probabilities=()):
             raise UsageError(f'{flag(name)} must be in [0, 1], not {values}')
 
 
+# The range of every numeric flag of every entry point (the shared flags, each method file's and the evaluation
+# scripts'), one declaration per flag, by its dest: '[a, b]' closed, '(a, b)' open ends. parse_args and
+# parse_eval_args check each flag a parser has against it, before any work. A flag of several values (nargs) is
+# checked value by value, against one range or a tuple of one range per value. Caps keep a run from allocating
+# what no machine holds (the schedules of 10^9 epochs, a 99999-px image); inf and nan are outside every range.
+EPOCHS, PIXELS, WIDTH = '[0, 10000]', '[8, 1024]', '[1, 65536]'
+RANGES = dict(
+    # shared: data, model, optimisation, running
+    image_size=PIXELS, workers='[0, 256]', device_data_gb='[0, 1e6]', width='[1, 1024]', patch_size='[1, 1024]',
+    num_heads='[1, 1024]', drop_path='[0, 1)', epochs='[1, 10000]', batch_size='[1, 1048576]', lr='[0, 1e6]',
+    min_lr='[0, 1e6]', warmup_epochs=EPOCHS, momentum='[0, 1)', lars_eta='(0, 1e6]', weight_decay='[0, 1e6]',
+    seed=f'[0, {2 ** 32 - 1}]', log_every='[1, 1e12]', knn_every='[-1, 10000]', knn_k='[1, 1e12]',
+    knn_t='(0, 1e6]', stop_after_epoch='[1, 10000]', dist_timeout='(0, 1e7]',
+    # heads
+    proj_dim=WIDTH, proj_hidden_dim=WIDTH, pred_hidden_dim=WIDTH, mlp_hidden_dim=WIDTH, hidden_dim=WIDTH,
+    bottleneck_dim=WIDTH, out_dim='[1, 1048576]', proj_layers='[1, 16]', nmb_prototypes='[1, 1048576]',
+    # losses, targets and queues
+    temperature='(0, 1e6]', student_temp='(0, 1e6]', teacher_temp='(0, 1e6]', warmup_teacher_temp='(0, 1e6]',
+    epsilon='(0, 1e6]', sinkhorn_iterations='[1, 10000]', nce_k='[0, 1e9]', nce_z_momentum='[0, 1]',
+    memory_momentum='[0, 1]', queue_size='[1, 1e9]', queue_length='[0, 1e9]', bn_splits='[1, 1024]',
+    key_momentum='[0, 1]', moco_m='[0, 1]', tau_base='[0, 1]', momentum_teacher='[0, 1]', center_momentum='[0, 1]',
+    # schedules, in epochs (negative values are not "off")
+    lr_steps=EPOCHS, epoch_queue_starts=EPOCHS, freeze_prototypes_epochs=EPOCHS, warmup_teacher_temp_epochs=EPOCHS,
+    freeze_last_layer=EPOCHS, start_warmup='[0, 1e6]', weight_decay_end='[0, 1e6]', clip_grad='[0, 1e6]',
+    # augmentations: torchvision's ColorJitter takes hue in [0, 0.5] (SimCLR's strength s gives hue 0.2 s)
+    color_strength='[0, 2.5]', jitter=('[0, 10]', '[0, 10]', '[0, 10]', '[0, 0.5]'), blur_prob='[0, 1]',
+    blur_probs='[0, 1]', solarize_probs='[0, 1]', solarize_prob='[0, 1]', min_scale='(0, 1]',
+    min_scale_crops='(0, 1]', max_scale_crops='(0, 1]', global_scale='(0, 1]', local_scale='(0, 1]',
+    nmb_crops='[0, 64]', size_crops=PIXELS, num_local_crops='[0, 64]', local_crop_size=PIXELS,
+    # evaluation
+    k='[1, 1e12]', n_last_blocks='[1, 64]', weight_decays='[0, 1e6]', val_fraction='(0, 1)', max_iter='[1, 1e7]',
+)
+
+
+def in_range(value, interval):
+    """Is `value` inside `interval` ('[0, 1)', ...)? nan never is."""
+    low, high = (float(bound) for bound in interval[1:-1].split(','))
+    above = value >= low if interval[0] == '[' else value > low
+    below = value <= high if interval[-1] == ']' else value < high
+    return bool(above and below)
+
+
+def check_declared_ranges(parser, args):
+    """One-line error for the first flag of `parser` whose value is outside its declared range (RANGES)."""
+    for action in parser._actions:
+        interval, value = RANGES.get(action.dest), getattr(args, action.dest, None)
+        if interval is None or value is None or not action.option_strings:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        intervals = interval if isinstance(interval, tuple) else [interval] * len(values)
+        bad = [(n, v, i) for n, (v, i) in enumerate(zip(values, intervals)) if not in_range(v, i)]
+        if bad:
+            flag, (n, v, i) = action.option_strings[0], bad[0]
+            which = (f'{flag} {" ".join(map(str, values))}: value {n + 1} ({v})' if isinstance(value, (list, tuple))
+                     else f'{flag} {v}')
+            raise UsageError(f'{which} is outside {i}; see --help for what it sets')
+
+
 def apply_arch_preset(parser, args, presets, small_image_preset, argv=None):
     """A method's recipe for one family of architectures, e.g. MoCo v3's ResNet-50 recipe next to
     its ViT default. `presets` maps an --arch prefix ('resnet', 'vit', 'vit_small') to flag values;
@@ -426,6 +521,9 @@ def get_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+RUNNING = {}  # the global batch and the number of processes: what an out-of-memory error names
+
+
 def setup(args):
     """Join the torchrun process group if there is one (multi-node too); else one process.
 
@@ -436,6 +534,7 @@ def setup(args):
     distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # DDP: launched by torchrun
     rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if distributed else (0, 1)
     batch_size = getattr(args, 'batch_size', None)  # training: the global batch
+    RUNNING.update(batch_size=batch_size, world_size=world_size)
     if batch_size is not None and batch_size % world_size:
         raise UsageError(f'--batch-size {batch_size} is not divisible by the {world_size} processes; '
                          f'use a multiple of {world_size}')
@@ -461,7 +560,7 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # model init identical on all ranks
-    np.random.seed(args.seed + rank)
+    np.random.seed((args.seed + rank) % 2 ** 32)  # numpy takes seeds < 2^32
     if rank == 0:
         print(f'{args.method}: {world_size} process(es) on {device.type}'
               + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''), flush=True)
@@ -2195,13 +2294,36 @@ def last_checkpoint_note(args):
     return LAST_CHECKPOINT.get('note', f'No checkpoint was written to {args.output_dir}.')
 
 
+class _RecordedWrites:
+    """A file whose first failed write is kept: torch.save turns the OSError of a full disk into a RuntimeError
+    ('unexpected pos ...') that names no cause."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
 def save_atomically(obj, path):
     """torch.save to path.tmp, flushed to disk, then renamed over path: a reader sees the old file or the
-    new one, never half of one. On an OSError (e.g. a full disk) the partial .tmp is removed and it is raised."""
+    new one, never half of one. On a failed write (e.g. a full disk) the partial .tmp is removed and an
+    OSError raised (the one the write met, also when torch.save reported it as a RuntimeError)."""
     tmp = f'{path}.tmp'
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            recorded = _RecordedWrites(f)
+            try:
+                torch.save(obj, recorded)
+            except RuntimeError as e:
+                raise recorded.error or OSError(errno.EIO, f'torch.save failed: {str(e).strip()[:160]}') from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -2541,8 +2663,8 @@ def get_eval_parser(description, name):
     """The flags of an evaluation script (eval_knn.py, eval_linear.py): a checkpoint of any method
     file, --pretrained (an authors' released file, released.py), or --random-init; the data and backbone
     flags, whose defaults are the checkpoint's."""
-    parser = argparse.ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(method=name, freeze_patch_embed=False, drop_path=0.0)
     parser.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
     parser.add_argument('--pretrained', default=None, metavar='FILE',
@@ -2585,6 +2707,7 @@ def parse_eval_args(parser, argv=None, load_released=None):
     flag not typed."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    check_declared_ranges(parser, args)
     if sum((bool(args.checkpoint), bool(args.pretrained), args.random_init)) != 1:
         raise UsageError('give one of: a checkpoint to evaluate, --pretrained FILE (the authors\' weights), '
                          'or --random-init with --data and --arch')
