@@ -150,17 +150,18 @@ def out_of_memory_message(error):
     """The device's out-of-memory error in one line: the batch each process held, and what to try."""
     first = '. '.join(str(error).strip().split('. ')[:2])[:160]
     batch, world_size = RUNNING.get('batch_size'), RUNNING.get('world_size', 1)
-    held = (f'with a per-GPU batch of {batch // world_size} (--batch-size {batch} over {world_size} process(es))'
-            if batch else 'evaluating in batches of 256 images per process')
+    held = (f'with a per-GPU batch of {batch // world_size} (--batch-size {batch} over {world_size} '
+            'process(es))' if batch else 'evaluating in batches of 256 images per process')
     advice = ('give a smaller --batch-size (the lr is scaled with it), or spread the batch over more GPUs '
-              '(torchrun --nproc_per_node=N)' if batch else 'try a smaller --image-size, or more GPUs (torchrun)')
+              '(torchrun --nproc_per_node=N)' if batch else
+              'try a smaller --image-size, or more GPUs (torchrun)')
     return (f'the device ran out of memory {held} ({first}): {advice}. '
             f'{LAST_CHECKPOINT.get("note", "")}').strip()
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose own errors (an unknown flag, 'invalid int value') are one line and exit code 2,
-    as every other bad input is, instead of 20 lines of usage before the error."""
+    """argparse's parser, whose own errors (an unknown flag, 'invalid int value') are one line and exit
+    code 2, as every other bad input is, instead of 20 lines of usage before the error."""
 
     def error(self, message):
         if int(os.environ.get('RANK', 0)) == 0:
@@ -408,17 +409,19 @@ def check_ranges(args, positive=(), non_negative=(), probabilities=()):
             raise UsageError(f'{flag(name)} must be in [0, 1], not {values}')
 
 
-# The range of every numeric flag of every entry point (the shared flags, each method file's and the evaluation
-# scripts'), one declaration per flag, by its dest: '[a, b]' closed, '(a, b)' open ends. parse_args and
-# parse_eval_args check each flag a parser has against it, before any work. A flag of several values (nargs) is
-# checked value by value, against one range or a tuple of one range per value. Caps keep a run from allocating
-# what no machine holds (the schedules of 10^9 epochs, a 99999-px image); inf and nan are outside every range.
+# The range of every numeric flag of every entry point (the shared flags, each method file's and the
+# evaluation scripts'), one declaration per flag, by its dest: '[a, b]' closed, '(a, b)' open ends.
+# parse_args and parse_eval_args check each flag a parser has against it, before any work. A flag of several
+# values (nargs) is checked value by value, against one range or a tuple of one range per value. Caps keep a
+# run from allocating what no machine holds (the schedules of 10^9 epochs, a 99999-px image); inf and nan are
+# outside every range.
 EPOCHS, PIXELS, WIDTH = '[0, 10000]', '[8, 1024]', '[1, 65536]'
 RANGES = dict(
     # shared: data, model, optimisation, running
-    image_size=PIXELS, workers='[0, 256]', device_data_gb='[0, 1e6]', width='[1, 1024]', patch_size='[1, 1024]',
-    num_heads='[1, 1024]', drop_path='[0, 1)', epochs='[1, 10000]', batch_size='[1, 1048576]', lr='[0, 1e6]',
-    min_lr='[0, 1e6]', warmup_epochs=EPOCHS, momentum='[0, 1)', lars_eta='(0, 1e6]', weight_decay='[0, 1e6]',
+    image_size=PIXELS, workers='[0, 256]', device_data_gb='[0, 1e6]', width='[1, 1024]',
+    patch_size='[1, 1024]', num_heads='[1, 1024]', drop_path='[0, 1)', epochs='[1, 10000]',
+    batch_size='[1, 1048576]', lr='[0, 1e38]',
+    min_lr='[0, 1e38]', warmup_epochs=EPOCHS, momentum='[0, 1)', lars_eta='(0, 1e6]', weight_decay='[0, 1e6]',
     seed=f'[0, {2 ** 32 - 1}]', log_every='[1, 1e12]', knn_every='[-1, 10000]', knn_k='[1, 1e12]',
     knn_t='(0, 1e6]', stop_after_epoch='[1, 10000]', dist_timeout='(0, 1e7]',
     # heads
@@ -428,17 +431,20 @@ RANGES = dict(
     temperature='(0, 1e6]', student_temp='(0, 1e6]', teacher_temp='(0, 1e6]', warmup_teacher_temp='(0, 1e6]',
     epsilon='(0, 1e6]', sinkhorn_iterations='[1, 10000]', nce_k='[0, 1e9]', nce_z_momentum='[0, 1]',
     memory_momentum='[0, 1]', queue_size='[1, 1e9]', queue_length='[0, 1e9]', bn_splits='[1, 1024]',
-    key_momentum='[0, 1]', moco_m='[0, 1]', tau_base='[0, 1]', momentum_teacher='[0, 1]', center_momentum='[0, 1]',
+    key_momentum='[0, 1]', moco_m='[0, 1]', tau_base='[0, 1]', momentum_teacher='[0, 1]',
+    center_momentum='[0, 1]',
     # schedules, in epochs (negative values are not "off")
-    lr_steps=EPOCHS, epoch_queue_starts=EPOCHS, freeze_prototypes_epochs=EPOCHS, warmup_teacher_temp_epochs=EPOCHS,
-    freeze_last_layer=EPOCHS, start_warmup='[0, 1e6]', weight_decay_end='[0, 1e6]', clip_grad='[0, 1e6]',
+    lr_steps=EPOCHS, epoch_queue_starts=EPOCHS, freeze_prototypes_epochs=EPOCHS,
+    warmup_teacher_temp_epochs=EPOCHS, freeze_last_layer=EPOCHS, start_warmup='[0, 1e6]',
+    weight_decay_end='[0, 1e6]', clip_grad='[0, 1e6]',
     # augmentations: torchvision's ColorJitter takes hue in [0, 0.5] (SimCLR's strength s gives hue 0.2 s)
     color_strength='[0, 2.5]', jitter=('[0, 10]', '[0, 10]', '[0, 10]', '[0, 0.5]'), blur_prob='[0, 1]',
     blur_probs='[0, 1]', solarize_probs='[0, 1]', solarize_prob='[0, 1]', min_scale='(0, 1]',
     min_scale_crops='(0, 1]', max_scale_crops='(0, 1]', global_scale='(0, 1]', local_scale='(0, 1]',
     nmb_crops='[0, 64]', size_crops=PIXELS, num_local_crops='[0, 64]', local_crop_size=PIXELS,
     # evaluation
-    k='[1, 1e12]', n_last_blocks='[1, 64]', weight_decays='[0, 1e6]', val_fraction='(0, 1)', max_iter='[1, 1e7]',
+    k='[1, 1e12]', n_last_blocks='[1, 64]', weight_decays='[0, 1e6]', val_fraction='(0, 1)',
+    max_iter='[1, 1e7]',
 )
 
 
@@ -461,8 +467,8 @@ def check_declared_ranges(parser, args):
         bad = [(n, v, i) for n, (v, i) in enumerate(zip(values, intervals)) if not in_range(v, i)]
         if bad:
             flag, (n, v, i) = action.option_strings[0], bad[0]
-            which = (f'{flag} {" ".join(map(str, values))}: value {n + 1} ({v})' if isinstance(value, (list, tuple))
-                     else f'{flag} {v}')
+            listed = isinstance(value, (list, tuple))
+            which = f'{flag} {" ".join(map(str, values))}: value {n + 1} ({v})' if listed else f'{flag} {v}'
             raise UsageError(f'{which} is outside {i}; see --help for what it sets')
 
 
@@ -1424,7 +1430,8 @@ def count_images(root, classes, sample=0):
         for folder, subfolders, names in os.walk(os.path.join(root, c)):  # links to folders are not walked
             links = [d for d in subfolders if os.path.islink(os.path.join(folder, d))]
             if links:
-                raise UsageError(f'{os.path.join(folder, links[0])} is a link to a folder inside a class folder; '
+                raise UsageError(f'{os.path.join(folder, links[0])} is a link to a folder inside a class '
+                                 'folder; '
                                  'such links are not followed (a loop, or another class\'s images under this '
                                  'label): remove it, or put the images themselves there')
             files += [os.path.join(folder, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -1441,7 +1448,8 @@ def image_size(path):
         with Image.open(path) as image:
             return image.size
     except Exception as e:
-        raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
+        raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the '
+                         'file') from None
 
 
 class ClassFolder(torchvision.datasets.ImageFolder):
@@ -2295,8 +2303,8 @@ def last_checkpoint_note(args):
 
 
 class _RecordedWrites:
-    """A file whose first failed write is kept: torch.save turns the OSError of a full disk into a RuntimeError
-    ('unexpected pos ...') that names no cause."""
+    """A file whose first failed write is kept: torch.save turns the OSError of a full disk into a
+    RuntimeError ('unexpected pos ...') that names no cause."""
 
     def __init__(self, file):
         self.file, self.error = file, None
@@ -2323,7 +2331,8 @@ def save_atomically(obj, path):
             try:
                 torch.save(obj, recorded)
             except RuntimeError as e:
-                raise recorded.error or OSError(errno.EIO, f'torch.save failed: {str(e).strip()[:160]}') from None
+                failed = OSError(errno.EIO, f'torch.save failed: {str(e).strip()[:160]}')
+                raise recorded.error or failed from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -2410,15 +2419,15 @@ def resume(args, **objects):
             raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
                              f"not {getattr(args, key)}; use the same value or another --output-dir")
     if not same_data(state['args'].get('data'), args.data):
-        raise UsageError(f"{path} was trained on --data {state['args'].get('data')}, not {args.data}; use the same "
-                         '--data to resume, or another --output-dir')
+        raise UsageError(f"{path} was trained on --data {state['args'].get('data')}, not {args.data}; use "
+                         'the same --data to resume, or another --output-dir')
     changed = changed_settings(state['args'], args)
     if changed:
         print0(f'  resuming with settings that differ from the checkpoint\'s: {", ".join(changed)}')
     done = state.get('epoch')
     if not isinstance(done, int) or not 0 <= done:
-        raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or use '
-                         'another --output-dir')
+        raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or '
+                         'use another --output-dir')
     if done > args.epochs:
         raise UsageError(f'{path} holds {done} epochs, more than --epochs {args.epochs}; give --epochs {done} '
                          'or more to go on training, or use another --output-dir')
@@ -2427,7 +2436,7 @@ def resume(args, **objects):
             check_shapes(path, name, state[name], obj.state_dict())
         try:
             obj.load_state_dict(state[name])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # an edited or foreign checkpoint
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # an edited checkpoint
             problem = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise UsageError(f'{path}: its {name} does not load into this run ({problem}); delete it or use '
                              'another --output-dir') from None
@@ -2444,8 +2453,9 @@ def resume(args, **objects):
 
 # What resume() names when it differs from the checkpoint's (refused if it cannot change: data, arch, ...):
 # everything but where and how this process runs.
-NOT_SETTINGS = {'output_dir', 'data_dir', 'dataset_info', 'notes', 'workers', 'augment', 'device_data_gb', 'epochs',
-                'stop_after_epoch', 'log_every', 'knn_every', 'dist_timeout', 'compile', 'precision'}
+NOT_SETTINGS = {'output_dir', 'data_dir', 'dataset_info', 'notes', 'workers', 'augment', 'device_data_gb',
+                'epochs', 'stop_after_epoch', 'log_every', 'knn_every', 'dist_timeout', 'compile',
+                'precision'}
 
 
 def same_data(saved, data):
@@ -2459,7 +2469,8 @@ def changed_settings(saved, args):
     """'--lr 0.1 (checkpoint: 0.05)' for every setting of this run that differs from the checkpoint's."""
     def plain(value):
         return list(value) if isinstance(value, tuple) else value
-    return [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})" for key, value in sorted(vars(args).items())
+    return [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})"
+            for key, value in sorted(vars(args).items())
             if key in saved and key not in NOT_SETTINGS and plain(saved[key]) != plain(value)]
 
 
@@ -2813,10 +2824,11 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     for start in range(0, len(test_features), chunk):
         similarity = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
         top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
-        logits, neighbour_labels = top_sim.double() / temperature, train_labels[top_idx]  # (c, k_max) log-weights
+        logits, neighbour_labels = top_sim.double() / temperature, train_labels[top_idx]  # (c, k_max) log w
         labels = test_labels[start:start + chunk, None]
         for k in ks:
-            votes = torch.full((len(top_sim), num_classes), -math.inf, device=top_sim.device, dtype=torch.float64)
+            votes = torch.full((len(top_sim), num_classes), -math.inf, device=top_sim.device,
+                               dtype=torch.float64)
             peak = votes.scatter_reduce(1, neighbour_labels[:, :k], logits[:, :k], 'amax')  # (c, classes)
             shifted = (logits[:, :k] - peak.gather(1, neighbour_labels[:, :k])).exp()      # <= 1: no overflow
             sums = torch.zeros_like(votes).scatter_add_(1, neighbour_labels[:, :k], shifted)

@@ -35,7 +35,7 @@ evaluation.add_argument('--attention-out', default='attention.png', help='where 
 
 
 def main():
-    args, state = common.parse_eval_args(parser, load_released=released.load)  # --k, --temperature: common.RANGES
+    args, state = common.parse_eval_args(parser, load_released=released.load)  # ranges: common.RANGES
     if args.json:
         common.check_writable_file(args.json, '--json')
     if args.attention_image:

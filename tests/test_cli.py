@@ -58,10 +58,11 @@ def test_bad_model_options(tmp_path):
     expect_error('simclr.py', '--data', 'procedural', '--arch', 'vit_tiny', '--patch-size', '5', '--output-dir', out,
                  match='does not divide')
     expect_error('simclr.py', '--data', 'procedural', '--freeze-patch-embed', '--output-dir', out, match='ViT option')
-    expect_error('mocov3.py', '--data', 'procedural', '--lars-eta', '0', '--output-dir', out, match='--lars-eta 0.0 is outside (0, 1e6]')
-    expect_error('byol.py', '--data', 'procedural', '--lr', '-1', '--output-dir', out, match='--lr -1.0 is outside [0, 1e6]')
-    expect_error('dino.py', '--data', 'procedural', '--teacher-temp', '0', '--output-dir', out, match='--teacher-temp 0.0 is outside (0, 1e6]')
-    expect_error('simclr.py', '--data', 'procedural', '--warmup-epochs', '-1', '--output-dir', out, match='--warmup-epochs -1.0 is outside [0, 10000]')
+    for script, flag, value, match in (('mocov3.py', '--lars-eta', '0', '--lars-eta 0.0 is outside (0, 1e6]'),
+                                       ('byol.py', '--lr', '-1', '--lr -1.0 is outside [0, 1e38]'),
+                                       ('dino.py', '--teacher-temp', '0', '0.0 is outside (0, 1e6]'),
+                                       ('simclr.py', '--warmup-epochs', '-1', '-1.0 is outside [0, 10000]')):
+        expect_error(script, '--data', 'procedural', flag, value, '--output-dir', out, match=match)
     assert not out.exists()
 
 

@@ -59,7 +59,8 @@ def small_filesystem(tmp_path):
     """A real 512 KiB filesystem (tmpfs, mounted when this runs as root on Linux; skipped elsewhere)."""
     place = tmp_path / 'small'
     place.mkdir()
-    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=512k', 'tmpfs', str(place)], capture_output=True)
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=512k', 'tmpfs', str(place)],
+                             capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f'cannot mount a small tmpfs here ({mounted.stderr.decode().strip()[:80]})')
     try:
@@ -73,8 +74,8 @@ def test_a_real_full_disk_keeps_the_previous_checkpoint_and_export_in_one_line(s
     model = nn.Linear(256, 300)  # 300 KiB: the filesystem holds one checkpoint, not a second beside it
     common.save_checkpoint(args, 1, model)
     before = open(small_filesystem / 'checkpoint.pth', 'rb').read()
-    with pytest.raises(common.TrainingError, match=r'could not write the checkpoint of epoch 2 .*\(No space left on '
-                       r'device\)\. The last good checkpoint is .* \(1 epoch\(s\) done\)'):
+    with pytest.raises(common.TrainingError, match=r'could not write the checkpoint of epoch 2 .*\(No space '
+                       r'left on device\)\. The last good checkpoint is .* \(1 epoch\(s\) done\)'):
         common.save_checkpoint(args, 2, model)  # torch.save itself reports the full disk as a RuntimeError
     assert open(small_filesystem / 'checkpoint.pth', 'rb').read() == before
     assert os.listdir(small_filesystem) == ['checkpoint.pth']
@@ -89,14 +90,14 @@ def test_out_of_memory_on_the_device_is_one_line_naming_the_batch(tmp_path, monk
     import simclr
 
     def out_of_memory(*args, **kwargs):  # what a step on a GPU too small for the batch raises
-        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity '
-                                     'of 15.77 GiB of which 1.2 GiB is free. Of the allocated memory ...')
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total '
+                                     'capacity of 15.77 GiB of which 1.2 GiB is free. Of the allocated ...')
     monkeypatch.setattr(simclr, 'nt_xent_loss', out_of_memory)
     out = tmp_path / 'out'
     code, _, err = run_in_process('simclr.py', ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', out])
     assert code == 1 and err.count('\n') == 1 and 'Traceback' not in err, err
-    assert ('error: the device ran out of memory with a per-GPU batch of 16 (--batch-size 16 over 1 process(es)) '
-            '(CUDA out of memory. Tried to allocate 2.00 GiB): give a smaller --batch-size') in err, err
+    assert ('error: the device ran out of memory with a per-GPU batch of 16 (--batch-size 16 over 1 '
+            'process(es)) (CUDA out of memory. Tried to allocate 2.00 GiB): give a smaller') in err
     assert 'more GPUs' in err and not out.exists()  # nothing was written: the empty folder went too
 
 

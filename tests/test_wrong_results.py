@@ -39,10 +39,11 @@ def test_knn_votes_do_not_overflow_at_small_temperatures():
     train = F.normalize(centres[train_labels] + 0.35 * torch.randn(400, 32, generator=generator), dim=1)
     test = F.normalize(centres[test_labels] + 0.35 * torch.randn(97, 32, generator=generator), dim=1)
     for temperature in (0.001, 0.0001, 0.07, 1.0):
-        results = common.knn_accuracy(train, train_labels, test, test_labels, 10, [1, 20, 200], temperature, chunk=32)
+        results = common.knn_accuracy(train, train_labels, test, test_labels, 10, [1, 20, 200], temperature,
+                                      chunk=32)
         for k, (top1, top5) in results.items():
             expected = knn_reference(train, train_labels, test, test_labels, 10, k, temperature)
-            assert abs(top1 - expected[0]) < 1e-3 and abs(top5 - expected[1]) < 1e-3, (temperature, k, results)
+            assert abs(top1 - expected[0]) < 1e-3 and abs(top5 - expected[1]) < 1e-3, (temperature, k)
     assert results[20][0] > 50  # the case is not trivial: far above chance (10%)
 
 
@@ -59,7 +60,7 @@ def write_folder(root, sizes, per_class=6):
 
 @pytest.mark.parametrize('odd, bulk', [(1, 48), (32, 128)])
 def test_image_size_is_not_decided_by_the_first_file_alone(tmp_path, odd, bulk):
-    # the first file of each class (in sorted order) is an odd size: a 1-px PNG, a 32-px image among 128-px ones
+    # the first file of each class (in sorted order) has an odd size: a 1-px PNG, a 32-px image among 128-px
     write_folder(tmp_path / 'data', [odd] + [bulk] * 5)
     args = common.parse_args(common.get_args_parser('', 'test'), {}, ['--data', str(tmp_path / 'data')])
     assert args.dataset_info['image_size'] == bulk
@@ -92,21 +93,22 @@ def test_links_to_folders_inside_a_class_folder_are_refused(tmp_path, target):
 
 def test_resume_refuses_other_data_and_names_every_changed_setting(tmp_path, capsys):
     def run_args(**changes):
-        settings = dict(method='simclr', output_dir=str(tmp_path), data='procedural:64', data_dir=str(tmp_path),
-                        arch='resnet18', width=8, patch_size=4, cifar_stem=True, lars_eta=0.001, lars_clip=False,
+        settings = dict(method='simclr', output_dir=str(tmp_path), data='procedural:64',
+                        data_dir=str(tmp_path), arch='resnet18', width=8, patch_size=4, cifar_stem=True,
+                        lars_eta=0.001, lars_clip=False,
                         lars_denominator='update', epochs=3, batch_size=16, lr=0.5, seed=0, image_size=16,
                         workers=0, notes=[])
         return argparse.Namespace(**{**settings, **changes})
     model = nn.Linear(3, 2)
     common.save_checkpoint(run_args(), 1, model, model=model)
-    with pytest.raises(common.UsageError, match=r'was trained on --data procedural:64, not procedural:128; use the '
-                       'same --data'):
+    with pytest.raises(common.UsageError, match=r'was trained on --data procedural:64, not procedural:128; '
+                       'use the same --data'):
         common.resume(run_args(data='procedural:128'), model=model)
     capsys.readouterr()
     assert common.resume(run_args(batch_size=32, lr=0.1, seed=7, workers=2, epochs=5), model=model) == 1
     out = capsys.readouterr().out
-    assert ('differ from the checkpoint\'s: --batch-size 32 (checkpoint: 16), --lr 0.1 (checkpoint: 0.5), --seed 7 '
-            '(checkpoint: 0)\n') in out  # and nothing else: --workers and --epochs are not settings of the run
+    assert ('differ from the checkpoint\'s: --batch-size 32 (checkpoint: 16), --lr 0.1 (checkpoint: 0.5), '
+            '--seed 7 (checkpoint: 0)\n') in out  # and nothing else: --workers, --epochs are not settings
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
     for edit in ({'model': {'weight': state['model']['weight']}}, {'epoch': 'one'}, {'model': [1, 2]}):
         torch.save({**state, **edit}, tmp_path / 'checkpoint.pth')

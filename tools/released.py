@@ -372,12 +372,13 @@ def export(checkpoint, out):
                                 'a released file loads with eval_knn.py --pretrained as it is')
     args, backbone = state['args'], state['backbone']
     if os.path.exists(out) and os.path.samefile(out, checkpoint):
-        raise common.UsageError(f'OUT {out} is the checkpoint itself: exporting would overwrite it with a bare '
-                                'state dict; give another file name')
-    bad = next((key for key, tensor in backbone.items() if torch.is_tensor(tensor) and tensor.is_floating_point()
-                and not bool(torch.isfinite(tensor).all())), None)
+        raise common.UsageError(f'OUT {out} is the checkpoint itself: exporting would overwrite it with a '
+                                'bare state dict; give another file name')
+    bad = next((key for key, tensor in backbone.items() if torch.is_tensor(tensor)
+                and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
     if bad is not None:
-        raise common.UsageError(f'{checkpoint}: the backbone tensor {bad} holds NaN or inf; export another checkpoint')
+        raise common.UsageError(f'{checkpoint}: the backbone tensor {bad} holds NaN or inf; export another '
+                                'checkpoint')
     vit = args.get('arch', '').startswith('vit')
     sd = to_layout(backbone, 'DINO-layout ViT' if vit else 'torchvision ResNet')
     if vit:
