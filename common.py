@@ -140,9 +140,16 @@ def run(main):
 
 
 def remove_empty_output_dirs():
-    """Nothing half-written: an output folder this run made and left empty is removed."""
+    """Nothing half-written: an output folder this run made is removed if it holds nothing, or only the
+    records of a first epoch that never ended in a checkpoint."""
     for path in _CREATED_OUTPUT_DIRS:
-        if os.path.isdir(path) and not os.listdir(path):
+        if not os.path.isdir(path):
+            continue
+        names = set(os.listdir(path))
+        if names and names <= {'metrics.jsonl', 'metrics.png'}:
+            for name in names:
+                os.remove(os.path.join(path, name))
+        if not os.listdir(path):
             os.rmdir(path)
 
 
@@ -289,8 +296,8 @@ def parse_args(parser, small_image_preset, argv=None):
             setattr(args, key, value)
         notes.append('small-image preset (' + ', '.join(f'{k}={v}' for k, v in preset.items()) + ')')
     apply_size_defaults(args)
-    if args.knn_k is None:
-        args.knn_k = 200 if small else 20
+    if args.knn_k is None:  # not more neighbours than a small --data has images
+        args.knn_k = min(200 if small else 20, args.dataset_info['num_train'])
     if args.knn_t is None:
         args.knn_t = 0.1 if small else 0.07
     if args.output_dir is None:
@@ -584,7 +591,7 @@ def prepare_output_dir(path):
     """Create --output-dir and check that files can be written in it, before any work is done."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f'--output-dir {path} is a file, not a folder; choose another --output-dir')
-    created = not os.path.exists(path)
+    created, made = not os.path.exists(path), created_folders(path)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f'.write-test-{os.getpid()}')
@@ -594,7 +601,16 @@ def prepare_output_dir(path):
     except OSError as e:
         raise UsageError(f'--output-dir {path}: cannot write there ({e.strerror}); choose a writable folder') from None
     if created:
-        _CREATED_OUTPUT_DIRS.append(path)
+        _CREATED_OUTPUT_DIRS.extend(made)
+
+
+def created_folders(path):
+    """The folders os.makedirs(path) would create (e.g. runs/ too), innermost first."""
+    made, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
 
 
 def seed_epoch(args, epoch, rank):
@@ -661,6 +677,11 @@ def prepare_model(model, args, device):
     its gradients) and use `raw_model` for everything else (EMA, checkpoints, evaluation).
     """
     world_size = get_world_size()
+    per_process = (getattr(args, 'batch_size', None) or 2) // world_size
+    if per_process < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        raise UsageError(f'--batch-size {args.batch_size} leaves {per_process} image per process, and the heads '
+                         f'of this model use BatchNorm, which needs 2 or more; use --batch-size {2 * world_size} or '
+                         'more')
     if world_size > 1 and args.sync_bn:
         if device.type == 'cuda':
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP: BN statistics over the global batch
@@ -1565,6 +1586,7 @@ def base_dataset(args, split):
         return cls(root, download=False, **kwargs)
     except RuntimeError:
         pass
+    _CREATED_OUTPUT_DIRS.extend(created_folders(root))  # a failed download leaves no empty cache folder
     try:
         if get_rank() == 0:
             cls(root, download=True, **kwargs)
@@ -2381,6 +2403,9 @@ def named_tensors(tree, prefix=''):
 
 def read_checkpoint(path):
     """torch.load with a one-line error for missing, corrupt or truncated files."""
+    if os.path.isdir(path):
+        raise UsageError(f'{path} is a folder, not a checkpoint; give the checkpoint file (e.g. '
+                         f'{os.path.join(path, "checkpoint.pth")})')
     if not os.path.isfile(path):
         raise UsageError(f'no checkpoint at {path}')
     try:

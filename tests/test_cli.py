@@ -74,6 +74,10 @@ def test_dataset_that_cannot_be_downloaded(tmp_path, monkeypatch):
                              ['--data', 'cifar10', '--data-dir', str(tmp_path)])
     with pytest.raises(common.UsageError, match=f'put torchvision.s cifar10 files in {tmp_path}'):
         common.base_dataset(args, 'train')
+    # the quick start without network: no empty runs/ and no empty dataset cache left behind
+    expect_error('simclr.py', '--data', 'cifar10', '--data-dir', tmp_path / 'cache', *TINY, *FAST,
+                 '--output-dir', tmp_path / 'runs' / 'simclr', match='could not find or download cifar10')
+    assert not (tmp_path / 'runs').exists() and not (tmp_path / 'cache').exists()
 
 
 def test_batch_not_divisible_by_processes(tmp_path):
@@ -147,10 +151,19 @@ def test_output_dir_that_cannot_be_written(tmp_path):
 
 
 def test_an_error_after_setup_leaves_no_empty_output_dir(tmp_path):
-    out = tmp_path / 'out'  # --knn-k is checked against the labelled training images once they are loaded
+    out = tmp_path / 'runs' / 'out'  # --knn-k is checked against the labelled training images once loaded
     expect_error('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--knn-every', '1', '--knn-k', '65',
                  '--output-dir', out, match='--knn-k 65 is more neighbours than the 64 labelled training images')
-    assert not out.exists()
+    assert not (tmp_path / 'runs').exists()  # the folder made for it went too
+    args = common.parse_args(common.get_args_parser('', 'test'), {}, ['--data', 'procedural:50'])
+    assert args.knn_k == 50  # the small-image default (200) never asks for more neighbours than there are
+    expect_error('byol.py', '--data', 'procedural:64', *TINY, *FAST, '--batch-size', '1', '--output-dir', out,
+                 match='--batch-size 1 leaves 1 image per process, and the heads of this model use BatchNorm')
+    expect_error('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--lr', '1e38', '--output-dir', out,
+                 match='the loss became', code=1)  # in the first epoch: its records go with the folder
+    assert not (tmp_path / 'runs').exists()
+    (tmp_path / 'runs').mkdir()
+    expect_error('eval_knn.py', tmp_path / 'runs', match='is a folder, not a checkpoint; give the checkpoint file')
 
 
 def test_resume_with_fewer_or_as_many_epochs_as_done(tmp_path):
