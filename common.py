@@ -126,6 +126,8 @@ def run(main):
             print(f'error: {prefix}{message}', file=sys.stderr, flush=True)
         threading.excepthook = lambda hook_args: None  # shutting down: loader threads talking to stopped workers
         sys.excepthook = lambda *exc_info: None
+        if hasattr(signal, 'SIGCHLD'):  # DataLoader's handler would raise as the exit stops its workers: 15 lines
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         remove_empty_output_dirs()
         if joined:
             sys.stdout.flush()

@@ -104,12 +104,23 @@ def test_resume_refuses_other_method_other_arch_and_corrupt_files(tmp_path):
 
 
 def test_unreadable_image_is_reported_by_path(tmp_path):
-    make_folder(tmp_path / 'data')
-    bad = tmp_path / 'data' / 'train' / 'b' / '3.png'
+    make_folder(tmp_path / 'data', n_per_class=40)
+    folder = tmp_path / 'data' / 'train' / 'b'
+    sampled = common.count_images(str(folder.parent), ['b'], sample=32)[1]  # headers read before any work
+    open(sampled[1], 'wb').write(b'\x89PNG broken')
+    expect_error('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--output-dir', tmp_path / 'out',
+                 match=f'cannot read image {sampled[1]}')
+    os.remove(sampled[1])
+    bad = next(str(path) for path in sorted(folder.iterdir()) if str(path) not in sampled)
     open(bad, 'wb').write(b'\x89PNG broken')
-    for workers in ('0', '1'):  # in the main process and in a loader worker
+    for workers in ('0', '1'):  # found by the loader: in the main process and in a loader worker
         expect_error('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--workers', workers,
                      '--output-dir', tmp_path / 'out', match=f'cannot read image {bad}')
+    # a process of its own: with 2 workers, the exit used to add 15 lines ("Exception ignored in atexit")
+    result = run_script('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--workers', '2',
+                        '--output-dir', tmp_path / 'out', check=False)
+    assert result.returncode == 2 and result.stderr.startswith(f'error: cannot read image {bad}'), result.stderr
+    assert result.stderr.count('\n') == 1 and not (tmp_path / 'out').exists(), result.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -237,3 +248,21 @@ def test_image_count_skips_files_that_are_not_images(tmp_path):
         (tmp_path / 'data' / 'train' / 'a' / junk).write_text('x')
     info = common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))
     assert (info['num_train'], info['num_test'], info['num_classes']) == (6, 6, 2)
+
+
+def test_export_refuses_to_overwrite_its_checkpoint_or_to_export_nan(tmp_path):
+    import argparse
+    args = argparse.Namespace(method='simclr', output_dir=str(tmp_path), arch='resnet18', width=8, patch_size=4,
+                              cifar_stem=True, epochs=3)
+    model = torch.nn.Linear(3, 2)
+    common.save_checkpoint(args, 1, model)
+    before = open(tmp_path / 'checkpoint.pth', 'rb').read()
+    for out in (tmp_path / 'checkpoint.pth', tmp_path / '.' / 'checkpoint.pth'):
+        expect_error('tools/released.py', 'export', tmp_path / 'checkpoint.pth', out, match='is the checkpoint itself')
+    assert open(tmp_path / 'checkpoint.pth', 'rb').read() == before
+    state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    state['backbone']['weight'][0, 0] = float('nan')
+    torch.save(state, tmp_path / 'nan.pth')
+    expect_error('tools/released.py', 'export', tmp_path / 'nan.pth', tmp_path / 'out.pth',
+                 match='the backbone tensor weight holds NaN or inf')
+    assert not (tmp_path / 'out.pth').exists()
