@@ -1,6 +1,7 @@
 """Bad input: a one-line error that says what to do, exit code 2, nothing half-written."""
 import os
 import re
+import shutil
 import subprocess
 import urllib.error
 
@@ -29,6 +30,22 @@ def expect_error(script, *args, match, code=2, nproc=None):
     if nproc is None:
         assert 'Traceback' not in result.stderr, result.stderr[-2000:]
     return result
+
+
+def run_ok(script, *args):
+    """Run script in this process (what a subprocess adds is Python's and torch's start-up) and expect exit
+    code 0; returns a CompletedProcess, as run_script does."""
+    result = subprocess.CompletedProcess(script, *run_in_process(script, args))
+    assert result.returncode == 0, f'{script} exited {result.returncode}\n{result.stderr[-3000:]}'
+    return result
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """One SimCLR checkpoint (1 epoch of TINY on procedural:64), trained once for the tests that read it."""
+    out = tmp_path_factory.mktemp('trained')
+    run_ok('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--output-dir', out)
+    return out / 'checkpoint.pth'
 
 
 def make_folder(root, n_per_class=10, size=24):
@@ -85,9 +102,9 @@ def test_batch_not_divisible_by_processes(tmp_path):
                  '--output-dir', tmp_path / 'out', match='not divisible by the 2 processes', nproc=2)
 
 
-def test_resume_refuses_other_method_other_arch_and_corrupt_files(tmp_path):
+def test_resume_refuses_other_method_other_arch_and_corrupt_files(tmp_path, trained):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path]
-    run_script('simclr.py', *run)
+    shutil.copy(trained, tmp_path)
     path = tmp_path / 'checkpoint.pth'
     good = torch.load(path, weights_only=True)
     torch.save({**good, 'method': 'byol'}, path)
@@ -123,9 +140,9 @@ def test_unreadable_image_is_reported_by_path(tmp_path):
     assert result.stderr.count('\n') == 1 and not (tmp_path / 'out').exists(), result.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path]
-    run_script('simclr.py', *run)
+    shutil.copy(trained, tmp_path)
     before = open(tmp_path / 'checkpoint.pth', 'rb').read()
     result = expect_error('simclr.py', *run, '--epochs', '3', '--lr', '1e38', match='the loss became', code=1)
     assert 'last good checkpoint' in result.stderr
@@ -134,8 +151,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_folder_dataset_trains_and_evaluates(tmp_path):
     make_folder(tmp_path / 'data')
-    out = run_script('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--knn-every', '1', '--knn-k', '5',
-                     '--output-dir', tmp_path / 'out')
+    out = run_ok('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--knn-every', '1', '--knn-k', '5',
+                 '--output-dir', tmp_path / 'out')
     assert 'data ' in out.stdout and '24 px -> image size 16' in out.stdout and 'kNN (k=5' in out.stdout
 
 
@@ -179,16 +196,15 @@ def test_an_error_after_setup_leaves_no_empty_output_dir(tmp_path):
 
 def test_resume_with_fewer_or_as_many_epochs_as_done(tmp_path):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--epochs', '2', '--output-dir', tmp_path]
-    run_script('simclr.py', *run)
+    run_ok('simclr.py', *run)
     expect_error('simclr.py', *run[:-4], '--epochs', '1', '--output-dir', tmp_path,
                  match='holds 2 epochs, more than --epochs 1; give --epochs 2 or more')
-    out = run_script('simclr.py', *run)
+    out = run_ok('simclr.py', *run)
     assert 'nothing left to train' in out.stdout and 'epoch 1/2' not in out.stdout
 
 
-def test_eval_knn_bad_settings(tmp_path):
-    run_script('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path / 'run')
-    checkpoint = tmp_path / 'run' / 'checkpoint.pth'
+def test_eval_knn_bad_settings(tmp_path, trained):
+    checkpoint = trained
     for flags, match in ((['--k', '0'], '--k 0: value 1 (0) is outside [1, 1e12]'),
                          (['--k', '65'], '--k 65 is more neighbours than the 64 training images'),
                          (['--temperature', '0'], '--temperature 0.0 is outside (0, 1e6]'),
@@ -209,14 +225,14 @@ def test_eval_knn_bad_settings(tmp_path):
 
 
 def test_eval_knn_help_lists_only_what_it_uses():
-    out = run_script('eval_knn.py', '--help').stdout
+    out = run_ok('eval_knn.py', '--help').stdout
     assert '--k K' in out and '--random-init' in out and '--arch' in out
     for training_flag in ('--lr', '--epochs', '--optimizer', '--knn-every', '--lars-eta', '--output-dir'):
         assert training_flag not in out, training_flag
 
 
 def test_method_help_shows_every_default_and_the_small_image_preset():
-    out = run_script('byol.py', '--help').stdout
+    out = run_ok('byol.py', '--help').stdout
     flat = ' '.join(re.sub(r'-\n\s*', '-', out).split())  # argparse wraps lines, also at hyphens
     assert 'small-image preset replaces them for every flag you do not type' in flat and '--tau-base 0.99' in flat
     entries = [e for e in out.split('\n  -')[1:] if not e.startswith('h,')]

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import common
 from conftest import ROOT, TINY, free_port, run_script
-from test_cli import FAST, expect_error
+from test_cli import FAST, expect_error, run_ok
 from test_ranges import run_in_process
 
 
@@ -105,7 +105,7 @@ def test_divergence_names_a_checkpoint_that_exists(tmp_path):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path]
     result = expect_error('simclr.py', *run, '--lr', '1e38', match='the loss became', code=1)
     assert f'No checkpoint was written to {tmp_path}' in result.stderr  # nothing good to name yet
-    run_script('simclr.py', *run)
+    run_ok('simclr.py', *run)
     result = expect_error('simclr.py', *run, '--epochs', '3', '--lr', '1e38', match='the loss became', code=1)
     assert f'The last good checkpoint is {tmp_path}/checkpoint.pth (1 epoch(s) done)' in result.stderr
     assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['epoch'] == 1
@@ -192,12 +192,12 @@ def test_batch_not_divisible_under_torchrun_is_said_once(tmp_path):
 
 def test_resume_drops_the_records_of_an_unfinished_epoch_and_a_torn_line(tmp_path):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--epochs', '3', '--log-every', '2', '--output-dir', tmp_path]
-    run_script('simclr.py', *run, '--stop-after-epoch', '1')
+    run_ok('simclr.py', *run, '--stop-after-epoch', '1')
     path = tmp_path / 'metrics.jsonl'
     with open(path, 'a') as f:  # what a kill in the middle of epoch 2 leaves: its first records, a torn line
         f.write(json.dumps(dict(epoch=2, step=6, loss=1.0, images_per_s=1.0)) + '\n')
         f.write('{"epoch": 2, "step": 8, "lo')
-    run_script('simclr.py', *run)  # resumes from epoch 1; plotting the file must not fail either
+    run_ok('simclr.py', *run)  # resumes from epoch 1; plotting the file must not fail either
     records = [json.loads(line) for line in open(path)]  # every line whole
     steps = [r['step'] for r in records if 'step' in r]
     assert steps == sorted(set(steps)) and [r['epoch'] for r in records if 'epoch_loss' in r] == [1, 2, 3]
@@ -208,8 +208,8 @@ def test_resume_drops_the_records_of_an_unfinished_epoch_and_a_torn_line(tmp_pat
 
 
 def test_the_first_progress_lines_come_early_with_an_estimate(tmp_path):
-    out = run_script('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--epochs', '3', '--log-every', '50',
-                     '--output-dir', tmp_path).stdout
+    out = run_ok('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--epochs', '3', '--log-every', '50',
+                 '--output-dir', tmp_path).stdout
     lines = [line for line in out.splitlines() if line.startswith('epoch ')]
     assert lines[0].startswith('epoch 1/3 step 1/12 ') and 'eta' in lines[0] and lines[1].startswith('epoch 3/3 step 10/12')
 
