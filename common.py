@@ -2445,7 +2445,7 @@ def resume(args, **objects):
         if key in state['args'] and state['args'][key] != getattr(args, key):
             raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
                              f"not {getattr(args, key)}; use the same value or another --output-dir")
-    if not same_data(state['args'].get('data'), args.data):
+    if not same_data(state['args'].get('data'), getattr(args, 'data', None)):
         raise UsageError(f"{path} was trained on --data {state['args'].get('data')}, not {args.data}; use "
                          'the same --data to resume, or another --output-dir')
     changed = changed_settings(state['args'], args)
@@ -2487,7 +2487,7 @@ NOT_SETTINGS = {'output_dir', 'data_dir', 'dataset_info', 'notes', 'workers', 'a
 
 def same_data(saved, data):
     """Is --data the data a checkpoint was trained on? A folder given by another path counts as the same."""
-    if saved == data:
+    if saved == data or saved is None or data is None:  # None: not recorded (an older or a test's checkpoint)
         return True
     return bool(saved) and os.path.isdir(saved) and os.path.isdir(data) and os.path.samefile(saved, data)
 
