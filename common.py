@@ -23,6 +23,7 @@ method's recipe.
 """
 import argparse
 import datetime
+import errno
 import hashlib
 import itertools
 import json
@@ -102,9 +103,12 @@ def run(main):
         check_stop()  # a stop signal whose exception was swallowed in the last step
     except (UsageError, TrainingError, Interrupted, KeyboardInterrupt, RuntimeError) as e:
         joined = dist.is_available() and dist.is_initialized()
-        if isinstance(e, RuntimeError) and not is_timeout(e):
+        if isinstance(e, RuntimeError) and not is_timeout(e) and not isinstance(e, torch.OutOfMemoryError):
+            remove_empty_output_dirs()  # a bug's traceback: still nothing half-written
             raise
-        if isinstance(e, (UsageError, TrainingError)):
+        if isinstance(e, torch.OutOfMemoryError):
+            message, code = out_of_memory_message(e), 1
+        elif isinstance(e, (UsageError, TrainingError)):
             message = str(e).strip()
             if 'Original Traceback' in message:  # raised inside a DataLoader worker: keep its last line
                 message = message.splitlines()[-1].split('Error: ', 1)[-1]
@@ -122,16 +126,56 @@ def run(main):
             print(f'error: {prefix}{message}', file=sys.stderr, flush=True)
         threading.excepthook = lambda hook_args: None  # shutting down: loader threads talking to stopped workers
         sys.excepthook = lambda *exc_info: None
-        for path in _CREATED_OUTPUT_DIRS:  # nothing half-written: an output folder this run made and left empty
-            if os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
+        if hasattr(signal, 'SIGCHLD'):  # DataLoader's handler would raise as the exit stops its workers: 15 lines
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        remove_empty_output_dirs()
         if joined:
             sys.stdout.flush()
             os._exit(code)
         sys.exit(code)
+    except BaseException:  # a bug's traceback (or argparse's exit): still nothing half-written
+        remove_empty_output_dirs()
+        raise
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
+
+
+def remove_empty_output_dirs():
+    """Nothing half-written: an output folder this run made is removed if it holds nothing, or only the
+    records of a first epoch that never ended in a checkpoint."""
+    for path in _CREATED_OUTPUT_DIRS:
+        if not os.path.isdir(path):
+            continue
+        names = set(os.listdir(path))
+        if names and names <= {'metrics.jsonl', 'metrics.png'}:
+            for name in names:
+                os.remove(os.path.join(path, name))
+        if not os.listdir(path):
+            os.rmdir(path)
+
+
+def out_of_memory_message(error):
+    """The device's out-of-memory error in one line: the batch each process held, and what to try."""
+    first = '. '.join(str(error).strip().split('. ')[:2])[:160]
+    batch, world_size = RUNNING.get('batch_size'), RUNNING.get('world_size', 1)
+    held = (f'with a per-GPU batch of {batch // world_size} (--batch-size {batch} over {world_size} '
+            'process(es))' if batch else 'evaluating in batches of 256 images per process')
+    advice = ('give a smaller --batch-size (the lr is scaled with it), or spread the batch over more GPUs '
+              '(torchrun --nproc_per_node=N)' if batch else
+              'try a smaller --image-size, or more GPUs (torchrun)')
+    return (f'the device ran out of memory {held} ({first}): {advice}. '
+            f'{LAST_CHECKPOINT.get("note", "")}').strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose own errors (an unknown flag, 'invalid int value') are one line and exit
+    code 2, as every other bad input is, instead of 20 lines of usage before the error."""
+
+    def error(self, message):
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(f'error: {message}; see {self.prog} --help', file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def where_in_repo(error):
@@ -152,8 +196,8 @@ def is_timeout(error):
 
 def get_args_parser(description, method):
     """The flags every method shares. The method file adds its own block and sets defaults."""
-    parser = argparse.ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(method=method)
     g = parser.add_argument_group('data')
     g.add_argument('--data', required=True,
@@ -241,6 +285,9 @@ def parse_args(parser, small_image_preset, argv=None):
                          'CIFAR and the procedural data) the method\'s small-image preset replaces them for every '
                          'flag you do not type: ' + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in shown.items()))
     args = parser.parse_args(argv)
+    check_declared_ranges(parser, args)
+    if args.output_dir == '':
+        raise UsageError("--output-dir '' names no folder; give a path (or leave the flag out for runs/...)")
     typed = explicit_flags(parser, argv)
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
     small = args.dataset_info['image_size'] <= 64
@@ -251,8 +298,8 @@ def parse_args(parser, small_image_preset, argv=None):
             setattr(args, key, value)
         notes.append('small-image preset (' + ', '.join(f'{k}={v}' for k, v in preset.items()) + ')')
     apply_size_defaults(args)
-    if args.knn_k is None:
-        args.knn_k = 200 if small else 20
+    if args.knn_k is None:  # not more neighbours than a small --data has images
+        args.knn_k = min(200 if small else 20, args.dataset_info['num_train'])
     if args.knn_t is None:
         args.knn_t = 0.1 if small else 0.07
     if args.output_dir is None:
@@ -279,7 +326,10 @@ def data_note(args):
     """The printed line that says what --data holds and how the images are fed to the backbone."""
     info = args.dataset_info
     return (f"data {args.data}: {info['num_train']} train / {info['num_test']} test images, "
-            f"{info['num_classes']} classes, {info['image_size']} px -> image size {args.image_size}"
+            f"{info['num_classes']} classes, {info['image_size']} px"
+            + (' (median of {2} sampled files: {0}-{1} px)'.format(*info['image_sizes'])
+               if info.get('image_sizes') and info['image_sizes'][0] != info['image_sizes'][1] else '')
+            + f" -> image size {args.image_size}"
             + (', CIFAR stem' if args.cifar_stem and args.arch.startswith('resnet') else '')
             + (f', patch {args.patch_size}' if args.arch.startswith('vit') else ''))
 
@@ -368,6 +418,69 @@ def check_ranges(args, positive=(), non_negative=(), probabilities=()):
             raise UsageError(f'{flag(name)} must be in [0, 1], not {values}')
 
 
+# The range of every numeric flag of every entry point (the shared flags, each method file's and the
+# evaluation scripts'), one declaration per flag, by its dest: '[a, b]' closed, '(a, b)' open ends.
+# parse_args and parse_eval_args check each flag a parser has against it, before any work. A flag of several
+# values (nargs) is checked value by value, against one range or a tuple of one range per value. Caps keep a
+# run from allocating what no machine holds (the schedules of 10^9 epochs, a 99999-px image); inf and nan are
+# outside every range.
+EPOCHS, PIXELS, WIDTH = '[0, 10000]', '[8, 1024]', '[1, 65536]'
+RANGES = dict(
+    # shared: data, model, optimisation, running
+    image_size=PIXELS, workers='[0, 256]', device_data_gb='[0, 1e6]', width='[1, 1024]',
+    patch_size='[1, 1024]', num_heads='[1, 1024]', drop_path='[0, 1)', epochs='[1, 10000]',
+    batch_size='[1, 1048576]', lr='[0, 1e38]',
+    min_lr='[0, 1e38]', warmup_epochs=EPOCHS, momentum='[0, 1)', lars_eta='(0, 1e6]', weight_decay='[0, 1e6]',
+    seed=f'[0, {2 ** 32 - 1}]', log_every='[1, 1e12]', knn_every='[-1, 10000]', knn_k='[1, 1e12]',
+    knn_t='(0, 1e6]', stop_after_epoch='[1, 10000]', dist_timeout='(0, 1e7]',
+    # heads
+    proj_dim=WIDTH, proj_hidden_dim=WIDTH, pred_hidden_dim=WIDTH, mlp_hidden_dim=WIDTH, hidden_dim=WIDTH,
+    bottleneck_dim=WIDTH, out_dim='[1, 1048576]', proj_layers='[1, 16]', nmb_prototypes='[1, 1048576]',
+    # losses, targets and queues
+    temperature='(0, 1e6]', student_temp='(0, 1e6]', teacher_temp='(0, 1e6]', warmup_teacher_temp='(0, 1e6]',
+    epsilon='(0, 1e6]', sinkhorn_iterations='[1, 10000]', nce_k='[0, 1e9]', nce_z_momentum='[0, 1]',
+    memory_momentum='[0, 1]', queue_size='[1, 1e9]', queue_length='[0, 1e9]', bn_splits='[1, 1024]',
+    key_momentum='[0, 1]', moco_m='[0, 1]', tau_base='[0, 1]', momentum_teacher='[0, 1]',
+    center_momentum='[0, 1]',
+    # schedules, in epochs (negative values are not "off")
+    lr_steps=EPOCHS, epoch_queue_starts=EPOCHS, freeze_prototypes_epochs=EPOCHS,
+    warmup_teacher_temp_epochs=EPOCHS, freeze_last_layer=EPOCHS, start_warmup='[0, 1e6]',
+    weight_decay_end='[0, 1e6]', clip_grad='[0, 1e6]',
+    # augmentations: torchvision's ColorJitter takes hue in [0, 0.5] (SimCLR's strength s gives hue 0.2 s)
+    color_strength='[0, 2.5]', jitter=('[0, 10]', '[0, 10]', '[0, 10]', '[0, 0.5]'), blur_prob='[0, 1]',
+    blur_probs='[0, 1]', solarize_probs='[0, 1]', solarize_prob='[0, 1]', min_scale='(0, 1]',
+    min_scale_crops='(0, 1]', max_scale_crops='(0, 1]', global_scale='(0, 1]', local_scale='(0, 1]',
+    nmb_crops='[0, 64]', size_crops=PIXELS, num_local_crops='[0, 64]', local_crop_size=PIXELS,
+    # evaluation
+    k='[1, 1e12]', n_last_blocks='[1, 64]', weight_decays='[0, 1e6]', val_fraction='(0, 1)',
+    max_iter='[1, 1e7]',
+)
+
+
+def in_range(value, interval):
+    """Is `value` inside `interval` ('[0, 1)', ...)? nan never is."""
+    low, high = (float(bound) for bound in interval[1:-1].split(','))
+    above = value >= low if interval[0] == '[' else value > low
+    below = value <= high if interval[-1] == ']' else value < high
+    return bool(above and below)
+
+
+def check_declared_ranges(parser, args):
+    """One-line error for the first flag of `parser` whose value is outside its declared range (RANGES)."""
+    for action in parser._actions:
+        interval, value = RANGES.get(action.dest), getattr(args, action.dest, None)
+        if interval is None or value is None or not action.option_strings:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        intervals = interval if isinstance(interval, tuple) else [interval] * len(values)
+        bad = [(n, v, i) for n, (v, i) in enumerate(zip(values, intervals)) if not in_range(v, i)]
+        if bad:
+            flag, (n, v, i) = action.option_strings[0], bad[0]
+            listed = isinstance(value, (list, tuple))
+            which = f'{flag} {" ".join(map(str, values))}: value {n + 1} ({v})' if listed else f'{flag} {v}'
+            raise UsageError(f'{which} is outside {i}; see --help for what it sets')
+
+
 def apply_arch_preset(parser, args, presets, small_image_preset, argv=None):
     """A method's recipe for one family of architectures, e.g. MoCo v3's ResNet-50 recipe next to
     its ViT default. `presets` maps an --arch prefix ('resnet', 'vit', 'vit_small') to flag values;
@@ -423,6 +536,9 @@ def get_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+RUNNING = {}  # the global batch and the number of processes: what an out-of-memory error names
+
+
 def setup(args):
     """Join the torchrun process group if there is one (multi-node too); else one process.
 
@@ -433,6 +549,7 @@ def setup(args):
     distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ  # DDP: launched by torchrun
     rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if distributed else (0, 1)
     batch_size = getattr(args, 'batch_size', None)  # training: the global batch
+    RUNNING.update(batch_size=batch_size, world_size=world_size)
     if batch_size is not None and batch_size % world_size:
         raise UsageError(f'--batch-size {batch_size} is not divisible by the {world_size} processes; '
                          f'use a multiple of {world_size}')
@@ -458,7 +575,7 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # model init identical on all ranks
-    np.random.seed(args.seed + rank)
+    np.random.seed((args.seed + rank) % 2 ** 32)  # numpy takes seeds < 2^32
     if rank == 0:
         print(f'{args.method}: {world_size} process(es) on {device.type}'
               + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''), flush=True)
@@ -476,7 +593,7 @@ def prepare_output_dir(path):
     """Create --output-dir and check that files can be written in it, before any work is done."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f'--output-dir {path} is a file, not a folder; choose another --output-dir')
-    created = not os.path.exists(path)
+    created, made = not os.path.exists(path), created_folders(path)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f'.write-test-{os.getpid()}')
@@ -486,7 +603,16 @@ def prepare_output_dir(path):
     except OSError as e:
         raise UsageError(f'--output-dir {path}: cannot write there ({e.strerror}); choose a writable folder') from None
     if created:
-        _CREATED_OUTPUT_DIRS.append(path)
+        _CREATED_OUTPUT_DIRS.extend(made)
+
+
+def created_folders(path):
+    """The folders os.makedirs(path) would create (e.g. runs/ too), innermost first."""
+    made, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
 
 
 def seed_epoch(args, epoch, rank):
@@ -553,6 +679,11 @@ def prepare_model(model, args, device):
     its gradients) and use `raw_model` for everything else (EMA, checkpoints, evaluation).
     """
     world_size = get_world_size()
+    per_process = (getattr(args, 'batch_size', None) or 2) // world_size
+    if per_process < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        raise UsageError(f'--batch-size {args.batch_size} leaves {per_process} image per process, and the heads '
+                         f'of this model use BatchNorm, which needs 2 or more; use --batch-size {2 * world_size} or '
+                         'more')
     if world_size > 1 and args.sync_bn:
         if device.type == 'cuda':
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP: BN statistics over the global batch
@@ -1291,25 +1422,57 @@ def inspect_dataset(data, data_dir):
         raise UsageError(f"--data '{data}' has no train/ folder; expected train/<class>/*.jpg and val/ (or test/) alike")
     test = next((os.path.join(data, s) for s in ('val', 'test') if os.path.isdir(os.path.join(data, s))), None)
     classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
-    first = next((os.path.join(train, c, f) for c in classes for f in sorted(os.listdir(os.path.join(train, c)))
-                  if f.lower().endswith(IMAGE_EXTENSIONS)), None)
-    if first is None:
+    num_train, sample = count_images(train, classes, sample=64)
+    if not num_train:
         raise UsageError(f"--data '{data}': no images in {train}/<class>/ (expected {', '.join(IMAGE_EXTENSIONS)})")
-    size = max(load_image(first).size)
+    sizes = sorted(max(image_size(path)) for path in sample)  # not the first file alone: it may be an odd one
+    size = sizes[(len(sizes) - 1) // 2]
+    if size < 8:
+        raise UsageError(f"--data '{data}': its images are {size} px (the median of {len(sizes)} sampled); "
+                         'a backbone needs at least 8 px')
     test_classes = sorted(d for d in os.listdir(test) if os.path.isdir(os.path.join(test, d))) if test else []
     unknown = [c for c in test_classes if c not in classes]
     if unknown:  # each split would number its own classes: the test labels would be shifted
         raise UsageError(f"--data '{data}': {os.path.basename(test)}/ has classes that train/ lacks "
                          f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); every test class "
                          'needs training images of the same name')
-    return dict(kind='folder', num_train=count_images(train, classes), num_test=count_images(test, test_classes),
-                num_classes=len(classes), image_size=size, train=train, test=test, classes=classes)
+    return dict(kind='folder', num_train=num_train, num_test=count_images(test, test_classes)[0],
+                num_classes=len(classes), image_size=size, image_sizes=(sizes[0], sizes[-1], len(sizes)),
+                train=train, test=test, classes=classes)
 
 
-def count_images(root, classes):
-    """Image files (by extension) under root/<class>/, as ImageFolder finds them: no .DS_Store or notes.txt."""
-    return sum(1 for c in classes for _, _, files in os.walk(os.path.join(root, c), followlinks=True)
-               for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+def count_images(root, classes, sample=0):
+    """(number, a sample of paths) of the image files (by extension) under root/<class>/, as ImageFolder finds
+    them: no .DS_Store or notes.txt. The sample: about `sample` files spread over the classes and over each
+    class's files. A link to a folder inside a class folder is refused: followed, `loop -> .` would count the
+    class's images again and again, `up -> ..` would give every class's images this class's label."""
+    count, paths = 0, []
+    per_class = -(-sample // max(1, len(classes)))
+    for c in classes:
+        files = []
+        for folder, subfolders, names in os.walk(os.path.join(root, c)):  # links to folders are not walked
+            links = [d for d in subfolders if os.path.islink(os.path.join(folder, d))]
+            if links:
+                raise UsageError(f'{os.path.join(folder, links[0])} is a link to a folder inside a class '
+                                 'folder; '
+                                 'such links are not followed (a loop, or another class\'s images under this '
+                                 'label): remove it, or put the images themselves there')
+            files += [os.path.join(folder, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+        count += len(files)
+        files.sort()
+        chosen = min(per_class, len(files))
+        paths += [files[i * len(files) // chosen] for i in range(chosen)]
+    return count, paths
+
+
+def image_size(path):
+    """(width, height) of an image file, read from its header (one line when it cannot be read)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as e:
+        raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the '
+                         'file') from None
 
 
 class ClassFolder(torchvision.datasets.ImageFolder):
@@ -1329,9 +1492,14 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 
 
 def load_image(path):
+    """An image file as 8-bit RGB. 16-bit greys (a PNG's mode I;16, or I) are scaled to 8 bits: convert('RGB')
+    would clip every value above 255 to white."""
     try:
         with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
+            image = Image.open(f)
+            if image.mode.startswith('I') and (image.mode != 'I' or image.getextrema()[1] > 255):
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+            return image.convert('RGB')
     except Exception as e:
         raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
 
@@ -1420,6 +1588,7 @@ def base_dataset(args, split):
         return cls(root, download=False, **kwargs)
     except RuntimeError:
         pass
+    _CREATED_OUTPUT_DIRS.extend(created_folders(root))  # a failed download leaves no empty cache folder
     try:
         if get_rank() == 0:
             cls(root, download=True, **kwargs)
@@ -2157,13 +2326,37 @@ def last_checkpoint_note(args):
     return LAST_CHECKPOINT.get('note', f'No checkpoint was written to {args.output_dir}.')
 
 
+class _RecordedWrites:
+    """A file whose first failed write is kept: torch.save turns the OSError of a full disk into a
+    RuntimeError ('unexpected pos ...') that names no cause."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
 def save_atomically(obj, path):
     """torch.save to path.tmp, flushed to disk, then renamed over path: a reader sees the old file or the
-    new one, never half of one. On an OSError (e.g. a full disk) the partial .tmp is removed and it is raised."""
+    new one, never half of one. On a failed write (e.g. a full disk) the partial .tmp is removed and an
+    OSError raised (the one the write met, also when torch.save reported it as a RuntimeError)."""
     tmp = f'{path}.tmp'
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            recorded = _RecordedWrites(f)
+            try:
+                torch.save(obj, recorded)
+            except RuntimeError as e:
+                failed = OSError(errno.EIO, f'torch.save failed: {str(e).strip()[:160]}')
+                raise recorded.error or failed from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -2212,6 +2405,9 @@ def named_tensors(tree, prefix=''):
 
 def read_checkpoint(path):
     """torch.load with a one-line error for missing, corrupt or truncated files."""
+    if os.path.isdir(path):
+        raise UsageError(f'{path} is a folder, not a checkpoint; give the checkpoint file (e.g. '
+                         f'{os.path.join(path, "checkpoint.pth")})')
     if not os.path.isfile(path):
         raise UsageError(f'no checkpoint at {path}')
     try:
@@ -2249,14 +2445,28 @@ def resume(args, **objects):
         if key in state['args'] and state['args'][key] != getattr(args, key):
             raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
                              f"not {getattr(args, key)}; use the same value or another --output-dir")
-    done = state['epoch']
+    if not same_data(state['args'].get('data'), getattr(args, 'data', None)):
+        raise UsageError(f"{path} was trained on --data {state['args'].get('data')}, not {args.data}; use "
+                         'the same --data to resume, or another --output-dir')
+    changed = changed_settings(state['args'], args)
+    if changed:
+        print0(f'  resuming with settings that differ from the checkpoint\'s: {", ".join(changed)}')
+    done = state.get('epoch')
+    if not isinstance(done, int) or not 0 <= done:
+        raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or '
+                         'use another --output-dir')
     if done > args.epochs:
         raise UsageError(f'{path} holds {done} epochs, more than --epochs {args.epochs}; give --epochs {done} '
                          'or more to go on training, or use another --output-dir')
     for name, obj in objects.items():
-        if isinstance(obj, nn.Module):
+        if isinstance(obj, nn.Module) and isinstance(state.get(name), dict):
             check_shapes(path, name, state[name], obj.state_dict())
-        obj.load_state_dict(state[name])
+        try:
+            obj.load_state_dict(state[name])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # an edited checkpoint
+            problem = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UsageError(f'{path}: its {name} does not load into this run ({problem}); delete it or use '
+                             'another --output-dir') from None
         if isinstance(obj, LARS):  # load_state_dict restores the saved hyper-parameters: the flags win
             for group in obj.param_groups:
                 group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip, denominator=args.lars_denominator)
@@ -2266,6 +2476,29 @@ def resume(args, **objects):
            + (f'; --epochs is {args.epochs}: nothing left to train (raise --epochs to train longer)'
               if done == args.epochs else ''))
     return done
+
+
+# What resume() names when it differs from the checkpoint's (refused if it cannot change: data, arch, ...):
+# everything but where and how this process runs.
+NOT_SETTINGS = {'output_dir', 'data_dir', 'dataset_info', 'notes', 'workers', 'augment', 'device_data_gb',
+                'epochs', 'stop_after_epoch', 'log_every', 'knn_every', 'dist_timeout', 'compile',
+                'precision'}
+
+
+def same_data(saved, data):
+    """Is --data the data a checkpoint was trained on? A folder given by another path counts as the same."""
+    if saved == data or saved is None or data is None:  # None: not recorded (an older or a test's checkpoint)
+        return True
+    return bool(saved) and os.path.isdir(saved) and os.path.isdir(data) and os.path.samefile(saved, data)
+
+
+def changed_settings(saved, args):
+    """'--lr 0.1 (checkpoint: 0.05)' for every setting of this run that differs from the checkpoint's."""
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+    return [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})"
+            for key, value in sorted(vars(args).items())
+            if key in saved and key not in NOT_SETTINGS and plain(saved[key]) != plain(value)]
 
 
 def check_shapes(path, name, saved, current):
@@ -2468,8 +2701,8 @@ def get_eval_parser(description, name):
     """The flags of an evaluation script (eval_knn.py, eval_linear.py): a checkpoint of any method
     file, --pretrained (an authors' released file, released.py), or --random-init; the data and backbone
     flags, whose defaults are the checkpoint's."""
-    parser = argparse.ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(method=name, freeze_patch_embed=False, drop_path=0.0)
     parser.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
     parser.add_argument('--pretrained', default=None, metavar='FILE',
@@ -2512,6 +2745,7 @@ def parse_eval_args(parser, argv=None, load_released=None):
     flag not typed."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    check_declared_ranges(parser, args)
     if sum((bool(args.checkpoint), bool(args.pretrained), args.random_init)) != 1:
         raise UsageError('give one of: a checkpoint to evaluate, --pretrained FILE (the authors\' weights), '
                          'or --random-init with --data and --arch')
@@ -2607,7 +2841,9 @@ def extract_features(backbone, loader, device, args, normalize=True):
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, ks, temperature, chunk=512):
     """Weighted kNN classifier (Wu et al. 2018): each test feature's k most cosine-similar
     training features vote for their class with weight exp(similarity / T). Features must be
-    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks` (1 <= k <= N_train)."""
+    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks` (1 <= k <= N_train).
+    The votes are summed in log space (log sum_j exp(s_j / T) per class): at a small T, exp(s / T)
+    overflows even float64 (T = 0.001: e^1000), and every class would tie at inf."""
     if not all(1 <= k <= len(train_features) for k in ks) or not temperature > 0:
         raise ValueError(f'kNN needs 1 <= k <= {len(train_features)} and T > 0, not k={ks}, T={temperature}')
     k_max = max(ks)
@@ -2615,13 +2851,17 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     for start in range(0, len(test_features), chunk):
         similarity = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
         top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
-        weights, neighbour_labels = (top_sim.double() / temperature).exp(), train_labels[top_idx]  # float64: no
-        labels = test_labels[start:start + chunk, None]                                            # overflow at small T
+        logits, neighbour_labels = top_sim.double() / temperature, train_labels[top_idx]  # (c, k_max) log w
+        labels = test_labels[start:start + chunk, None]
         for k in ks:
-            votes = torch.zeros(len(top_sim), num_classes, device=top_sim.device, dtype=torch.float64)
-            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])  # (c, classes)
+            votes = torch.full((len(top_sim), num_classes), -math.inf, device=top_sim.device,
+                               dtype=torch.float64)
+            peak = votes.scatter_reduce(1, neighbour_labels[:, :k], logits[:, :k], 'amax')  # (c, classes)
+            shifted = (logits[:, :k] - peak.gather(1, neighbour_labels[:, :k])).exp()      # <= 1: no overflow
+            sums = torch.zeros_like(votes).scatter_add_(1, neighbour_labels[:, :k], shifted)
+            votes = peak + sums.log()  # log of the summed weights; -inf for a class without votes
             top_votes, ranked = votes.topk(min(5, num_classes), dim=1)
-            hit = (ranked == labels) & (top_votes > 0)  # a class without votes is no prediction
+            hit = (ranked == labels) & (top_votes > -math.inf)  # a class without votes is no prediction
             correct[k] += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
     return {k: tuple((100 * c / len(test_features)).tolist()) for k, c in correct.items()}
 

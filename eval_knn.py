@@ -18,8 +18,6 @@ Run:
 ViT checkpoints (ours or --pretrained): `--attention-image` draws, instead of evaluating, the last block's attention from the
 CLS token to every patch, one panel per head, over the image (as in the DINO paper's figures).
 """
-import math
-
 import torch
 import torchvision.transforms as T
 
@@ -37,11 +35,7 @@ evaluation.add_argument('--attention-out', default='attention.png', help='where 
 
 
 def main():
-    args, state = common.parse_eval_args(parser, load_released=released.load)
-    if any(k < 1 for k in args.k):
-        raise common.UsageError(f'--k {" ".join(map(str, args.k))}: every k must be at least 1 neighbour')
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise common.UsageError(f'--temperature must be a positive number, not {args.temperature}')
+    args, state = common.parse_eval_args(parser, load_released=released.load)  # ranges: common.RANGES
     if args.json:
         common.check_writable_file(args.json, '--json')
     if args.attention_image:
@@ -79,7 +73,8 @@ def main():
     if args.json and is_main:
         common.write_json(args.json, dict(
             checkpoint=args.checkpoint, method=state['method'] if state else 'random-init',
-            epoch=state['epoch'] if state else 0, data=args.data, arch=args.arch, temperature=args.temperature,
+            epoch=state['epoch'] if state else 0, data=args.data, arch=args.arch, image_size=args.image_size,
+            temperature=args.temperature,
             results={str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in results.items()}))
 
 

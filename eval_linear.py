@@ -346,6 +346,11 @@ def main():
         if num_train - max(1, round(args.val_fraction * num_train)) < 2:
             raise common.UsageError(f'--val-fraction {args.val_fraction} leaves fewer than 2 of the {num_train} '
                                     'training images to fit; use a smaller fraction')
+        if round(args.val_fraction * num_train) < 5:  # the weight decay would be picked on a coin toss
+            held_out = round(args.val_fraction * num_train)
+            raise common.UsageError(f'--val-fraction {args.val_fraction} holds out {held_out} of the '
+                                    f'{num_train} training images, too few to choose the weight decay on; '
+                                    f'use at least {5 / num_train:.3g}')
         common.print0(f'  fast linear probe: L-BFGS logistic regression on the standardised {features.describe()} '
                       f'({features.embed_dim}-d), weight decay chosen on held-out training images (seed {args.seed})')
         train_x, train_y, test_x, test_y = common.extract_train_test_features(features, eval_loaders, device, args,

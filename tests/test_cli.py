@@ -1,6 +1,8 @@
 """Bad input: a one-line error that says what to do, exit code 2, nothing half-written."""
 import os
 import re
+import shutil
+import subprocess
 import urllib.error
 
 import numpy as np
@@ -11,18 +13,39 @@ from PIL import Image
 
 import common
 from conftest import TINY, run_script
+from test_ranges import run_in_process
 
 FAST = ['--epochs', '1', '--batch-size', '16', '--proj-hidden-dim', '16', '--knn-every', '-1']
 
 
 def expect_error(script, *args, match, code=2, nproc=None):
-    result = run_script(script, *args, nproc=nproc, check=False)
+    """Run script (in this process; under torchrun with nproc) and expect one line `error: ...match...`."""
+    if nproc is None:  # a subprocess would only add Python's and torch's start-up
+        result = subprocess.CompletedProcess(script, *run_in_process(script, args))
+    else:
+        result = run_script(script, *args, nproc=nproc, check=False)
     assert result.returncode == code if nproc is None else result.returncode != 0, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
     assert errors and match in errors[0], result.stderr[-2000:]
     if nproc is None:
         assert 'Traceback' not in result.stderr, result.stderr[-2000:]
     return result
+
+
+def run_ok(script, *args):
+    """Run script in this process (what a subprocess adds is Python's and torch's start-up) and expect exit
+    code 0; returns a CompletedProcess, as run_script does."""
+    result = subprocess.CompletedProcess(script, *run_in_process(script, args))
+    assert result.returncode == 0, f'{script} exited {result.returncode}\n{result.stderr[-3000:]}'
+    return result
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """One SimCLR checkpoint (1 epoch of TINY on procedural:64), trained once for the tests that read it."""
+    out = tmp_path_factory.mktemp('trained')
+    run_ok('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--output-dir', out)
+    return out / 'checkpoint.pth'
 
 
 def make_folder(root, n_per_class=10, size=24):
@@ -52,10 +75,11 @@ def test_bad_model_options(tmp_path):
     expect_error('simclr.py', '--data', 'procedural', '--arch', 'vit_tiny', '--patch-size', '5', '--output-dir', out,
                  match='does not divide')
     expect_error('simclr.py', '--data', 'procedural', '--freeze-patch-embed', '--output-dir', out, match='ViT option')
-    expect_error('mocov3.py', '--data', 'procedural', '--lars-eta', '0', '--output-dir', out, match='--lars-eta > 0')
-    expect_error('byol.py', '--data', 'procedural', '--lr', '-1', '--output-dir', out, match='--lr and --weight-decay')
-    expect_error('dino.py', '--data', 'procedural', '--teacher-temp', '0', '--output-dir', out, match='--teacher-temp must be positive')
-    expect_error('simclr.py', '--data', 'procedural', '--warmup-epochs', '-1', '--output-dir', out, match='--warmup-epochs must be >= 0')
+    for script, flag, value, match in (('mocov3.py', '--lars-eta', '0', '--lars-eta 0.0 is outside (0, 1e6]'),
+                                       ('byol.py', '--lr', '-1', '--lr -1.0 is outside [0, 1e38]'),
+                                       ('dino.py', '--teacher-temp', '0', '0.0 is outside (0, 1e6]'),
+                                       ('simclr.py', '--warmup-epochs', '-1', '-1.0 is outside [0, 10000]')):
+        expect_error(script, '--data', 'procedural', flag, value, '--output-dir', out, match=match)
     assert not out.exists()
 
 
@@ -67,6 +91,10 @@ def test_dataset_that_cannot_be_downloaded(tmp_path, monkeypatch):
                              ['--data', 'cifar10', '--data-dir', str(tmp_path)])
     with pytest.raises(common.UsageError, match=f'put torchvision.s cifar10 files in {tmp_path}'):
         common.base_dataset(args, 'train')
+    # the quick start without network: no empty runs/ and no empty dataset cache left behind
+    expect_error('simclr.py', '--data', 'cifar10', '--data-dir', tmp_path / 'cache', *TINY, *FAST,
+                 '--output-dir', tmp_path / 'runs' / 'simclr', match='could not find or download cifar10')
+    assert not (tmp_path / 'runs').exists() and not (tmp_path / 'cache').exists()
 
 
 def test_batch_not_divisible_by_processes(tmp_path):
@@ -74,9 +102,9 @@ def test_batch_not_divisible_by_processes(tmp_path):
                  '--output-dir', tmp_path / 'out', match='not divisible by the 2 processes', nproc=2)
 
 
-def test_resume_refuses_other_method_other_arch_and_corrupt_files(tmp_path):
+def test_resume_refuses_other_method_other_arch_and_corrupt_files(tmp_path, trained):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path]
-    run_script('simclr.py', *run)
+    shutil.copy(trained, tmp_path)
     path = tmp_path / 'checkpoint.pth'
     good = torch.load(path, weights_only=True)
     torch.save({**good, 'method': 'byol'}, path)
@@ -93,17 +121,28 @@ def test_resume_refuses_other_method_other_arch_and_corrupt_files(tmp_path):
 
 
 def test_unreadable_image_is_reported_by_path(tmp_path):
-    make_folder(tmp_path / 'data')
-    bad = tmp_path / 'data' / 'train' / 'b' / '3.png'
+    make_folder(tmp_path / 'data', n_per_class=40)
+    folder = tmp_path / 'data' / 'train' / 'b'
+    sampled = common.count_images(str(folder.parent), ['b'], sample=32)[1]  # headers read before any work
+    open(sampled[1], 'wb').write(b'\x89PNG broken')
+    expect_error('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--output-dir', tmp_path / 'out',
+                 match=f'cannot read image {sampled[1]}')
+    os.remove(sampled[1])
+    bad = next(str(path) for path in sorted(folder.iterdir()) if str(path) not in sampled)
     open(bad, 'wb').write(b'\x89PNG broken')
-    for workers in ('0', '1'):  # in the main process and in a loader worker
+    for workers in ('0', '1'):  # found by the loader: in the main process and in a loader worker
         expect_error('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--workers', workers,
                      '--output-dir', tmp_path / 'out', match=f'cannot read image {bad}')
+    # a process of its own: with 2 workers, the exit used to add 15 lines ("Exception ignored in atexit")
+    result = run_script('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--workers', '2',
+                        '--output-dir', tmp_path / 'out', check=False)
+    assert result.returncode == 2 and result.stderr.startswith(f'error: cannot read image {bad}'), result.stderr
+    assert result.stderr.count('\n') == 1 and not (tmp_path / 'out').exists(), result.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path]
-    run_script('simclr.py', *run)
+    shutil.copy(trained, tmp_path)
     before = open(tmp_path / 'checkpoint.pth', 'rb').read()
     result = expect_error('simclr.py', *run, '--epochs', '3', '--lr', '1e38', match='the loss became', code=1)
     assert 'last good checkpoint' in result.stderr
@@ -112,26 +151,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_folder_dataset_trains_and_evaluates(tmp_path):
     make_folder(tmp_path / 'data')
-    out = run_script('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--knn-every', '1', '--knn-k', '5',
-                     '--output-dir', tmp_path / 'out')
+    out = run_ok('simclr.py', '--data', tmp_path / 'data', *TINY, *FAST, '--knn-every', '1', '--knn-k', '5',
+                 '--output-dir', tmp_path / 'out')
     assert 'data ' in out.stdout and '24 px -> image size 16' in out.stdout and 'kNN (k=5' in out.stdout
 
 
-def test_bad_numbers_and_sizes_are_one_line_errors_and_nothing_is_written(tmp_path):
+def test_bad_combinations_are_one_line_errors_and_nothing_is_written(tmp_path):
+    """Values inside their ranges (tests/test_ranges.py walks those) that do not fit together."""
     out = tmp_path / 'out'
     run = ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', out]
-    for flags, match in ((['--lr', 'nan'], '--lr must be a finite number, not nan'),
-                         (['--lr', 'inf'], '--lr must be a finite number, not inf'),
-                         (['--image-size', '0'], '--image-size must be a positive number of pixels'),
-                         (['--arch', 'vit_tiny', '--patch-size', '0'], '--patch-size must be a positive number'),
+    for flags, match in ((['--arch', 'vit_tiny', '--patch-size', '5'], '--patch-size 5 does not divide'),
                          (['--arch', 'vit_tiny', '--num-heads', '5'], '--num-heads 5 does not divide the width 192'),
-                         (['--log-every', '0'], '--log-every must be at least 1'),
-                         (['--workers', '-1'], '--workers must be >= 0'),
-                         (['--min-scale', '2'], '--min-scale 2.0 is outside (0, 1]'),
-                         (['--knn-k', '0'], '--knn-k must be at least 1'),
-                         (['--knn-t', '0'], '--knn-t must be a positive temperature'),
-                         (['--dist-timeout', '0'], '--dist-timeout must be a positive number of seconds')):
-        expect_error('simclr.py', *run, *flags, match=match)
+                         (['--output-dir', ''], "--output-dir '' names no folder")):
+        code, _, err = run_in_process('simclr.py', run + flags)
+        assert code == 2 and err.count('\n') == 1 and match in err, err
     assert not out.exists()
 
 
@@ -146,29 +179,35 @@ def test_output_dir_that_cannot_be_written(tmp_path):
 
 
 def test_an_error_after_setup_leaves_no_empty_output_dir(tmp_path):
-    out = tmp_path / 'out'  # --knn-k is checked against the labelled training images once they are loaded
+    out = tmp_path / 'runs' / 'out'  # --knn-k is checked against the labelled training images once loaded
     expect_error('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--knn-every', '1', '--knn-k', '65',
                  '--output-dir', out, match='--knn-k 65 is more neighbours than the 64 labelled training images')
-    assert not out.exists()
+    assert not (tmp_path / 'runs').exists()  # the folder made for it went too
+    args = common.parse_args(common.get_args_parser('', 'test'), {}, ['--data', 'procedural:50'])
+    assert args.knn_k == 50  # the small-image default (200) never asks for more neighbours than there are
+    expect_error('byol.py', '--data', 'procedural:64', *TINY, *FAST, '--batch-size', '1', '--output-dir', out,
+                 match='--batch-size 1 leaves 1 image per process, and the heads of this model use BatchNorm')
+    expect_error('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--lr', '1e38', '--output-dir', out,
+                 match='the loss became', code=1)  # in the first epoch: its records go with the folder
+    assert not (tmp_path / 'runs').exists()
+    (tmp_path / 'runs').mkdir()
+    expect_error('eval_knn.py', tmp_path / 'runs', match='is a folder, not a checkpoint; give the checkpoint file')
 
 
 def test_resume_with_fewer_or_as_many_epochs_as_done(tmp_path):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--epochs', '2', '--output-dir', tmp_path]
-    run_script('simclr.py', *run)
+    run_ok('simclr.py', *run)
     expect_error('simclr.py', *run[:-4], '--epochs', '1', '--output-dir', tmp_path,
                  match='holds 2 epochs, more than --epochs 1; give --epochs 2 or more')
-    out = run_script('simclr.py', *run)
+    out = run_ok('simclr.py', *run)
     assert 'nothing left to train' in out.stdout and 'epoch 1/2' not in out.stdout
 
 
-def test_eval_knn_bad_settings(tmp_path):
-    run_script('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path / 'run')
-    checkpoint = tmp_path / 'run' / 'checkpoint.pth'
-    for flags, match in ((['--k', '0'], 'every k must be at least 1'), (['--k', '-5'], 'every k must be at least 1'),
+def test_eval_knn_bad_settings(tmp_path, trained):
+    checkpoint = trained
+    for flags, match in ((['--k', '0'], '--k 0: value 1 (0) is outside [1, 1e12]'),
                          (['--k', '65'], '--k 65 is more neighbours than the 64 training images'),
-                         (['--temperature', '0'], '--temperature must be a positive number'),
-                         (['--temperature', '-1'], '--temperature must be a positive number'),
-                         (['--temperature', 'nan'], '--temperature must be a positive number'),
+                         (['--temperature', '0'], '--temperature 0.0 is outside (0, 1e6]'),
                          (['--json', tmp_path], 'is a folder; give a file name')):
         expect_error('eval_knn.py', checkpoint, '--workers', '0', *flags, match=match)
     if os.path.isdir('/proc/1'):
@@ -186,14 +225,14 @@ def test_eval_knn_bad_settings(tmp_path):
 
 
 def test_eval_knn_help_lists_only_what_it_uses():
-    out = run_script('eval_knn.py', '--help').stdout
+    out = run_ok('eval_knn.py', '--help').stdout
     assert '--k K' in out and '--random-init' in out and '--arch' in out
     for training_flag in ('--lr', '--epochs', '--optimizer', '--knn-every', '--lars-eta', '--output-dir'):
         assert training_flag not in out, training_flag
 
 
 def test_method_help_shows_every_default_and_the_small_image_preset():
-    out = run_script('byol.py', '--help').stdout
+    out = run_ok('byol.py', '--help').stdout
     flat = ' '.join(re.sub(r'-\n\s*', '-', out).split())  # argparse wraps lines, also at hyphens
     assert 'small-image preset replaces them for every flag you do not type' in flat and '--tau-base 0.99' in flat
     entries = [e for e in out.split('\n  -')[1:] if not e.startswith('h,')]
@@ -225,3 +264,21 @@ def test_image_count_skips_files_that_are_not_images(tmp_path):
         (tmp_path / 'data' / 'train' / 'a' / junk).write_text('x')
     info = common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))
     assert (info['num_train'], info['num_test'], info['num_classes']) == (6, 6, 2)
+
+
+def test_export_refuses_to_overwrite_its_checkpoint_or_to_export_nan(tmp_path):
+    import argparse
+    args = argparse.Namespace(method='simclr', output_dir=str(tmp_path), arch='resnet18', width=8, patch_size=4,
+                              cifar_stem=True, epochs=3)
+    model = torch.nn.Linear(3, 2)
+    common.save_checkpoint(args, 1, model)
+    before = open(tmp_path / 'checkpoint.pth', 'rb').read()
+    for out in (tmp_path / 'checkpoint.pth', tmp_path / '.' / 'checkpoint.pth'):
+        expect_error('tools/released.py', 'export', tmp_path / 'checkpoint.pth', out, match='is the checkpoint itself')
+    assert open(tmp_path / 'checkpoint.pth', 'rb').read() == before
+    state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    state['backbone']['weight'][0, 0] = float('nan')
+    torch.save(state, tmp_path / 'nan.pth')
+    expect_error('tools/released.py', 'export', tmp_path / 'nan.pth', tmp_path / 'out.pth',
+                 match='the backbone tensor weight holds NaN or inf')
+    assert not (tmp_path / 'out.pth').exists()

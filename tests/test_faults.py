@@ -16,7 +16,8 @@ import torch.nn as nn
 
 import common
 from conftest import ROOT, TINY, free_port, run_script
-from test_cli import FAST, expect_error
+from test_cli import FAST, expect_error, run_ok
+from test_ranges import run_in_process
 
 
 def checkpoint_args(tmp_path):
@@ -53,11 +54,58 @@ def test_full_disk_keeps_the_previous_checkpoint_and_no_partial_file(tmp_path, m
     assert open(tmp_path / 'checkpoint.pth', 'rb').read() == before and not (tmp_path / 'checkpoint.pth.tmp').exists()
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 512 KiB filesystem (tmpfs, mounted when this runs as root on Linux; skipped elsewhere)."""
+    place = tmp_path / 'small'
+    place.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=512k', 'tmpfs', str(place)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f'cannot mount a small tmpfs here ({mounted.stderr.decode().strip()[:80]})')
+    try:
+        yield place
+    finally:
+        subprocess.run(['umount', str(place)], check=True)
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoint_and_export_in_one_line(small_filesystem, tmp_path):
+    args = checkpoint_args(small_filesystem)
+    model = nn.Linear(256, 300)  # 300 KiB: the filesystem holds one checkpoint, not a second beside it
+    common.save_checkpoint(args, 1, model)
+    before = open(small_filesystem / 'checkpoint.pth', 'rb').read()
+    with pytest.raises(common.TrainingError, match=r'could not write the checkpoint of epoch 2 .*\(No space '
+                       r'left on device\)\. The last good checkpoint is .* \(1 epoch\(s\) done\)'):
+        common.save_checkpoint(args, 2, model)  # torch.save itself reports the full disk as a RuntimeError
+    assert open(small_filesystem / 'checkpoint.pth', 'rb').read() == before
+    assert os.listdir(small_filesystem) == ['checkpoint.pth']
+    common.save_checkpoint(checkpoint_args(tmp_path), 1, model)
+    code, _, err = run_in_process('tools/released.py', ['export', tmp_path / 'checkpoint.pth',
+                                                        small_filesystem / 'export.pth'])
+    assert code == 2 and err.count('\n') == 1 and '(No space left on device)' in err, err
+    assert os.listdir(small_filesystem) == ['checkpoint.pth']
+
+
+def test_out_of_memory_on_the_device_is_one_line_naming_the_batch(tmp_path, monkeypatch):
+    import simclr
+
+    def out_of_memory(*args, **kwargs):  # what a step on a GPU too small for the batch raises
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total '
+                                     'capacity of 15.77 GiB of which 1.2 GiB is free. Of the allocated ...')
+    monkeypatch.setattr(simclr, 'nt_xent_loss', out_of_memory)
+    out = tmp_path / 'out'
+    code, _, err = run_in_process('simclr.py', ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', out])
+    assert code == 1 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert ('error: the device ran out of memory with a per-GPU batch of 16 (--batch-size 16 over 1 '
+            'process(es)) (CUDA out of memory. Tried to allocate 2.00 GiB): give a smaller') in err
+    assert 'more GPUs' in err and not out.exists()  # nothing was written: the empty folder went too
+
+
 def test_divergence_names_a_checkpoint_that_exists(tmp_path):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--output-dir', tmp_path]
     result = expect_error('simclr.py', *run, '--lr', '1e38', match='the loss became', code=1)
     assert f'No checkpoint was written to {tmp_path}' in result.stderr  # nothing good to name yet
-    run_script('simclr.py', *run)
+    run_ok('simclr.py', *run)
     result = expect_error('simclr.py', *run, '--epochs', '3', '--lr', '1e38', match='the loss became', code=1)
     assert f'The last good checkpoint is {tmp_path}/checkpoint.pth (1 epoch(s) done)' in result.stderr
     assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['epoch'] == 1
@@ -144,12 +192,12 @@ def test_batch_not_divisible_under_torchrun_is_said_once(tmp_path):
 
 def test_resume_drops_the_records_of_an_unfinished_epoch_and_a_torn_line(tmp_path):
     run = ['--data', 'procedural:64', *TINY, *FAST, '--epochs', '3', '--log-every', '2', '--output-dir', tmp_path]
-    run_script('simclr.py', *run, '--stop-after-epoch', '1')
+    run_ok('simclr.py', *run, '--stop-after-epoch', '1')
     path = tmp_path / 'metrics.jsonl'
     with open(path, 'a') as f:  # what a kill in the middle of epoch 2 leaves: its first records, a torn line
         f.write(json.dumps(dict(epoch=2, step=6, loss=1.0, images_per_s=1.0)) + '\n')
         f.write('{"epoch": 2, "step": 8, "lo')
-    run_script('simclr.py', *run)  # resumes from epoch 1; plotting the file must not fail either
+    run_ok('simclr.py', *run)  # resumes from epoch 1; plotting the file must not fail either
     records = [json.loads(line) for line in open(path)]  # every line whole
     steps = [r['step'] for r in records if 'step' in r]
     assert steps == sorted(set(steps)) and [r['epoch'] for r in records if 'epoch_loss' in r] == [1, 2, 3]
@@ -160,8 +208,8 @@ def test_resume_drops_the_records_of_an_unfinished_epoch_and_a_torn_line(tmp_pat
 
 
 def test_the_first_progress_lines_come_early_with_an_estimate(tmp_path):
-    out = run_script('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--epochs', '3', '--log-every', '50',
-                     '--output-dir', tmp_path).stdout
+    out = run_ok('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--epochs', '3', '--log-every', '50',
+                 '--output-dir', tmp_path).stdout
     lines = [line for line in out.splitlines() if line.startswith('epoch ')]
     assert lines[0].startswith('epoch 1/3 step 1/12 ') and 'eta' in lines[0] and lines[1].startswith('epoch 3/3 step 10/12')
 

@@ -371,6 +371,14 @@ def export(checkpoint, out):
         raise common.UsageError(f'{checkpoint} is not a checkpoint of this project (no backbone / args); '
                                 'a released file loads with eval_knn.py --pretrained as it is')
     args, backbone = state['args'], state['backbone']
+    if os.path.exists(out) and os.path.samefile(out, checkpoint):
+        raise common.UsageError(f'OUT {out} is the checkpoint itself: exporting would overwrite it with a '
+                                'bare state dict; give another file name')
+    bad = next((key for key, tensor in backbone.items() if torch.is_tensor(tensor)
+                and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if bad is not None:
+        raise common.UsageError(f'{checkpoint}: the backbone tensor {bad} holds NaN or inf; export another '
+                                'checkpoint')
     vit = args.get('arch', '').startswith('vit')
     sd = to_layout(backbone, 'DINO-layout ViT' if vit else 'torchvision ResNet')
     if vit:
@@ -409,7 +417,7 @@ def export(checkpoint, out):
 # =============================================================================
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
+    parser = common.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest='command', required=True)
     inspect = commands.add_parser('inspect', help="say which authors' layout FILE has and the backbone it holds")
     inspect.add_argument('file')

@@ -1,0 +1,116 @@
+"""Inputs that used to give a wrong result without a word: each now gives the right one, or one line."""
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+
+
+def knn_reference(train, train_labels, test, test_labels, num_classes, k, temperature):
+    """Weighted kNN written from its definition, in float64 log space: each class scores
+    log sum over its neighbours among the k nearest of exp(cos / T). Returns (top-1, top-5) in percent."""
+    train, test = np.asarray(train, np.float64), np.asarray(test, np.float64)
+    top1 = top5 = 0
+    for feature, label in zip(test, np.asarray(test_labels)):
+        similarity = train @ feature
+        nearest = np.argsort(-similarity, kind='stable')[:k]
+        scores = {}
+        for j in nearest:
+            c = int(train_labels[j])
+            scores[c] = np.logaddexp(scores.get(c, -np.inf), similarity[j] / temperature)
+        ranked = sorted(scores, key=lambda c: -scores[c])[:5]
+        top1 += ranked[0] == label
+        top5 += label in ranked
+    return 100 * top1 / len(test), 100 * top5 / len(test)
+
+
+def test_knn_votes_do_not_overflow_at_small_temperatures():
+    # clustered features: neighbours have cosine ~0.9, so exp(cos / 0.001) = e^900 overflows even float64
+    generator = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(10, 32, generator=generator), dim=1)
+    train_labels = torch.arange(400) % 10
+    test_labels = torch.arange(97) % 10
+    train = F.normalize(centres[train_labels] + 0.35 * torch.randn(400, 32, generator=generator), dim=1)
+    test = F.normalize(centres[test_labels] + 0.35 * torch.randn(97, 32, generator=generator), dim=1)
+    for temperature in (0.001, 0.0001, 0.07, 1.0):
+        results = common.knn_accuracy(train, train_labels, test, test_labels, 10, [1, 20, 200], temperature,
+                                      chunk=32)
+        for k, (top1, top5) in results.items():
+            expected = knn_reference(train, train_labels, test, test_labels, 10, k, temperature)
+            assert abs(top1 - expected[0]) < 1e-3 and abs(top5 - expected[1]) < 1e-3, (temperature, k)
+    assert results[20][0] > 50  # the case is not trivial: far above chance (10%)
+
+
+def write_folder(root, sizes, per_class=6):
+    """root/train/<a|b>/<i>.png and root/val/ alike; `sizes[i]` is the side of the i-th file of each class."""
+    for split in ('train', 'val'):
+        for c in ('a', 'b'):
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                size = sizes[i] if i < len(sizes) else sizes[-1]
+                pixels = np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f'{i}.png')
+
+
+@pytest.mark.parametrize('odd, bulk', [(1, 48), (32, 128)])
+def test_image_size_is_not_decided_by_the_first_file_alone(tmp_path, odd, bulk):
+    # the first file of each class (in sorted order) has an odd size: a 1-px PNG, a 32-px image among 128-px
+    write_folder(tmp_path / 'data', [odd] + [bulk] * 5)
+    args = common.parse_args(common.get_args_parser('', 'test'), {}, ['--data', str(tmp_path / 'data')])
+    assert args.dataset_info['image_size'] == bulk
+    assert args.image_size == (bulk if bulk <= 64 else 224)  # the small-image defaults follow the bulk
+    assert f'{odd}-{bulk} px' in common.data_note(args)  # the spread is said
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 65536, (20, 30)).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / 'grey16.png')
+    assert Image.open(tmp_path / 'grey16.png').mode.startswith('I')  # the file is 16-bit
+    image = np.asarray(common.load_image(str(tmp_path / 'grey16.png')))  # (H, W, 3) uint8
+    expected = np.floor(grey.astype(np.float64) * 255 / 65535 + 0.5)  # 0..65535 -> 0..255, to the nearest
+    assert image.shape == (20, 30, 3) and np.abs(image.astype(np.float64) - expected[..., None]).max() <= 1
+    decoded = common.decode_file(str(tmp_path / 'grey16.png'))  # the device path: (3, H, W)
+    assert torch.equal(decoded, torch.from_numpy(image.copy()).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize('target', ['.', '..', '../../val'])
+def test_links_to_folders_inside_a_class_folder_are_refused(tmp_path, target):
+    write_folder(tmp_path / 'data', [24])
+    os.symlink(target, tmp_path / 'data' / 'train' / 'a' / 'link')
+    with pytest.raises(common.UsageError, match=r'train/a/link is a link to a folder inside a class folder'):
+        common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))
+    os.remove(tmp_path / 'data' / 'train' / 'a' / 'link')
+    os.symlink(tmp_path / 'data' / 'train' / 'b' / '0.png', tmp_path / 'data' / 'train' / 'a' / 'linked.png')
+    info = common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))  # a link to a file is an image
+    assert info['num_train'] == 13 and info['num_test'] == 12
+
+
+def test_resume_refuses_other_data_and_names_every_changed_setting(tmp_path, capsys):
+    def run_args(**changes):
+        settings = dict(method='simclr', output_dir=str(tmp_path), data='procedural:64',
+                        data_dir=str(tmp_path), arch='resnet18', width=8, patch_size=4, cifar_stem=True,
+                        lars_eta=0.001, lars_clip=False,
+                        lars_denominator='update', epochs=3, batch_size=16, lr=0.5, seed=0, image_size=16,
+                        workers=0, notes=[])
+        return argparse.Namespace(**{**settings, **changes})
+    model = nn.Linear(3, 2)
+    common.save_checkpoint(run_args(), 1, model, model=model)
+    with pytest.raises(common.UsageError, match=r'was trained on --data procedural:64, not procedural:128; '
+                       'use the same --data'):
+        common.resume(run_args(data='procedural:128'), model=model)
+    capsys.readouterr()
+    assert common.resume(run_args(batch_size=32, lr=0.1, seed=7, workers=2, epochs=5), model=model) == 1
+    out = capsys.readouterr().out
+    assert ('differ from the checkpoint\'s: --batch-size 32 (checkpoint: 16), --lr 0.1 (checkpoint: 0.5), '
+            '--seed 7 (checkpoint: 0)\n') in out  # and nothing else: --workers, --epochs are not settings
+    state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    for edit in ({'model': {'weight': state['model']['weight']}}, {'epoch': 'one'}, {'model': [1, 2]}):
+        torch.save({**state, **edit}, tmp_path / 'checkpoint.pth')
+        with pytest.raises(common.UsageError, match='checkpoint.pth'):
+            common.resume(run_args(), model=model)
