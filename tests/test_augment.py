@@ -560,7 +560,7 @@ def test_data_over_the_device_budget_stops_in_one_line(tmp_path):
                           '--device-data-gb', '0.0001', '--output-dir', tmp_path / 'out', match='--augment cpu')
     assert 'more than the 0.00 GB budget' in result.stderr and not (tmp_path / 'out').exists()  # nothing written
     expect_error('simclr.py', '--data', 'procedural:64', *TINY, *FAST, '--device-data-gb', '-1',
-                 '--output-dir', tmp_path / 'out', match='--device-data-gb must be a number of GB >= 0')
+                 '--output-dir', tmp_path / 'out', match='--device-data-gb -1.0 is outside [0, 1e6]')
 
 
 def test_auto_falls_back_to_the_cpu_path_with_a_note(capsys):

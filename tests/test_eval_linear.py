@@ -176,12 +176,7 @@ def test_bad_input_gets_a_one_line_error(tmp_path):
     for flags, match in ((['--recipe', 'moco'], "--recipe belongs to the papers' protocol; add --augment"),
                          (['--epochs', '3'], '--epochs belongs to'),
                          (['--augment', '--weight-decays', '1'], '--weight-decays belongs to the fast protocol'),
-                         (['--weight-decays', '-1'], '--weight-decays must be finite numbers >= 0'),
-                         (['--val-fraction', '1'], '--val-fraction must be in (0, 1)'),
-                         (['--max-iter', '0'], '--max-iter must be positive'),
-                         (['--n-last-blocks', '4'], 'read ViT blocks; this backbone is a ResNet'),
-                         (['--augment', '--lr', '0'], '--lr must be a positive number'),
-                         (['--augment', '--epochs', '0'], '--epochs must be positive')):
+                         (['--n-last-blocks', '4'], 'read ViT blocks; this backbone is a ResNet')):
         args, _ = common.parse_eval_args(eval_linear.parser, [str(a) for a in TINY_DATA] + flags)
         with pytest.raises(common.UsageError, match=match.replace('(', r'\(').replace(')', r'\)')):
             eval_linear.check_linear_args(args)

@@ -193,8 +193,12 @@ def test_bad_crop_and_queue_arguments(tmp_path):
     out = tmp_path / 'out'
     run = ['--data', 'procedural:64', *TINY, '--output-dir', out]
     expect_error('swav.py', *run, '--nmb-crops', '2', '6', '--size-crops', '16', match='has 2 resolution(s) but --size-crops 16 has 1')
-    expect_error('swav.py', *run, '--size-crops', '16', '8', '--min-scale-crops', '0.14', '0', match='0 < low <= high <= 1')
-    expect_error('swav.py', *run, '--size-crops', '16', '8', '--max-scale-crops', '1.5', '0.14', match='0 < low <= high <= 1')
+    expect_error('swav.py', *run, '--size-crops', '16', '8', '--min-scale-crops', '0.14', '0',
+                 match='--min-scale-crops 0.14 0.0: value 2 (0.0) is outside (0, 1]')
+    expect_error('swav.py', *run, '--size-crops', '16', '8', '--max-scale-crops', '1.5', '0.14',
+                 match='--max-scale-crops')
+    expect_error('swav.py', *run, '--size-crops', '16', '8', '--min-scale-crops', '0.5', '0.05', '--max-scale-crops',
+                 '0.4', '0.14', match='0 < low <= high <= 1')
     expect_error('swav.py', *run, '--size-crops', '16', '8', '--nmb-crops', '3', '6', match='give 2 global crops')
     expect_error('swav.py', *run, '--size-crops', '32', '8', match='must equal --image-size 16')
     expect_error('swav.py', *run, '--size-crops', '16', '8', '--batch-size', '48', '--queue-length', '100',
