@@ -15,7 +15,7 @@ Paper -> code:
   Alg. 1 lines 5, 8  z = g(h)   (projection head, Sec. 4.2)        -> SimCLR.forward, self.projector
   Alg. 1 lines 10-13 / Eq. (1)  NT-Xent over the 2N views          -> nt_xent_loss
   Alg. 1 line 14     update f and g                                -> main(): LARS step
-  Appendix B.1       the recipe (optimizer, lr, batch, schedule, T)   -> the defaults in Arguments below
+  the recipe (optimizer, lr, weight decay, batch, epochs, ...)  -> the defaults in the Arguments block below
 
 Run:
   python simclr.py --data cifar10                              # one GPU (or CPU): CIFAR preset, ResNet-18
@@ -31,7 +31,7 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then SimCLR's own.
-# Defaults: the paper's ImageNet recipe (set_defaults and flag defaults); CIFAR: SMALL_IMAGE_PRESET.
+# Defaults: the paper's ImageNet recipe (the block below); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='simclr')
 # The paper's ImageNet recipe (Appendix B.1; Sec. 4.2 for the head, Appendix A for the augmentation)
@@ -118,7 +118,7 @@ def main():
     # ---- model: f and g; SyncBN and DDP when on several GPUs
     model = SimCLR(common.build_backbone(args), args.proj_hidden_dim, args.proj_dim)
     model, raw_model = common.prepare_model(model, args, device)
-    eval_backbone = raw_model.backbone  # the backbone the kNN monitor evaluates and the checkpoint exports
+    eval_backbone = raw_model.backbone  # evaluated by kNN, exported with the checkpoint
 
     # ---- optimizer and schedules: LARS (biases and BN excluded), linear warm-up then cosine
     lr = common.scale_lr(args.lr, args.batch_size)
