@@ -57,7 +57,7 @@ method.add_argument('--aug-plus', action=argparse.BooleanOptionalAction, default
                     help='v2 colour jitter: (0.4, 0.4, 0.4, 0.1) p 0.8 (v1: (0.4, 0.4, 0.4, 0.4) always)')
 method.add_argument('--cos', action=argparse.BooleanOptionalAction, default=None,
                     help='cosine lr schedule (default: on for v2; v1 multiplies lr by 0.1 at --lr-steps)')
-method.add_argument('--temperature', type=float, default=None, help='InfoNCE tau, Eq. (1); default per version')
+method.add_argument('--temperature', type=float, default=None, help='InfoNCE tau, Eq. (1): per version')
 method.add_argument('--blur-prob', type=float, default=None, help='blur probability (0.5 with --aug-plus)')
 method.add_argument('--queue-size', type=int, default=65536, help='K: queued keys (a multiple of the batch)')
 method.add_argument('--key-momentum', type=float, default=0.999, help='m of the key encoder update, Eq. (2)')
