@@ -14,8 +14,7 @@ The representation that is evaluated is the TEACHER's backbone output.
 
 Paper -> code:
   Alg. 1 line 4      x1, x2 = augment(x), augment(x): 2 global (+ local) crops, Sec. 3.1 -> main(): `views`
-  Alg. 1 lines 5-6   s1, s2 = g_s(x1), g_s(x2); t1, t2 = g_t(x1), g_t(x2) (teacher: global crops only)
-                                                                                        -> DINO.forward
+  Alg. 1 lines 5-6   s1, s2 = g_s(x1), g_s(x2); t1, t2 = g_t(x1), g_t(x2), global crops -> DINO.forward
   Alg. 1 lines 8, 16 H(t, s) = - sum softmax((t - C) / tau_t) log softmax(s / tau_s), teacher detached,
                      over every (teacher global crop, student crop) pair of different crops -> dino_loss
   Alg. 1 line 10     update g_s (AdamW; per-parameter gradient clipping; last layer frozen at first) -> main()
@@ -23,7 +22,6 @@ Paper -> code:
   Alg. 1 line 12     C = m C + (1 - m) mean(t1, t2), over all GPUs                         -> update_center
   Sec. 3.1, App. A   DINO head: 3-layer MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear
                      layer to K dimensions with the norm fixed at 1                       -> DINOHead
-  App. A             tau_t: linear warm-up, then constant; weight decay: cosine    -> main(): the schedules
   the recipe (optimizer, lr, weight decay, batch, epochs, ...)  -> the defaults in the Arguments block below
 
 Run:
@@ -52,8 +50,7 @@ parser = common.get_args_parser(__doc__, method='dino')
 parser.set_defaults(arch='vit_small', epochs=100, batch_size=1024, optimizer='adamw', lr=0.0005,
                     weight_decay=0.04, warmup_epochs=10, min_lr=1e-6, drop_path=0.1)
 method = parser.add_argument_group('DINO')
-method.add_argument('--weight-decay-end', type=float, default=0.4,
-                    help='final weight decay (cosine from --weight-decay)')
+method.add_argument('--weight-decay-end', type=float, default=0.4, help='final weight decay (cosine)')
 method.add_argument('--momentum-teacher', type=float, default=0.996,
                     help='initial EMA rate l of the teacher; cosine to 1')
 method.add_argument('--out-dim', type=int, default=65536, help='K, the output dimension of the DINO head')
@@ -66,19 +63,13 @@ method.add_argument('--use-bn-in-head', action=argparse.BooleanOptionalAction, d
 method.add_argument('--student-temp', type=float, default=0.1, help='tau_s')
 method.add_argument('--teacher-temp', type=float, default=0.07, help='tau_t after the warm-up')
 method.add_argument('--warmup-teacher-temp', type=float, default=0.04, help='tau_t at the start')
-method.add_argument('--warmup-teacher-temp-epochs', type=int, default=30,
-                    help='linear warm-up of tau_t, in epochs')
+method.add_argument('--warmup-teacher-temp-epochs', type=int, default=30, help='tau_t warm-up, in epochs')
 method.add_argument('--center-momentum', type=float, default=0.9, help='m of the center EMA')
-method.add_argument('--clip-grad', type=float, default=3.0,
-                    help='per-parameter gradient norm clipping (0 = off)')
-method.add_argument('--freeze-last-layer', type=int, default=1,
-                    help='epochs during which the last layer gets no update')
-method.add_argument('--global-scale', type=float, nargs=2, default=[0.4, 1.0],
-                    help='scale range of the 2 global crops')
-method.add_argument('--local-scale', type=float, nargs=2, default=[0.05, 0.4],
-                    help='scale range of the local crops')
-method.add_argument('--num-local-crops', type=int, default=8,
-                    help='local crops per image (0: only the 2 global ones)')
+method.add_argument('--clip-grad', type=float, default=3.0, help='per-parameter grad norm clip, 0 = off')
+method.add_argument('--freeze-last-layer', type=int, default=1, help='epochs with a frozen last layer')
+method.add_argument('--global-scale', type=float, nargs=2, default=[0.4, 1.0], help='global crop scale range')
+method.add_argument('--local-scale', type=float, nargs=2, default=[0.05, 0.4], help='local crop scale range')
+method.add_argument('--num-local-crops', type=int, default=8, help='local crops per image (0: none)')
 method.add_argument('--local-crop-size', type=int, default=96, help='side of the local crops, px')
 method.add_argument('--blur-probs', type=float, nargs=3, default=[1.0, 0.1, 0.5],
                     help='Gaussian blur probability of global crop 1, global crop 2, local crops')

@@ -49,31 +49,26 @@ parser.set_defaults(arch='resnet50', epochs=800, batch_size=4096, optimizer='lar
                     weight_decay=1e-6, warmup_epochs=10, lars_denominator='larc')
 method = parser.add_argument_group('SwAV')
 method.add_argument('--nmb-crops', type=int, nargs='+', default=[2, 6],
-                    help='crops per resolution: 2 global (they make the codes), then optionally the '
-                         'local ones')
+                    help='crops per resolution: 2 global (they make the codes), then optional local ones')
 method.add_argument('--size-crops', type=int, nargs='+', default=[224, 96],
                     help='crop size per entry of --nmb-crops; the first is the global size = --image-size')
 method.add_argument('--min-scale-crops', type=float, nargs='+', default=[0.14, 0.05],
                     help='RandomResizedCrop scale lower bound per entry of --nmb-crops')
 method.add_argument('--max-scale-crops', type=float, nargs='+', default=[1.0, 0.14],
                     help='RandomResizedCrop scale upper bound per entry of --nmb-crops')
-method.add_argument('--temperature', type=float, default=0.1,
-                    help='tau of p_t = softmax(z_t^T C / tau), Eq. (2)')
-method.add_argument('--epsilon', type=float, default=0.05,
-                    help='entropy weight eps of the codes, Q = exp(C^T Z / eps)')
+method.add_argument('--temperature', type=float, default=0.1, help='tau of softmax(z_t^T C / tau), Eq. (2)')
+method.add_argument('--epsilon', type=float, default=0.05, help='eps of the codes Q = exp(C^T Z / eps)')
 method.add_argument('--sinkhorn-iterations', type=int, default=3, help='Sinkhorn-Knopp iterations')
 method.add_argument('--nmb-prototypes', type=int, default=3000, help='K, the number of prototypes')
 method.add_argument('--proj-hidden-dim', type=int, default=2048, help='hidden width of the projection head')
-method.add_argument('--proj-dim', type=int, default=128,
-                    help='output width of the head (z, and the prototypes)')
+method.add_argument('--proj-dim', type=int, default=128, help='output width of the head (z, prototypes)')
 method.add_argument('--queue-length', type=int, default=0,
                     help='embeddings kept from past batches, all GPUs together (paper: 3840 for batches '
                          '<= 256, 0 = no queue); a multiple of --batch-size')
 method.add_argument('--epoch-queue-starts', type=int, default=15, help='epoch from which the queue is filled')
 method.add_argument('--freeze-prototypes-epochs', type=float, default=1,
                     help='the prototypes get no update during this many epochs')
-method.add_argument('--start-warmup', type=float, default=0.3,
-                    help='lr at the start of the warm-up (absolute)')
+method.add_argument('--start-warmup', type=float, default=0.3, help='lr at the warm-up start (absolute)')
 method.add_argument('--color-strength', type=float, default=1.0,
                     help='s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)')
 method.add_argument('--blur-prob', type=float, default=0.5, help='Gaussian blur probability (every crop)')
