@@ -164,9 +164,8 @@ def main():
             common.ema_update(raw_model.target, raw_model.online, tau_schedule[step])  # Eq. (1) after (3)
             # ======== end of BYOL ========
 
-            # output_std, the collapse indicator: ~1/sqrt(d) when healthy, 0 when collapsed
             logger.step(epoch, step, loss, lr=lr_schedule[step], tau=tau_schedule[step],
-                        output_std=common.normalized_output_std(z1))
+                        output_std=common.normalized_output_std(z1))  # ~1/sqrt(d) healthy, 0 collapsed
 
         # ---- end of epoch: loss check, kNN monitor, checkpoint
         logger.end_epoch(epoch)

@@ -43,10 +43,9 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then DINO's own.
-# Defaults: the paper's ImageNet recipe (the block below); CIFAR: SMALL_IMAGE_PRESET.
+# Defaults: the paper's ImageNet recipe (ViT-S/16, Sec. 4 and Appendix A); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='dino')
-# The paper's ImageNet recipe for ViT-S/16 (Sec. 4 and Appendix A)
 parser.set_defaults(arch='vit_small', epochs=100, batch_size=1024, optimizer='adamw', lr=0.0005,
                     weight_decay=0.04, warmup_epochs=10, min_lr=1e-6, drop_path=0.1)
 method = parser.add_argument_group('DINO')
@@ -281,9 +280,8 @@ def main():
                     p.grad = None
             optimizer.step()                                          # line 10
             common.ema_update(raw_model.teacher, raw_model.student, momentum_schedule[step])  # line 11
-            # teacher_entropy, the collapse indicator: ln K when uniform, 0 when one-hot
             logger.step(epoch, step, loss, lr=lr_schedule[step], m=momentum_schedule[step],
-                        teacher_entropy=entropy)
+                        teacher_entropy=entropy)                      # collapse: ln K uniform, 0 one-hot
 
         # ---- end of epoch: loss check, kNN monitor, checkpoint
         logger.end_epoch(epoch)

@@ -36,10 +36,9 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then InstDisc's own.
-# Defaults: the paper's ImageNet recipe (the block below); CIFAR: SMALL_IMAGE_PRESET.
+# Defaults: the paper's ImageNet recipe (Sec. 4 and the authors' code); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='instdisc')
-# The paper's ImageNet recipe (Sec. 4 and the authors' code)
 parser.set_defaults(arch='resnet50', epochs=200, batch_size=256, optimizer='sgd', lr=0.03, weight_decay=1e-4)
 method = parser.add_argument_group('InstDisc')
 method.add_argument('--temperature', type=float, default=0.07, help='softmax temperature tau, Eq. (2)')

@@ -41,10 +41,9 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then MoCo's own.
-# Defaults: the paper's ImageNet recipe (the block below); CIFAR: SMALL_IMAGE_PRESET.
+# Defaults: the papers' ImageNet recipe (v1 Sec. 3.3, 4; v2 Sec. 3; VERSIONS); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='moco')
-# The papers' ImageNet recipe (v1 Sec. 3.3 and 4, v2 Sec. 3); the pieces that make v1 or v2: VERSIONS below
 parser.set_defaults(arch='resnet50', epochs=200, batch_size=256, optimizer='sgd', lr=0.03, weight_decay=1e-4,
                     sync_bn=False)  # shuffle BN replaces SyncBN (Sec. 3.3)
 method = parser.add_argument_group('MoCo')

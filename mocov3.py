@@ -41,10 +41,9 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then MoCo v3's own.
-# Defaults: the paper's ImageNet recipe (the block below); CIFAR: SMALL_IMAGE_PRESET.
+# Defaults: the paper's ImageNet recipe (ViT-S/16 and ViT-B/16, Appendix B); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='mocov3')
-# The paper's ImageNet recipe for ViT-S/16 and ViT-B/16 (Appendix B)
 parser.set_defaults(arch='vit_small', epochs=300, batch_size=4096, optimizer='adamw', lr=1.5e-4,
                     weight_decay=0.1, warmup_epochs=40)
 method = parser.add_argument_group('MoCo v3')
@@ -175,7 +174,7 @@ def main():
     eval_backbone = raw_model.base_encoder.backbone  # evaluated by kNN, exported with the checkpoint
 
     # ---- optimizer and schedules: AdamW (ViT; weight decay on every parameter, as the authors' code) or
-    # LARS (ResNet; biases and BN excluded), linear warm-up then cosine; momentum of f_k: cosine 0.99 -> 1
+    # LARS (ResNet; biases and BN excluded), linear warm-up then cosine; momentum of f_k: cosine to 1
     lr = common.scale_lr(args.lr, args.batch_size)
     groups = common.param_groups(raw_model, args.weight_decay, args.optimizer != 'adamw')  # LARS: no bias, BN
     optimizer = common.build_optimizer(args, groups, lr)

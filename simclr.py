@@ -31,18 +31,16 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then SimCLR's own.
-# Defaults: the paper's ImageNet recipe (the block below); CIFAR: SMALL_IMAGE_PRESET.
+# Defaults: the paper's ImageNet recipe (Appendix B.1, Sec. 4.2, Appendix A); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='simclr')
-# The paper's ImageNet recipe (Appendix B.1; Sec. 4.2 for the head, Appendix A for the augmentation)
 parser.set_defaults(arch='resnet50', epochs=1000, batch_size=4096, optimizer='lars', lr=0.3,
                     weight_decay=1e-6, warmup_epochs=10)
 method = parser.add_argument_group('SimCLR')
 method.add_argument('--temperature', type=float, default=0.1, help='tau of NT-Xent, Eq. (1)')
 method.add_argument('--proj-hidden-dim', type=int, default=2048, help='hidden width of the projection head g')
 method.add_argument('--proj-dim', type=int, default=128, help='output width of g (z)')
-method.add_argument('--color-strength', type=float, default=1.0,
-                    help='s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)')
+method.add_argument('--color-strength', type=float, default=1.0, help='ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)')
 method.add_argument('--blur-prob', type=float, default=0.5, help='Gaussian blur probability (ImageNet only)')
 method.add_argument('--min-scale', type=float, default=0.08, help='RandomResizedCrop scale lower bound')
 # Small images (CIFAR): the authors' CIFAR-10 reference command (no blur, colour strength 0.5),

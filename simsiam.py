@@ -159,9 +159,8 @@ def main():
             # no target network to update: SimSiam is BYOL without the momentum encoder
             # ======== end of SimSiam ========
 
-            # output_std, the collapse indicator: ~1/sqrt(d) when healthy, 0 when collapsed
             logger.step(epoch, step, loss, lr=lr_schedule[step],
-                        output_std=common.normalized_output_std(z1))
+                        output_std=common.normalized_output_std(z1))  # ~1/sqrt(d) healthy, 0 collapsed
 
         # ---- end of epoch: loss check, kNN monitor, checkpoint
         logger.end_epoch(epoch)

@@ -40,11 +40,10 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then SwAV's own.
-# Defaults: the paper's ImageNet recipe (the block below); CIFAR: SMALL_IMAGE_PRESET.
+# Defaults: the paper's ImageNet recipe (Appendix A.1, swav_800ep_pretrain.sh); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='swav')
-# The paper's ImageNet recipe (Appendix A.1; the authors' swav_800ep_pretrain.sh); the authors wrap SGD in
-# apex's LARC: trust ratio ||w|| / (||g|| + wd ||w||)
+# lars_denominator: the authors wrap SGD in apex's LARC, trust ratio ||w|| / (||g|| + wd ||w||)
 parser.set_defaults(arch='resnet50', epochs=800, batch_size=4096, optimizer='lars', lr=0.3, min_lr=0.0048,
                     weight_decay=1e-6, warmup_epochs=10, lars_denominator='larc')
 method = parser.add_argument_group('SwAV')
@@ -69,8 +68,7 @@ method.add_argument('--epoch-queue-starts', type=int, default=15, help='epoch fr
 method.add_argument('--freeze-prototypes-epochs', type=float, default=1,
                     help='the prototypes get no update during this many epochs')
 method.add_argument('--start-warmup', type=float, default=0.3, help='lr at the warm-up start (absolute)')
-method.add_argument('--color-strength', type=float, default=1.0,
-                    help='s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)')
+method.add_argument('--color-strength', type=float, default=1.0, help='ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)')
 method.add_argument('--blur-prob', type=float, default=0.5, help='Gaussian blur probability (every crop)')
 # Small images (CIFAR): the authors' batch-256 recipe (swav_200ep_bs256_pretrain.sh: no warm-up, a queue from
 # epoch 15) with ResNet-18, 200 epochs; multi-crop 2x32 + 6x16 (the paper's size ratio, local 16 / global 32
