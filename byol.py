@@ -34,8 +34,7 @@ import common
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='byol')
 method = parser.add_argument_group('BYOL')
-method.add_argument('--tau-base', type=float, default=None,
-                    help='EMA rate of the target at step 0 (tau_base)')
+method.add_argument('--tau-base', type=float, help='EMA rate of the target at step 0 (tau_base)')
 method.add_argument('--proj-hidden-dim', type=int, help='hidden width of the projector')
 method.add_argument('--proj-dim', type=int, help='output width of the projector (z)')
 method.add_argument('--proj-layers', type=int, help='layers of the projector')
