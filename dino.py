@@ -1,6 +1,7 @@
 """DINO: Emerging Properties in Self-Supervised Vision Transformers.
 Mathilde Caron, Hugo Touvron, Ishan Misra, Herve Jegou, Julien Mairal, Piotr Bojanowski, Armand Joulin.
 ICCV 2021. arXiv:2104.14294.
+Docs: docs/dino.md
 
 The idea: self-distillation with no labels. A student network g_s and a teacher g_t of the same
 architecture (backbone + DINO head ending in K output dimensions) look at different crops of an
@@ -12,23 +13,23 @@ may dominate) and sharpening them (a low teacher temperature: the distribution m
 The representation that is evaluated is the TEACHER's backbone output.
 
 Paper -> code:
-  Alg. 1 line 4      x1, x2 = augment(x), augment(x): 2 global crops (+ local crops, Sec. 3.1) -> main(): `views`
-  Alg. 1 lines 5-6   s1, s2 = g_s(x1), g_s(x2); t1, t2 = g_t(x1), g_t(x2) (teacher: global crops only) -> DINO.forward
+  Alg. 1 line 4      x1, x2 = augment(x), augment(x): 2 global (+ local) crops, Sec. 3.1 -> main(): `views`
+  Alg. 1 lines 5-6   s1, s2 = g_s(x1), g_s(x2); t1, t2 = g_t(x1), g_t(x2), global crops -> DINO.forward
   Alg. 1 lines 8, 16 H(t, s) = - sum softmax((t - C) / tau_t) log softmax(s / tau_s), teacher detached,
                      over every (teacher global crop, student crop) pair of different crops -> dino_loss
-  Alg. 1 line 10     update g_s (AdamW; per-parameter gradient clipping; last layer frozen in epoch 1) -> main()
-  Alg. 1 line 11     g_t = l g_t + (1 - l) g_s, l: cosine 0.996 -> 1, after the student's step -> main(): ema_update
-  Alg. 1 line 12     C = m C + (1 - m) mean(t1, t2), m 0.9, over all GPUs                   -> update_center
-  Sec. 3.1, App. A   DINO head: 3-layer MLP (GELU, 2048 hidden) -> 256 bottleneck, L2-normalised -> weight-normalised
-                     linear layer to K = 65536 with the norm fixed at 1                      -> DINOHead
-  Sec. 4 / App. A    AdamW lr 0.0005 x bs/256, 10 warm-up epochs, cosine to 1e-6; weight decay cosine 0.04 -> 0.4;
-                     tau_s 0.1, tau_t 0.04 -> 0.07 over 30 epochs; drop-path 0.1 (student only); bs 1024
+  Alg. 1 line 10     update g_s (AdamW; per-parameter gradient clipping; last layer frozen at first) -> main()
+  Alg. 1 line 11     g_t = l g_t + (1 - l) g_s, l: cosine to 1, after the student's step -> main(): ema_update
+  Alg. 1 line 12     C = m C + (1 - m) mean(t1, t2), over all GPUs                         -> update_center
+  Sec. 3.1, App. A   DINO head: 3-layer MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear
+                     layer to K dimensions with the norm fixed at 1                       -> DINOHead
+  the recipe (optimizer, lr, weight decay, batch, epochs, ...)  -> the defaults in the Arguments block below
 
 Run:
   python dino.py --data cifar10                              # one GPU (or CPU): CIFAR preset, ResNet-18
-  torchrun --nproc_per_node=8 dino.py --data /imagenet       # ViT-S/16, 2x224 + 8x96 crops, the paper's recipe
+  torchrun --nproc_per_node=8 dino.py --data /imagenet       # the paper's ImageNet recipe: the defaults
   torchrun --nproc_per_node=8 dino.py --data /imagenet --arch resnet50       # the authors' ResNet-50 recipe
-  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 dino.py --data /imagenet
+  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+      dino.py --data /imagenet                                 # 4 nodes x 8 GPUs, the same command on each
 """
 import argparse
 import copy
@@ -42,45 +43,49 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then DINO's own.
-# Defaults: the paper's ImageNet recipe for ViT-S/16 (100 epochs, batch 1024, Sec. 4 and Appendix A).
+# Defaults: the paper's ImageNet recipe (ViT-S/16, Sec. 4 and Appendix A); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='dino')
-parser.set_defaults(arch='vit_small', epochs=100, batch_size=1024, optimizer='adamw', lr=0.0005, weight_decay=0.04,
-                    warmup_epochs=10, min_lr=1e-6, drop_path=0.1)
+parser.set_defaults(arch='vit_small', epochs=100, batch_size=1024, optimizer='adamw', lr=0.0005,
+                    weight_decay=0.04, warmup_epochs=10, min_lr=1e-6, drop_path=0.1)
 method = parser.add_argument_group('DINO')
-method.add_argument('--weight-decay-end', type=float, default=0.4, help='final weight decay (cosine from --weight-decay)')
-method.add_argument('--momentum-teacher', type=float, default=0.996, help='initial EMA rate l of the teacher; cosine to 1')
+method.add_argument('--weight-decay-end', type=float, default=0.4, help='final weight decay (cosine)')
+method.add_argument('--momentum-teacher', type=float, default=0.996,
+                    help='initial EMA rate l of the teacher; cosine to 1')
 method.add_argument('--out-dim', type=int, default=65536, help='K, the output dimension of the DINO head')
 method.add_argument('--hidden-dim', type=int, default=2048, help='hidden width of the head MLP')
 method.add_argument('--bottleneck-dim', type=int, default=256, help='width of the L2-normalised bottleneck')
-method.add_argument('--norm-last-layer', action=argparse.BooleanOptionalAction, default=True, help='fix the weight-norm gain of the last layer at 1')
-method.add_argument('--use-bn-in-head', action=argparse.BooleanOptionalAction, default=False, help='BatchNorm in the head MLP')
+method.add_argument('--norm-last-layer', action=argparse.BooleanOptionalAction, default=True,
+                    help='fix the weight-norm gain of the last layer at 1')
+method.add_argument('--use-bn-in-head', action=argparse.BooleanOptionalAction, default=False,
+                    help='BatchNorm in the head MLP')
 method.add_argument('--student-temp', type=float, default=0.1, help='tau_s')
 method.add_argument('--teacher-temp', type=float, default=0.07, help='tau_t after the warm-up')
 method.add_argument('--warmup-teacher-temp', type=float, default=0.04, help='tau_t at the start')
-method.add_argument('--warmup-teacher-temp-epochs', type=int, default=30, help='linear warm-up of tau_t, in epochs')
+method.add_argument('--warmup-teacher-temp-epochs', type=int, default=30, help='tau_t warm-up, in epochs')
 method.add_argument('--center-momentum', type=float, default=0.9, help='m of the center EMA')
-method.add_argument('--clip-grad', type=float, default=3.0, help='per-parameter gradient norm clipping (0 = off)')
-method.add_argument('--freeze-last-layer', type=int, default=1, help='epochs during which the last layer gets no update')
-method.add_argument('--global-scale', type=float, nargs=2, default=[0.4, 1.0], help='scale range of the 2 global crops')
-method.add_argument('--local-scale', type=float, nargs=2, default=[0.05, 0.4], help='scale range of the local crops')
-method.add_argument('--num-local-crops', type=int, default=8, help='local crops per image (0: only the 2 global ones)')
+method.add_argument('--clip-grad', type=float, default=3.0, help='per-parameter grad norm clip, 0 = off')
+method.add_argument('--freeze-last-layer', type=int, default=1, help='epochs with a frozen last layer')
+method.add_argument('--global-scale', type=float, nargs=2, default=[0.4, 1.0], help='global crop scale range')
+method.add_argument('--local-scale', type=float, nargs=2, default=[0.05, 0.4], help='local crop scale range')
+method.add_argument('--num-local-crops', type=int, default=8, help='local crops per image (0: none)')
 method.add_argument('--local-crop-size', type=int, default=96, help='side of the local crops, px')
 method.add_argument('--blur-probs', type=float, nargs=3, default=[1.0, 0.1, 0.5],
                     help='Gaussian blur probability of global crop 1, global crop 2, local crops')
 method.add_argument('--solarize-prob', type=float, default=0.2, help='solarize probability of global crop 2')
-# Per architecture (ViT or ResNet, from --arch): the authors' ResNet-50 command: SGD lr 0.03 per 256,
-# constant weight decay 1e-4, global crops of scale 0.14-1 and local crops of scale 0.05-0.14.
-ARCH_PRESETS = {'resnet': dict(optimizer='sgd', lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
-                               global_scale=[0.14, 1.0], local_scale=[0.05, 0.14], drop_path=0.0)}
-# Small images (CIFAR, solo-learn's recipe): ResNet-18, batch 256, LARS lr 0.3 per 256 with trust coefficient
-# 0.02 and clipping (with ImageNet's 0.001 a step moves a weight by only 0.03% of its norm at lr 0.3; in a
-# CPU learning-test setting with this LARS, DINO reached 29.5% with 0.001 and 34.5% with 0.02 + clipping),
-# weight decay 1e-5 (constant), K = 4096, 2 global 32-px crops + 6 local 16-px crops, no blur, 200 epochs.
-SMALL_IMAGE_PRESET = dict(arch='resnet18', batch_size=256, epochs=200, optimizer='lars', lr=0.3, lars_eta=0.02,
-                          lars_clip=True, weight_decay=1e-5,
+# Per architecture (from --arch; every matching row applies):
+#   resnet:    the authors' ResNet-50 command: SGD, a constant weight decay, smaller crops
+ARCH_PRESETS = {'resnet':    dict(optimizer='sgd', lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4,
+                                  global_scale=[0.14, 1.0], local_scale=[0.05, 0.14], drop_path=0.0)}
+# Small images (CIFAR, solo-learn's recipe): ResNet-18, LARS with trust coefficient 0.02 and clipping (with
+# ImageNet's 0.001 a step moves a weight by only 0.03% of its norm at lr 0.3; in a CPU learning-test setting
+# with this LARS, DINO reached 29.5% with 0.001 and 34.5% with 0.02 + clipping), a constant weight decay,
+# 2 global 32-px crops + 6 local 16-px crops, no blur.
+SMALL_IMAGE_PRESET = dict(arch='resnet18', batch_size=256, epochs=200, optimizer='lars', lr=0.3,
+                          lars_eta=0.02, lars_clip=True, weight_decay=1e-5,
                           weight_decay_end=1e-5, min_lr=0.0, out_dim=4096, global_scale=[0.4, 1.0],
-                          local_scale=[0.05, 0.4], num_local_crops=6, local_crop_size=16, blur_probs=[0.0, 0.0, 0.0])
+                          local_scale=[0.05, 0.4], num_local_crops=6, local_crop_size=16,
+                          blur_probs=[0.0, 0.0, 0.0])
 
 
 # -----------------------------------------------------------------------------
@@ -109,10 +114,10 @@ class DINOHead(nn.Module):
         self.last_layer_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)  # gain g
 
     def forward(self, x):
-        z = F.normalize(self.mlp(x), dim=-1)                                 # (B, 256) on the unit sphere
-        weight = self.last_layer_g * F.normalize(self.last_layer_v, dim=1)   # (K, 256) weight norm, ||w_k|| = g_k
-        with torch.autocast(z.device.type, enabled=False):                  # fp32: bf16 cosines step by ~0.004,
-            return F.linear(z.float(), weight.float())                       # (B, K) noise x 1/tau_t = 25 in the loss
+        z = F.normalize(self.mlp(x), dim=-1)                                # (B, 256) on the unit sphere
+        weight = self.last_layer_g * F.normalize(self.last_layer_v, dim=1)  # (K, 256) ||w_k|| = g_k
+        with torch.autocast(z.device.type, enabled=False):                 # fp32: bf16 cosines step by
+            return F.linear(z.float(), weight.float())                      # (B, K) ~0.004, x 1/tau_t = 25
 
     def last_layer(self):
         return [self.last_layer_v, self.last_layer_g]
@@ -168,9 +173,10 @@ def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
     """
     n = student_out.shape[1]
     teacher_probs = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach()  # (2, n, K) P_t
-    student_log_probs = F.log_softmax(student_out.float() / student_temp, dim=-1)             # (V, n, K) log P_s
-    cross_entropy = -torch.einsum('ank,bnk->ab', teacher_probs, student_log_probs) / n          # (2, V) H(a, b)
-    different = ~torch.eye(*cross_entropy.shape, dtype=torch.bool, device=cross_entropy.device)  # (2, V) a != b
+    student_log_probs = F.log_softmax(student_out.float() / student_temp, dim=-1)       # (V, n, K) log P_s
+    cross_entropy = -torch.einsum('ank,bnk->ab', teacher_probs, student_log_probs) / n  # (2, V) H(a, b)
+    # (2, V) a != b: a crop is never compared with itself
+    different = ~torch.eye(*cross_entropy.shape, dtype=torch.bool, device=cross_entropy.device)
     return cross_entropy[different].mean()
 
 
@@ -193,7 +199,8 @@ def update_center(center, teacher_out, momentum):
 
 
 def teacher_temperature_schedule(args):
-    """tau_t per EPOCH: linear from --warmup-teacher-temp to --teacher-temp over the warm-up epochs, then constant."""
+    """tau_t per EPOCH: linear from --warmup-teacher-temp to --teacher-temp over the warm-up epochs,
+    then constant."""
     warmup = np.linspace(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs)
     return np.concatenate([warmup, np.full(max(0, args.epochs - len(warmup)), args.teacher_temp)])
 
@@ -206,38 +213,41 @@ def main():
     common.apply_arch_preset(parser, args, ARCH_PRESETS, SMALL_IMAGE_PRESET)  # ViT or ResNet recipe, printed
     common.check_crops(args, [args.image_size] + [args.local_crop_size] * (args.num_local_crops > 0),
                        [args.global_scale, args.local_scale])
-    common.check_ranges(args, positive=['student_temp', 'teacher_temp', 'warmup_teacher_temp', 'out_dim', 'bottleneck_dim'],
+    common.check_ranges(args, positive=['student_temp', 'teacher_temp', 'warmup_teacher_temp', 'out_dim',
+                                        'bottleneck_dim'],
                         non_negative=['num_local_crops', 'warmup_teacher_temp_epochs'],
                         probabilities=['momentum_teacher', 'center_momentum', 'blur_probs', 'solarize_prob'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: multi-crop (Sec. 3.1): 2 global crops, asymmetric (crop 1 always blurred, crop 2 sometimes
     # solarized), and small local crops; bicubic resizing, BYOL's colour jitter (Appendix A)
-    global1, global2, local = (common.augmentation(size, scale=scale, jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8,
-                                                   grayscale_prob=0.2, blur_prob=blur, solarize_prob=solarize,
-                                                   interpolation='bicubic')
+    global1, global2, local = (common.augmentation(size, scale=scale, jitter=(0.4, 0.4, 0.2, 0.1),
+                                                   jitter_prob=0.8, grayscale_prob=0.2, blur_prob=blur,
+                                                   solarize_prob=solarize, interpolation='bicubic')
                                for size, scale, blur, solarize in zip(
                                    [args.image_size, args.image_size, args.local_crop_size],
                                    [args.global_scale, args.global_scale, args.local_scale],
                                    args.blur_probs, [0.0, args.solarize_prob, 0.0]))
-    loader = common.build_train_loader(args, common.multi_crop_views([global1, global2], local, args.num_local_crops),
-                                       device)
+    loader = common.build_train_loader(
+        args, common.multi_crop_views([global1, global2], local, args.num_local_crops), device)
     eval_loaders = common.build_eval_loaders(args, device)  # for the kNN monitor
 
     # ---- model: student and teacher (backbone + DINO head); SyncBN and DDP when on several GPUs
     backbone = common.build_backbone(args)
-    head = DINOHead(backbone.embed_dim, args.hidden_dim, args.bottleneck_dim, args.out_dim, args.norm_last_layer,
-                    args.use_bn_in_head)
+    head = DINOHead(backbone.embed_dim, args.hidden_dim, args.bottleneck_dim, args.out_dim,
+                    args.norm_last_layer, args.use_bn_in_head)
     model = DINO(backbone, head, args.out_dim)
     model, raw_model = common.prepare_model(model, args, device)
+    eval_backbone = raw_model.teacher.backbone  # the TEACHER's: evaluated by kNN, exported
 
     # ---- optimizer and schedules, all per iteration except tau_t (per epoch): lr warm-up then cosine to
-    # --min-lr, weight decay cosine 0.04 -> 0.4 (biases and norms excluded), teacher EMA rate cosine 0.996 -> 1
+    # --min-lr, weight decay cosine to --weight-decay-end (biases, norms excluded), teacher EMA cosine to 1
     lr = common.scale_lr(args.lr, args.batch_size)
     optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay), lr)
     lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs,
-                                         warmup_reaches_base=True)  # base at the last warm-up step, as DINO's cosine_scheduler
-    weight_decay_schedule = common.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, len(loader))
+                                         warmup_reaches_base=True)  # as DINO's cosine_scheduler
+    weight_decay_schedule = common.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs,
+                                                   len(loader))
     momentum_schedule = common.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, len(loader))
     teacher_temp_schedule = teacher_temperature_schedule(args)
 
@@ -258,27 +268,26 @@ def main():
                 student_out, teacher_out = model(views)                # (V, n, K), (2, n, K), lines 4-6
             loss = dino_loss(student_out, teacher_out, raw_model.center, args.student_temp,
                              teacher_temp_schedule[epoch])             # lines 8, 16, float32, with the old C
-            entropy = teacher_entropy(teacher_out, raw_model.center, teacher_temp_schedule[epoch])  # logged below
+            entropy = teacher_entropy(teacher_out, raw_model.center, teacher_temp_schedule[epoch])  # logged
             update_center(raw_model.center, teacher_out, args.center_momentum)  # line 12
             # ======== end of DINO ========
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            common.clip_gradients(raw_model.student, args.clip_grad)  # DINO: each parameter's gradient norm <= 3
-            if epoch < args.freeze_last_layer:                         # DINO: no update of the last layer in epoch 1
+            common.clip_gradients(raw_model.student, args.clip_grad)  # DINO: per-parameter gradient norm
+            if epoch < args.freeze_last_layer:                         # DINO: last layer frozen at first
                 for p in raw_model.student.head.last_layer():
                     p.grad = None
             optimizer.step()                                          # line 10
-            common.ema_update(raw_model.teacher, raw_model.student, momentum_schedule[step])  # line 11, after the step
+            common.ema_update(raw_model.teacher, raw_model.student, momentum_schedule[step])  # line 11
             logger.step(epoch, step, loss, lr=lr_schedule[step], m=momentum_schedule[step],
-                        teacher_entropy=entropy)                      # collapse indicator: ln K uniform, 0 one-hot
+                        teacher_entropy=entropy)                      # collapse: ln K uniform, 0 one-hot
 
-        # ---- end of epoch: loss check, kNN monitor, checkpoint (the TEACHER's backbone is evaluated)
+        # ---- end of epoch: loss check, kNN monitor, checkpoint
         logger.end_epoch(epoch)
         if common.knn_due(args, epoch):
-            logger.log(epoch=epoch + 1, **common.knn_monitor(raw_model.teacher.backbone, eval_loaders, device, args))
-        common.save_checkpoint(args, epoch + 1, backbone=raw_model.teacher.backbone, model=raw_model,
-                               optimizer=optimizer)
+            logger.log(epoch=epoch + 1, **common.knn_monitor(eval_backbone, eval_loaders, device, args))
+        common.save_checkpoint(args, epoch + 1, backbone=eval_backbone, model=raw_model, optimizer=optimizer)
         if epoch + 1 == args.stop_after_epoch:
             break
     common.plot_metrics(args.output_dir)

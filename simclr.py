@@ -1,5 +1,6 @@
 """SimCLR: A Simple Framework for Contrastive Learning of Visual Representations.
 Ting Chen, Simon Kornblith, Mohammad Norouzi, Geoffrey Hinton. ICML 2020. arXiv:2002.05709.
+Docs: docs/simclr.md
 
 The idea: show the network two random augmentations of the same image and train it so that
 their embeddings are closer to each other than to the embeddings of every other image in
@@ -14,12 +15,13 @@ Paper -> code:
   Alg. 1 lines 5, 8  z = g(h)   (projection head, Sec. 4.2)        -> SimCLR.forward, self.projector
   Alg. 1 lines 10-13 / Eq. (1)  NT-Xent over the 2N views          -> nt_xent_loss
   Alg. 1 line 14     update f and g                                -> main(): LARS step
-  Appendix B.1       LARS, lr 0.3 x bs/256, wd 1e-6, 10 warm-up epochs, cosine, bs 4096
+  the recipe (optimizer, lr, weight decay, batch, epochs, ...)  -> the defaults in the Arguments block below
 
 Run:
   python simclr.py --data cifar10                              # one GPU (or CPU): CIFAR preset, ResNet-18
-  torchrun --nproc_per_node=8 simclr.py --data /imagenet       # the paper's recipe: ResNet-50, batch 4096
-  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 simclr.py --data /imagenet
+  torchrun --nproc_per_node=8 simclr.py --data /imagenet       # the paper's ImageNet recipe: the defaults
+  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+      simclr.py --data /imagenet                               # 4 nodes x 8 GPUs, the same command on each
 """
 import torch
 import torch.nn as nn
@@ -29,20 +31,20 @@ import common
 
 # -----------------------------------------------------------------------------
 # Arguments: shared flags from common.py, then SimCLR's own.
-# Defaults: the paper's ImageNet recipe (ResNet-50, batch 4096, 1000 epochs, Appendix B.1).
+# Defaults: the paper's ImageNet recipe (Appendix B.1, Sec. 4.2, Appendix A); CIFAR: SMALL_IMAGE_PRESET.
 # -----------------------------------------------------------------------------
 parser = common.get_args_parser(__doc__, method='simclr')
-parser.set_defaults(arch='resnet50', epochs=1000, batch_size=4096, optimizer='lars', lr=0.3, weight_decay=1e-6,
-                    warmup_epochs=10)
+parser.set_defaults(arch='resnet50', epochs=1000, batch_size=4096, optimizer='lars', lr=0.3,
+                    weight_decay=1e-6, warmup_epochs=10)
 method = parser.add_argument_group('SimCLR')
 method.add_argument('--temperature', type=float, default=0.1, help='tau of NT-Xent, Eq. (1)')
 method.add_argument('--proj-hidden-dim', type=int, default=2048, help='hidden width of the projection head g')
 method.add_argument('--proj-dim', type=int, default=128, help='output width of g (z)')
-method.add_argument('--color-strength', type=float, default=1.0, help='s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)')
+method.add_argument('--color-strength', type=float, default=1.0, help='ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)')
 method.add_argument('--blur-prob', type=float, default=0.5, help='Gaussian blur probability (ImageNet only)')
 method.add_argument('--min-scale', type=float, default=0.08, help='RandomResizedCrop scale lower bound')
-# Small images (CIFAR): the authors' CIFAR-10 reference command (bs 512, LARS lr 1.0 per 256,
-# wd 1e-4, T 0.5, colour strength 0.5, no blur), trained 200 epochs (this project's budget; theirs: 1000).
+# Small images (CIFAR): the authors' CIFAR-10 reference command (no blur, colour strength 0.5),
+# trained 200 epochs (this project's budget; theirs: 1000).
 SMALL_IMAGE_PRESET = dict(arch='resnet18', batch_size=512, epochs=200, lr=1.0, weight_decay=1e-4,
                           temperature=0.5, color_strength=0.5, blur_prob=0.0)
 
@@ -60,7 +62,8 @@ class SimCLR(nn.Module):
         super().__init__()
         self.backbone = backbone  # f
         self.projector = nn.Sequential(  # g
-            nn.Linear(backbone.embed_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(backbone.embed_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim))
         self.projector[-1].bias.requires_grad_(False)  # no shift on z (center=False in the authors' code)
 
@@ -84,8 +87,8 @@ def nt_xent_loss(z1, z2, temperature):
     """
     n, rank = z1.shape[0], common.get_rank()
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)            # (2n, d) anchors; unit norm: dot = cosine
-    keys = common.all_gather_with_grad(z)                           # (2N, d) DDP: every GPU's 2n views, rank-major;
-                                                                    #   gradients flow back to the GPU that made them
+    # DDP: every GPU's 2n views, rank-major; gradients flow back to the GPU that made them
+    keys = common.all_gather_with_grad(z)                           # (2N, d)
     logits = z @ keys.T / temperature                               # (2n, 2N) sim(z_i, z_k) / T
     anchor = torch.arange(2 * n, device=z.device)                   # (2n,) anchor i, local position
     self_index = rank * 2 * n + anchor                              # (2n,) where anchor i sits among the keys
@@ -113,6 +116,7 @@ def main():
     # ---- model: f and g; SyncBN and DDP when on several GPUs
     model = SimCLR(common.build_backbone(args), args.proj_hidden_dim, args.proj_dim)
     model, raw_model = common.prepare_model(model, args, device)
+    eval_backbone = raw_model.backbone  # evaluated by kNN, exported with the checkpoint
 
     # ---- optimizer and schedules: LARS (biases and BN excluded), linear warm-up then cosine
     lr = common.scale_lr(args.lr, args.batch_size)
@@ -144,8 +148,8 @@ def main():
         # ---- end of epoch: loss check, kNN monitor, checkpoint
         logger.end_epoch(epoch)
         if common.knn_due(args, epoch):
-            logger.log(epoch=epoch + 1, **common.knn_monitor(raw_model.backbone, eval_loaders, device, args))
-        common.save_checkpoint(args, epoch + 1, backbone=raw_model.backbone, model=raw_model, optimizer=optimizer)
+            logger.log(epoch=epoch + 1, **common.knn_monitor(eval_backbone, eval_loaders, device, args))
+        common.save_checkpoint(args, epoch + 1, backbone=eval_backbone, model=raw_model, optimizer=optimizer)
         if epoch + 1 == args.stop_after_epoch:
             break
     common.plot_metrics(args.output_dir)
