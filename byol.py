@@ -115,8 +115,6 @@ def byol_loss(p1, p2, z1, z2):
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     common.apply_epoch_preset(args, EPOCH_PRESETS)          # the paper's lr, wd, tau_base for --epochs
-    common.check_ranges(args, positive=['proj_layers'],
-                        probabilities=['tau_base', 'blur_probs', 'solarize_probs'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: two views of every image, v ~ T and v' ~ T' (the recipe above says whether T' = T)

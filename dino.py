@@ -213,10 +213,6 @@ def main():
     common.apply_arch_preset(parser, args, ARCH_PRESETS, SMALL_IMAGE_PRESET)  # ViT or ResNet recipe, printed
     common.check_crops(args, [args.image_size] + [args.local_crop_size] * (args.num_local_crops > 0),
                        [args.global_scale, args.local_scale])
-    common.check_ranges(args, positive=['student_temp', 'teacher_temp', 'warmup_teacher_temp', 'out_dim',
-                                        'bottleneck_dim'],
-                        non_negative=['num_local_crops', 'warmup_teacher_temp_epochs'],
-                        probabilities=['momentum_teacher', 'center_momentum', 'blur_probs', 'solarize_prob'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: multi-crop (Sec. 3.1): 2 global crops, asymmetric (crop 1 always blurred, crop 2 sometimes

@@ -131,8 +131,6 @@ def nce_loss(f, indices, memory_bank, z, num_noise, temperature, z_momentum):
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     check_args(args)  # bad input refused before anything is written (the checks: end of the file)
-    common.check_ranges(args, positive=['temperature', 'proj_dim'],
-                        probabilities=['memory_momentum'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: one view of every image and its index i: each image is its own class (Sec. 3.1)

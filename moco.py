@@ -209,8 +209,6 @@ def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     apply_version(args)  # v1 or v2 pieces not typed
     check_args(args)  # bad input refused before anything is written (the checks: end of the file)
-    common.check_ranges(args, positive=['temperature', 'proj_dim'],
-                        probabilities=['key_momentum', 'blur_prob'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: two views of every image, query and key, from the same augmentation (Sec. 3.3; v2 Sec. 2)

@@ -156,8 +156,6 @@ def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     common.apply_arch_preset(parser, args, ARCH_PRESETS, SMALL_IMAGE_PRESET)  # ViT or ResNet recipe, printed
     common.check_crops(args, [args.image_size], [(args.min_scale, 1.0)])
-    common.check_ranges(args, positive=['temperature', 'proj_dim'],
-                        probabilities=['moco_m', 'blur_probs', 'solarize_probs'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: two views, asymmetric as in BYOL: view 1 blurred, view 2 sometimes solarized (Appendix A)

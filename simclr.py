@@ -102,8 +102,8 @@ def nt_xent_loss(z1, z2, temperature):
 # -----------------------------------------------------------------------------
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
-    common.check_ranges(args, positive=['temperature', 'proj_dim'],
-                        non_negative=['color_strength'], probabilities=['blur_prob'])
+    if args.batch_size < 2:  # one image has no negative: the loss is 0 at every step
+        raise common.UsageError(f'--batch-size {args.batch_size}: NT-Xent needs at least 2 images')
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: two views of every image, each drawn from the same family T (Sec. 3, Appendix A)

@@ -109,8 +109,6 @@ def simsiam_loss(p1, p2, z1, z2):
 # -----------------------------------------------------------------------------
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
-    common.check_ranges(args, positive=['proj_layers'],
-                        probabilities=['blur_probs', 'solarize_probs'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: two views of every image, v ~ T and v' ~ T' (the recipe above says whether T' = T)

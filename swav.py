@@ -187,7 +187,6 @@ def swapped_prediction_loss(scores, codes, temperature):
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     check_crops_and_queue(args)  # bad input refused before anything is written (the checks: end of the file)
-    common.check_ranges(args, non_negative=['color_strength'], probabilities=['blur_prob'])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
     # ---- data: multi-crop, 2 global crops then the local ones, same augmentation family (Sec. 3.2, App. A.1)

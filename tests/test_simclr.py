@@ -7,6 +7,7 @@ import torch
 
 import simclr
 from conftest import TINY, learning_run, run_distributed, run_script
+from test_cli import expect_error
 
 
 def nt_xent_reference(z1, z2, temperature):
@@ -110,3 +111,10 @@ def test_resumed_run_continues_exactly(tmp_path):
         assert torch.equal(value, resumed['model'][key]), key
     for key, value in straight['optimizer']['state'].items():
         assert torch.equal(value['momentum_buffer'], resumed['optimizer']['state'][key]['momentum_buffer'])
+
+
+def test_a_batch_of_one_is_refused(tmp_path):
+    """One image per step has no negative: NT-Xent would be 0 at every step, and nothing would train."""
+    expect_error('simclr.py', '--data', 'procedural:64', *TINY, '--batch-size', '1', '--output-dir', tmp_path / 'o',
+                 match='--batch-size 1: NT-Xent needs at least 2 images')
+    assert not (tmp_path / 'o').exists()
