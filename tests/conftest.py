@@ -94,9 +94,17 @@ def _threads():
     yield
 
 
+SLOW = ('learns', 'torchrun', 'two_processes', 'across_two', 'across_ranks', 'on_both_ranks', 'another_order')
+
+
 def pytest_collection_modifyitems(config, items):
-    """SSL_TEST_ORDER=reverse or shuffle:SEED reorders the collected tests (tests/test_suite.py uses it to check
-    that no test depends on another having run first)."""
+    """Marks `slow` the tests that train for hundreds of steps (the learning tests), start processes under
+    torchrun, or rerun other tests (SLOW names them by their names), so `pytest -m "not slow and not
+    assignments"` is the quick subset. SSL_TEST_ORDER=reverse or shuffle:SEED reorders the collected tests
+    (tests/test_suite.py uses it to check that no test depends on another having run first)."""
+    for item in items:
+        if any(word in item.name for word in SLOW):
+            item.add_marker(pytest.mark.slow)
     order = os.environ.get('SSL_TEST_ORDER', '')
     if order == 'reverse':
         items.reverse()
