@@ -449,3 +449,36 @@ def test_process_cpu_seconds_counts_a_live_worker():
     finally:
         child.kill()
         child.wait()
+
+
+def test_speed_runs_both_input_paths_side_by_side_and_goes_on_where_it_stopped(tmp_path):
+    argv = ['--preset', 'cpu', '--speed', '--speed-rounds', '1', '--data', 'procedural:256', '--threads', '1',
+            '--methods', 'instdisc', *folders(tmp_path), *CPU_TINY]
+    out = bench(*argv)
+    lines = metrics(tmp_path / 'results' / benchmark.CPU_NAME / 'speed.jsonl')
+    assert [(r['method'], r['variant'], r['round']) for r in lines] == [('instdisc', 'device', 1), ('instdisc', 'cpu', 1)]
+    for r in lines:
+        assert r['exit_code'] == 0 and r['images_per_s'] > 0 and r['threads'] == 1 and r['epoch_cpu_seconds'] > 0
+        assert shlex_join(benchmark.cpu_flags('instdisc') + CPU_TINY[1:]) in r['command']
+        assert '--epochs 2' in r['command'] and '--data procedural:256' in r['command']
+    assert '--augment cpu --workers' in lines[1]['command'] and 'speed round 1: instdisc cpu:' in out.stdout
+    again = bench(*argv)
+    assert 'speed round' not in again.stdout and len(metrics(tmp_path / 'results' / benchmark.CPU_NAME / 'speed.jsonl')) == 2
+
+
+def test_speed_tables_give_the_median_of_the_rounds_and_the_ratios(tmp_path):
+    path = tmp_path / 'speed.jsonl'
+    rates = {('simclr', 'device'): [100, 300, 200], ('simclr', 'cpu'): [50, 60, 70], ('simclr', 'bf16 autocast'): [20],
+             ('byol', 'device'): [80, 90]}
+    with open(path, 'w') as f:
+        for (method, variant), values in rates.items():
+            for i, v in enumerate(values, 1):
+                f.write(json.dumps(dict(method=method, variant=variant, round=i, images_per_s=float(v), load_average=2.0,
+                                        cpu_model='CPU', cores=2, error=None)) + '\n')
+        f.write(json.dumps(dict(method='simclr', variant='torch.compile', round=1, images_per_s=None, load_average=3.0,
+                                cpu_model='CPU', cores=2, error='error: no compiler')) + '\n')
+    text = '\n'.join(benchmark.speed_tables(str(path)))
+    assert '| SimCLR | 200 (100-300, 3 rounds) | 60 (50-70, 3 rounds) | 0.30 |' in text
+    assert '| BYOL | 85 (80-90, 2 rounds) |  |  |' in text
+    assert '| bf16 autocast | 20 (20-20, 1 rounds) | 0.10 |' in text
+    assert 'SimCLR, torch.compile, round 1: failed (error: no compiler)' in text and '2.0 to 3.0' in text

@@ -10,9 +10,19 @@ README's results table and the figures are rendered from the records alone:
   python tools/benchmark.py --data /tmp/cifar10                              # all eight, 200 epochs, one at a time
   python tools/benchmark.py --data /tmp/cifar10 --methods simclr byol --concurrent 2
   python tools/benchmark.py --data /tmp/cifar10 --dry-run --budget-minutes 10   # commands, GPU-time estimates, what fits
-  python tools/benchmark.py --report                                         # README table + figures from results/
+  python tools/benchmark.py --report                                         # docs/results.md + figures
   python tools/benchmark.py --report --name cifar10-200ep                    # ... from results/cifar10-200ep/ only
   python tools/benchmark.py --data procedural:256 --epochs 1 --name smoke -- --arch resnet18 --width 8 --workers 0
+
+The CPU benchmark (--preset cpu, issue 22): every method on CIFAR-10 in at most 20 minutes of training on a
+2-core CPU, with the settings of CPU_SETTINGS and CPU_RECIPES below (the results page renders them from there),
+2 threads, kNN after every epoch, the untrained network's row (eval_knn.py / eval_linear.py --random-init), and
+each epoch's CPU time beside its wall-clock; --speed measures the images/s of both input paths side by side:
+
+  python tools/benchmark.py --preset cpu --data /tmp/cifar10                   # all eight and the untrained row
+  python tools/benchmark.py --preset cpu --data /tmp/cifar10 --methods simclr  # one row
+  python tools/benchmark.py --preset cpu --data /tmp/cifar10 --speed           # images/s, both input paths
+  python tools/benchmark.py --report     # docs/results.md (GPU and CPU blocks) and README.md's summary line
 
 Everything after `--` is passed to every method file. What a run is:
   python METHOD.py --data D --epochs E --output-dir RUNS/NAME/METHOD --knn-every K --knn-k 200 --knn-t 0.1 ...
@@ -137,6 +147,12 @@ CPU_RECIPES = {  # method: (epochs, flags, why)
              'multi-crop and the teacher cost ~2x two views: 2 epochs; teacher temperature warmed up over 1 epoch, '
              'not 30; teacher EMA from 0.99, not 0.996; last layer not frozen'),
 }
+# Speed (--speed): images/s of whole training steps, each variant's flags added to the preset's, measured side by
+# side: every round runs every variant once, in this order, so that a change in the machine's load hits all alike.
+CPU_SPEED_OPTIONS = {  # the cheap wins torch offers on a CPU, measured on SimCLR beside the preset: (flags, threads)
+    'bf16 autocast': (['--precision', 'bf16'], None), 'torch.compile': (['--compile'], None), '1 thread': ([], 1),
+}
+SPEED_IMAGES = 2560  # training images per speed run (10 steps of 256); 2 epochs, the second one timed
 CPU_START, CPU_END = '<!-- cpu-benchmark:start -->', '<!-- cpu-benchmark:end -->'
 SUMMARY_START, SUMMARY_END = '<!-- cpu-summary:start -->', '<!-- cpu-summary:end -->'
 BASELINE = 'random-init'  # the untrained network's record: RESULTS/NAME/random-init.json
@@ -191,6 +207,10 @@ def get_parser():
     g.add_argument('--linear-probe', action=argparse.BooleanOptionalAction, default=None,
                    help='run eval_linear.py on each finished checkpoint; None: when eval_linear.py exists')
     g.add_argument('--dry-run', action='store_true', help='print the commands and their estimated GPU time; run nothing')
+    g.add_argument('--speed', action='store_true', help='with --preset cpu: instead of training, measure the images/s '
+                   f'of both input paths of every method (and, on SimCLR, {", ".join(CPU_SPEED_OPTIONS)}), side by side, '
+                   f'in --speed-rounds rounds, each run 2 epochs of {SPEED_IMAGES} training images, the second timed')
+    g.add_argument('--speed-rounds', type=int, default=3, help='rounds of --speed')
     g = parser.add_argument_group('report')
     g.add_argument('--report', action='store_true', help='render the tables and the figures from the records')
     g.add_argument('--page', default=os.path.join('docs', 'results.md'),
@@ -217,6 +237,10 @@ def parse_args(argv=None):
     args.threads = args.threads if args.threads is not None else CPU_THREADS if cpu else None
     if args.threads is not None and args.threads < 1:
         raise common.UsageError(f'--threads must be at least 1, not {args.threads}')
+    if args.speed and not cpu:
+        raise common.UsageError('--speed measures the CPU benchmark: add --preset cpu')
+    if args.speed_rounds < 1:
+        raise common.UsageError(f'--speed-rounds must be at least 1, not {args.speed_rounds}')
     if cpu and args.concurrent != 1:
         raise common.UsageError('--preset cpu trains one run at a time (its times are those of a whole CPU); '
                                 'drop --concurrent')
@@ -761,6 +785,75 @@ def baseline(args, extra):
     return 'finished'
 
 
+def speed_variants(method):
+    """{variant: (flags added to the preset's, threads or None)}: both input paths; on SimCLR also the options."""
+    variants = {'device': ([], None),
+                'cpu': (['--augment', 'cpu', '--workers', str(max(1, (os.cpu_count() or 2) - 1))], None)}
+    return {**variants, **CPU_SPEED_OPTIONS} if method == 'simclr' else variants
+
+
+def speed_data(args):
+    """What the speed runs train on: SPEED_IMAGES training images of --data (a folder of links to them, the same
+    number per class), procedural:N for the procedural data, else --data itself."""
+    info = args.dataset_info
+    if info['kind'] == 'procedural':
+        return f"procedural:{min(SPEED_IMAGES, info['num_train'])}"
+    if info['kind'] != 'folder':
+        return args.data
+    folder = os.path.join(args.runs, args.name, 'speed-data')
+    train = os.path.join(args.data, 'train')
+    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+    for c in classes:
+        os.makedirs(os.path.join(folder, 'train', c), exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(train, c)))[:SPEED_IMAGES // len(classes)]:
+            link = os.path.join(folder, 'train', c, name)
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(os.path.join(train, c, name)), link)
+    return folder
+
+
+def speed(args, extra):
+    """--speed: RESULTS/NAME/speed.jsonl, one line per (round, method, variant), the rounds alternating the
+    variants; lines already there are kept (the same command goes on)."""
+    prepare_folder(os.path.join(args.results, args.name), '--results')
+    path = os.path.join(args.results, args.name, 'speed.jsonl')
+    done = {(r['method'], r['variant'], r['round']) for r in common.read_metrics(path)}
+    data = speed_data(args)
+    commit, dirty = git_state()
+    for round_ in range(1, args.speed_rounds + 1):
+        for method in args.methods:
+            for variant, (flags, threads) in speed_variants(method).items():
+                if (method, variant, round_) in done:
+                    continue
+                folder = os.path.join(args.runs, args.name, 'speed', f"{method}-{variant.replace(' ', '-')}-{round_}")
+                shutil.rmtree(folder, ignore_errors=True)
+                os.makedirs(folder)
+                command = ['python', os.path.relpath(os.path.join(ROOT, f'{method}.py')), '--data', data, '--epochs',
+                           '2', '--output-dir', folder, '--knn-every', '-1'] + cpu_flags(method) + extra + flags
+                env = child_environment(args)
+                if threads:
+                    env['OMP_NUM_THREADS'] = str(threads)
+                load = os.getloadavg()[0]
+                log_path = os.path.join(folder, 'train.log')
+                with open(log_path, 'w') as log:
+                    code = subprocess.run([sys.executable] + command[1:], stdout=log, stderr=subprocess.STDOUT,
+                                          env=env).returncode
+                epochs = [m for m in common.read_metrics(os.path.join(folder, 'metrics.jsonl')) if 'epoch_seconds' in m]
+                timed = epochs[1] if code == 0 and len(epochs) == 2 else {}
+                record = dict(method=method, variant=variant, round=round_, command=shlex.join(command),
+                              threads=int(env['OMP_NUM_THREADS']), exit_code=code,
+                              images_per_s=timed.get('epoch_images_per_s'), epoch_seconds=timed.get('epoch_seconds'),
+                              epoch_cpu_seconds=timed.get('epoch_cpu_seconds'),
+                              error=last_error_line(log_path) if code else None,
+                              load_average=round((load + os.getloadavg()[0]) / 2, 2), cpu_model=cpu_name(),
+                              cores=os.cpu_count(), git_commit=commit, git_dirty=dirty,
+                              recorded_at=datetime.datetime.now().astimezone().isoformat(timespec='seconds'))
+                with open(path, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                rate = f"{record['images_per_s']:,.1f} img/s" if record['images_per_s'] else f'FAILED: {record["error"]}'
+                print(f'  speed round {round_}: {method} {variant}: {rate}', flush=True)
+
+
 def children_cpu_seconds():
     """User + sys CPU time of this process's finished children."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -1173,6 +1266,7 @@ def render_cpu(records, page_dir, results_dir):
                       + (f'These runs shared the machine with other work: its 1-minute load average while they '
                          f'trained was {min(loads):.1f} to {max(loads):.1f} on {example["cores"]} cores, so their '
                          'wall-clock minutes are longer than on an idle machine.' if loads else ''), '']
+        lines += speed_tables(os.path.join(results_dir, name, 'speed.jsonl'))
         owed = [m for m in (BASELINE,) + RUN_ORDER if m not in by_method]
         data = example['benchmark']['data'] if example else '/path/to/cifar10'
         lines += ['The whole table, on any CPU, resuming where it stopped (CIFAR-10 as JPEG class folders '
@@ -1191,6 +1285,45 @@ def render_cpu(records, page_dir, results_dir):
             lines += ['```', '']
     lines.append(CPU_END)
     return '\n'.join(lines)
+
+
+def speed_tables(path):
+    """The images/s of --speed (RESULTS/NAME/speed.jsonl): both input paths of every method, and SimCLR's options."""
+    rows = [r for r in common.read_metrics(path) if r.get('images_per_s')]
+    failed = [r for r in common.read_metrics(path) if not r.get('images_per_s')]
+    if not rows and not failed:
+        return []
+
+    def cell(method, variant):
+        rates = sorted(r['images_per_s'] for r in rows if (r['method'], r['variant']) == (method, variant))
+        if not rates:
+            return '', None
+        median = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1:len(rates) // 2 + 1]) / 2
+        return f'{median:,.0f} ({rates[0]:,.0f}-{rates[-1]:,.0f}, {len(rates)} rounds)', median
+
+    example = (rows or failed)[0]
+    loads = [r['load_average'] for r in rows + failed]
+    lines = [f"Speed of whole training steps (`--speed`), images/s: each run trains 2 epochs of {SPEED_IMAGES:,} "
+             'training images with the settings above plus the variant\'s flags, and its second epoch is timed; every '
+             'round runs every variant once, one after the other, so that the machine\'s load falls on all alike. '
+             f"Median (range, rounds). {example['cpu_model']}, {example['cores']} cores; the machine's 1-minute load "
+             f'average during these runs: {min(loads):.1f} to {max(loads):.1f}.', '',
+             '| method | device path (`--augment device`) | cpu path (`--augment cpu`) | cpu / device |',
+             '|---|---|---|---|']
+    for method in METHODS:
+        device, cpu = cell(method, 'device'), cell(method, 'cpu')
+        if device[1] or cpu[1]:
+            ratio = f'{cpu[1] / device[1]:.2f}' if device[1] and cpu[1] else ''
+            lines.append(f'| {LABELS[method]} | {device[0]} | {cpu[0]} | {ratio} |')
+    base = cell('simclr', 'device')
+    options = [(v, cell('simclr', v)) for v in CPU_SPEED_OPTIONS]
+    if base[1] and any(c[1] for _, c in options):
+        lines += ['', '| SimCLR, the preset with | images/s | against the preset |', '|---|---|---|',
+                  f'| nothing (the preset) | {base[0]} | 1.00 |']
+        lines += [f"| {v} | {c[0]} | {c[1] / base[1]:.2f} |" for v, c in options if c[1]]
+    for r in failed:
+        lines.append(f"\n{LABELS[r['method']]}, {r['variant']}, round {r['round']}: failed ({r['error']})")
+    return lines + ['']
 
 
 def cpu_summary(records, readme_dir, page):
@@ -1249,6 +1382,8 @@ def main():
         return report(args)
     if args.dry_run:
         return dry_run(args, extra)
+    if args.speed:
+        return speed(args, extra)
     code = train(args, extra)
     if code:
         sys.exit(code)
