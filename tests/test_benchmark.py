@@ -389,10 +389,11 @@ def test_cpu_report_renders_the_table_the_settings_the_figure_and_the_summary(cp
         assert row[2] == f"**{r['knn_top1']:.2f}**" and row[4] == f"{r['linear_top1']:.2f}"
         assert row[3].startswith(f"{r['knn_top1'] - untrained['knn_top1']:+.1f} (")
         assert row[6] == f"{r['train_seconds'] / 60:.1f}" and row[8] == f"{r['images_per_s']:,.0f}"
-        assert r['command'] in text
+        assert '\n'.join(benchmark.wrap_command(r['command'])) in text
     assert rows['BYOL'][2] == 'owed' and 'Owed rows: byol, simsiam, moco, mocov3, dino, instdisc.' in text
     figure = results / benchmark.CPU_NAME / 'knn-vs-minutes.png'
     assert figure.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and os.path.relpath(figure, page.parent) in text
+    assert all(len(line) <= 110 for line in text.splitlines() if not line.startswith('| '))
     best = max((record(cpu_run[0], m, benchmark.CPU_NAME) for m in ('simclr', 'swav')), key=lambda r: r['knn_top1'])
     summary = readme.read_text().splitlines()[3]
     assert f"best {best['label']} {best['knn_top1']:.1f}% kNN top-1" in summary and '(docs/results.md)' in summary
@@ -409,17 +410,17 @@ def test_cpu_report_renders_the_table_the_settings_the_figure_and_the_summary(cp
 def test_the_docs_state_the_settings_the_preset_runs():
     """The settings table is rendered from CPU_SETTINGS / CPU_RECIPES, and the runs get exactly those flags."""
     block = benchmark.render_cpu([], '/repo/docs', '/repo/results')
-    assert f'`{" ".join(benchmark.settings_flags())}`' in block and f'OMP_NUM_THREADS={benchmark.CPU_THREADS}' in block
+    assert f'`{" ".join(benchmark.settings_flags())}`' in ' '.join(block.splitlines())
+    assert f'OMP_NUM_THREADS={benchmark.CPU_THREADS}' in block
     args, extra = benchmark.parse_args(['--preset', 'cpu', '--data', 'procedural'])
     assert (args.name, args.knn_every, args.threads) == (benchmark.CPU_NAME, 1, benchmark.CPU_THREADS)
-    settings = block[block.index('| method | epochs | flags | what changes |'):]
+    flat = ' '.join(line.strip() for line in block.splitlines())  # the page's lines are wrapped at 110
+    assert all(len(line) <= 110 for line in block.splitlines())
     for method in benchmark.METHODS:
         epochs, flags, why = benchmark.CPU_RECIPES[method]
-        row = next(line for line in settings.splitlines() if line.startswith(f'| {benchmark.LABELS[method]} | '))
-        cells = row.split(' | ')
-        assert cells[1] == str(epochs) and cells[3] == why + ' |'
-        for flag, value in flags.items():
-            assert f"{flag} {' '.join(value) if isinstance(value, tuple) else value}" in cells[2]
+        shown = ' '.join(f"{k} {' '.join(v) if isinstance(v, tuple) else v}" for k, v in flags.items())
+        assert f'- **{benchmark.LABELS[method]}**, {epochs} epochs' + (f', `{shown}`' if shown else '') + \
+            f': {why}.' in flat
         command = benchmark.method_command(args, extra, method)
         assert command[command.index('--epochs') + 1] == str(epochs)
         assert command[-len(benchmark.cpu_flags(method)):] == benchmark.cpu_flags(method)

@@ -55,6 +55,7 @@ import resource
 import shlex
 import shutil
 import signal
+import textwrap
 import subprocess
 import sys
 import time
@@ -1175,6 +1176,7 @@ def report(args):
 # -----------------------------------------------------------------------------
 # Report of the CPU benchmark: its table, settings, figure and summary line
 # -----------------------------------------------------------------------------
+DOC_WIDTH = 110  # the docs' line limit
 CPU_TARGET_GAIN, CPU_TARGET_BEST = 10.0, 60.0  # issue 22: every method +10 over untrained; the best at 60%
 
 
@@ -1211,39 +1213,60 @@ def cpu_row(method, r, untrained):
 
 def settings_table():
     """The CPU preset's settings, from CPU_SETTINGS and CPU_RECIPES (the docs state what the code runs)."""
-    lines = [f"Every method: `{shlex.join(settings_flags())}`, `OMP_NUM_THREADS={CPU_THREADS}`, kNN after every epoch "
-             f'(k={KNN_K}, T={KNN_T}); then, per method, what replaces its small-image preset (`SMALL_IMAGE_PRESET` in '
-             'the method file) and why:', '',
-             '| method | epochs | flags | what changes |', '|---|---|---|---|']
+    lines = wrap(f"Every method: `{shlex.join(settings_flags())}`, `OMP_NUM_THREADS={CPU_THREADS}`, kNN after every "
+                 f'epoch (k={KNN_K}, T={KNN_T}); then, per method, its epochs, the flags that replace its small-image '
+                 'preset (`SMALL_IMAGE_PRESET` in the method file) and why:') + ['']
     for method in METHODS:
         epochs, flags, why = CPU_RECIPES[method]
         shown = ' '.join(f"{k} {' '.join(v) if isinstance(v, tuple) else v}" for k, v in flags.items())
-        lines.append(f"| {LABELS[method]} | {epochs} | {f'`{shown}`' if shown else ''} | {why} |")
+        lines += wrap(f"- **{LABELS[method]}**, {epochs} epochs" + (f', `{shown}`' if shown else '') + f': {why}.',
+                      indent='  ')
     return lines
+
+
+def wrap(text, indent=''):
+    """A paragraph as lines of at most DOC_WIDTH characters (the docs' limit), code spans kept whole."""
+    return textwrap.wrap(text, DOC_WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
+def wrap_command(command):
+    """A shell command as lines of at most DOC_WIDTH characters, continued with a backslash."""
+    lines, line = [], ''
+    for word in shlex.split(command):
+        word = shlex.quote(word)
+        if line and len(line) + 1 + len(word) > DOC_WIDTH - 2:
+            lines.append(line + ' \\')
+            line = '    ' + word
+        else:
+            line = f'{line} {word}' if line else word
+    return lines + [line]
 
 
 def render_cpu(records, page_dir, results_dir):
     """The Markdown block between the CPU markers of the results page."""
     lines = [CPU_START, '<!-- written by `python tools/benchmark.py --report` from the records in '
-             f'{os.path.relpath(results_dir, page_dir)}/ and CPU_SETTINGS / CPU_RECIPES in tools/benchmark.py; edit '
-             'those, not this block -->', '']
+             f'{os.path.relpath(results_dir, page_dir)}/', 'and CPU_SETTINGS / CPU_RECIPES in tools/benchmark.py; '
+             'edit those, not this block -->', '']
     groups = cpu_groups(records) or {CPU_NAME: {}}
     for name, by_method in sorted(groups.items()):
         untrained = by_method.get(BASELINE)
         trained = [r for m, r in by_method.items() if m != BASELINE]
         example = next(iter(by_method.values()), None)
         if example:
-            machines = sorted({f"{r['cpu_model']}, {r['cores']} cores, {r['threads']} threads" for r in by_method.values()})
+            machines = sorted({f"{r['cpu_model']}, {r['cores']} cores, {r['threads']} thread"
+                               + ('s' if r['threads'] != 1 else '') for r in by_method.values()})
             dates = sorted(r['recorded_at'][:10] for r in by_method.values())
-            lines += [f"**{name}**: self-supervised training on `{example['benchmark']['data']}` "
+            lines += wrap(f"**{name}**: self-supervised training on `{example['benchmark']['data']}` "
                       f"({example['dataset']['num_train']:,} training and {example['dataset']['num_test']:,} test "
                       f'images) on {"; ".join(machines)}, recorded {dates[0]} to {dates[-1]}. kNN top-1 (%) on every '
                       f'test image after the final epoch (k={KNN_K}, T={KNN_T}), and the fast linear probe '
                       '(eval_linear.py: logistic regression on the frozen features). Untrained: the same network at its '
-                      'random initialisation with the same seed, evaluated the same way.', '']
-        header = ['method', 'epochs', 'kNN top-1', f'vs untrained (target {signed(CPU_TARGET_GAIN)})', 'linear',
-                  'kNN after each epoch', 'training wall-clock (min)', 'CPU time (min; cores busy)', 'images/s',
-                  'recorded']
+                      'random initialisation with the same seed, evaluated the same way. Columns: the gain over '
+                      f'the untrained network (target {signed(CPU_TARGET_GAIN)}), the kNN after each epoch, the '
+                      'training wall-clock and CPU time in minutes (with the cores that CPU time kept busy on '
+                      'average), images/s over the training wall-clock.') + ['']
+        header = ['method', 'epochs', 'kNN top-1', 'gain', 'linear', 'kNN by epoch', 'wall-clock', 'CPU time',
+                  'images/s', 'recorded']
         lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
         lines += ['| ' + ' | '.join(cpu_row(m, by_method.get(m), untrained)) + ' |' for m in (BASELINE,) + METHODS]
         lines.append('')
@@ -1253,24 +1276,25 @@ def render_cpu(records, page_dir, results_dir):
                 f"short by {CPU_TARGET_BEST - best['knn_top1']:.1f}"
             slowest = max(trained, key=lambda r: r['train_seconds'])
             loads = [r['load_average'] for r in trained if r.get('load_average') is not None]
-            lines += [f"Best: {best['label']}, {best['knn_top1']:.2f}% (target {CPU_TARGET_BEST:.0f}%: {verdict}). "
-                      f"Longest training: {slowest['label']}, {minutes(slowest['train_seconds'])} min "
-                      f'(budget {CPU_BUDGET_MINUTES} min).', '']
+            lines += wrap(f"Best: {best['label']}, {best['knn_top1']:.2f}% (target {CPU_TARGET_BEST:.0f}%: {verdict}). "
+                          f"Longest training: {slowest['label']}, {minutes(slowest['train_seconds'])} min "
+                          f'(budget {CPU_BUDGET_MINUTES} min).') + ['']
             figure = os.path.relpath(os.path.join(results_dir, name, 'knn-vs-minutes.png'), page_dir)
             lines += [f'![kNN top-1 against training minutes]({figure})', '']
-            lines += ["How the time is measured: training wall-clock is the sum of the epochs' loading and training "
+            lines += wrap("How the time is measured: training wall-clock is the sum of the epochs' loading and training "
                       'time (kNN passes, checkpoints and start-up excluded); CPU time is the user + sys time of the '
                       'training process and its workers over the same epochs. A run that had its threads to itself '
                       'keeps them busy (CPU time / wall-clock near the thread count); less means it waited for other '
                       'processes. '
                       + (f'These runs shared the machine with other work: its 1-minute load average while they '
                          f'trained was {min(loads):.1f} to {max(loads):.1f} on {example["cores"]} cores, so their '
-                         'wall-clock minutes are longer than on an idle machine.' if loads else ''), '']
+                         'wall-clock minutes are longer than on an idle machine.' if loads else '')) + ['']
         lines += speed_tables(os.path.join(results_dir, name, 'speed.jsonl'))
+        lines += tries_table(os.path.join(results_dir, name, 'tries.jsonl'))
         owed = [m for m in (BASELINE,) + RUN_ORDER if m not in by_method]
         data = example['benchmark']['data'] if example else '/path/to/cifar10'
-        lines += ['The whole table, on any CPU, resuming where it stopped (CIFAR-10 as JPEG class folders '
-                  '`train/<class>/*.jpg`, `test/<class>/*.jpg`):', '', '```bash',
+        lines += wrap('The whole table, on any CPU, resuming where it stopped (CIFAR-10 as JPEG class folders '
+                      '`train/<class>/*.jpg`, `test/<class>/*.jpg`):') + ['', '```bash',
                   f'python tools/benchmark.py --preset cpu --data {data}',
                   f'python tools/benchmark.py --preset cpu --data {data} --methods simclr   # one row',
                   'python tools/benchmark.py --report                                      # this page', '```', '']
@@ -1279,9 +1303,9 @@ def render_cpu(records, page_dir, results_dir):
         lines += settings_table() + ['']
         if trained:
             lines += ["Each row's method-file command (from its record):", '', '```bash']
-            lines += [by_method[m]['command'] for m in METHODS if m in by_method]
-            if untrained:
-                lines += [untrained['command'], untrained['linear_command']]
+            for command in [by_method[m]['command'] for m in METHODS if m in by_method] + \
+                    ([untrained['command'], untrained['linear_command']] if untrained else []):
+                lines += wrap_command(command)
             lines += ['```', '']
     lines.append(CPU_END)
     return '\n'.join(lines)
@@ -1303,11 +1327,11 @@ def speed_tables(path):
 
     example = (rows or failed)[0]
     loads = [r['load_average'] for r in rows + failed]
-    lines = [f"Speed of whole training steps (`--speed`), images/s: each run trains 2 epochs of {SPEED_IMAGES:,} "
+    lines = wrap(f"Speed of whole training steps (`--speed`), images/s: each run trains 2 epochs of {SPEED_IMAGES:,} "
              'training images with the settings above plus the variant\'s flags, and its second epoch is timed; every '
              'round runs every variant once, one after the other, so that the machine\'s load falls on all alike. '
              f"Median (range, rounds). {example['cpu_model']}, {example['cores']} cores; the machine's 1-minute load "
-             f'average during these runs: {min(loads):.1f} to {max(loads):.1f}.', '',
+             f'average during these runs: {min(loads):.1f} to {max(loads):.1f}.') + ['',
              '| method | device path (`--augment device`) | cpu path (`--augment cpu`) | cpu / device |',
              '|---|---|---|---|']
     for method in METHODS:
@@ -1322,8 +1346,31 @@ def speed_tables(path):
                   f'| nothing (the preset) | {base[0]} | 1.00 |']
         lines += [f"| {v} | {c[0]} | {c[1] / base[1]:.2f} |" for v, c in options if c[1]]
     for r in failed:
-        lines.append(f"\n{LABELS[r['method']]}, {r['variant']}, round {r['round']}: failed ({r['error']})")
+        lines += [''] + wrap(f"{LABELS[r['method']]}, {r['variant']}, round {r['round']}: failed ({r['error']})")
     return lines + ['']
+
+
+def tries_table(path):
+    """The short runs that chose the settings (RESULTS/NAME/tries.jsonl: one line per run, with its command)."""
+    tries = common.read_metrics(path)
+    if not tries:
+        return []
+    lines = wrap('What was tried to choose the settings (short runs on subsets of the training images, kNN on a '
+                 'subset of the test images; `tries.jsonl`, the commands below the table): images/s of the epoch, its '
+                 "wall-clock and CPU time, the kNN after it, and the machine's load average.") + [
+        '', '| try | images/s | epoch wall-clock / CPU time (s) | kNN top-1 | load | recorded |', '|---|---|---|---|---|---|']
+    for t in tries:
+        epoch = (t.get('epochs') or [{}])[-1]
+        knn = (t.get('knn') or [{}])[-1]
+        rate = f"{epoch['epoch_images_per_s']:,.1f}" if 'epoch_images_per_s' in epoch else f"exit {t['exit_code']}"
+        times = f"{epoch['epoch_seconds']:.0f} / {epoch['epoch_cpu_seconds']:.0f}" if 'epoch_cpu_seconds' in epoch else ''
+        load = f"{t['load_average']:.1f}" if t.get('load_average') is not None else ''
+        top1 = f"{knn['knn_top1']:.2f}" if 'knn_top1' in knn else ''
+        lines.append(f"| {t['tag']} | {rate} | {times} | {top1} | {load} | {t['recorded_at'][:16]} |")
+    lines += ['', '```bash']
+    for t in tries:
+        lines += [f"# {t['tag']}"] + wrap_command(t['command'])
+    return lines + ['```', '']
 
 
 def cpu_summary(records, readme_dir, page):
