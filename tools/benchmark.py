@@ -140,13 +140,14 @@ CPU_RECIPES = {  # method: (epochs, flags, why)
     'moco': (4, {'--lr': '0.06'}, 'lr 0.06 per 256 instead of 0.03'),
     'byol': (4, {}, 'the preset as it is'),
     'simsiam': (4, {'--lr': '0.06'}, 'lr 0.06 per 256 instead of 0.03'),
-    'swav': (3, {'--freeze-prototypes-epochs': '0.2'},
-             'multi-crop (2 x 32 + 6 x 16 px) costs ~1.75x two views: 3 epochs; prototypes frozen for 0.2 epoch, '
-             'not 1'),
+    'swav': (2, {'--freeze-prototypes-epochs': '0.2'},
+             'multi-crop (2 x 32 + 6 x 16 px) takes about twice the CPU time per image of two views (the tries '
+             'below), so half the epochs; prototypes frozen for 0.2 epoch, not 1'),
     'mocov3': (4, {}, 'no warm-up (the preset: 10 epochs)'),
     'dino': (2, {'--warmup-teacher-temp-epochs': '1', '--momentum-teacher': '0.99', '--freeze-last-layer': '0'},
-             'multi-crop and the teacher cost ~2x two views: 2 epochs; teacher temperature warmed up over 1 epoch, '
-             'not 30; teacher EMA from 0.99, not 0.996; last layer not frozen'),
+             'multi-crop (2 x 32 + 6 x 16 px) and the teacher take at least twice the CPU time per image of two views, '
+             'so half the epochs; teacher temperature warmed up over 1 epoch, not 30; teacher EMA from 0.99, not '
+             '0.996; last layer not frozen'),
 }
 # Speed (--speed): images/s of whole training steps, each variant's flags added to the preset's, measured side by
 # side: every round runs every variant once, in this order, so that a change in the machine's load hits all alike.
