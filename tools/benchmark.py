@@ -1290,8 +1290,6 @@ def render_cpu(records, page_dir, results_dir):
                       + (f'These runs shared the machine with other work: its 1-minute load average while they '
                          f'trained was {min(loads):.1f} to {max(loads):.1f} on {example["cores"]} cores, so their '
                          'wall-clock minutes are longer than on an idle machine.' if loads else '')) + ['']
-        lines += speed_tables(os.path.join(results_dir, name, 'speed.jsonl'))
-        lines += tries_table(os.path.join(results_dir, name, 'tries.jsonl'))
         owed = [m for m in (BASELINE,) + RUN_ORDER if m not in by_method]
         data = example['benchmark']['data'] if example else '/path/to/cifar10'
         lines += wrap('The whole table, on any CPU, resuming where it stopped (CIFAR-10 as JPEG class folders '
@@ -1302,6 +1300,8 @@ def render_cpu(records, page_dir, results_dir):
         if owed:
             lines += [f"Owed rows: {', '.join(owed)}.", '']
         lines += settings_table() + ['']
+        lines += speed_tables(os.path.join(results_dir, name, 'speed.jsonl'))
+        lines += tries_table(os.path.join(results_dir, name, 'tries.jsonl'))
         if trained:
             lines += ["Each row's method-file command (from its record):", '', '```bash']
             for command in [by_method[m]['command'] for m in METHODS if m in by_method] + \
