@@ -934,6 +934,11 @@ def dry_run(args, extra):
     not included. The total is the time until the last run ends, runs starting in --methods order
     whenever a slot is free; a run fits the budget if it ends within it."""
     num_train = args.dataset_info['num_train']
+    if args.preset == 'cpu':  # the estimates below are of GPU time
+        print(f"benchmark {args.name} (dry run): the untrained row, then {' '.join(args.methods)}, one at a time:")
+        for method in args.methods:
+            print(f'  {shlex.join(method_command(args, extra, method))}')
+        return
     print(f"benchmark {args.name} (dry run): {' '.join(args.methods)}; {args.epochs} epochs of {num_train:,} "
           f'images, at most {args.concurrent} at once')
     if worker_flags(args, extra):
