@@ -467,14 +467,15 @@ def train(args, extra):
     as its run finishes. Returns the exit code (see the module docstring)."""
     prepare_folder(os.path.join(args.results, args.name), '--results')
     prepare_folder(os.path.join(args.runs, args.name), '--runs')
-    epochs = ', '.join(f'{m} {epochs_of(args, m)}' for m in args.methods) if args.method_epochs else args.epochs
-    print(f"benchmark {args.name}: {' '.join(args.methods)}; {epochs} epochs on {args.data}, at most "
+    planned = ', '.join(f'{m} {epochs_of(args, m)}' for m in args.methods) if args.method_epochs else args.epochs
+    print(f"benchmark {args.name}: {' '.join(args.methods)}; {planned} epochs on {args.data}, at most "
           f'{args.concurrent} at once; logs in {os.path.join(args.runs, args.name)}/<method>/train.log', flush=True)
     pending, failed, unfinished = [], [], []
     if args.preset == 'cpu' and baseline(args, extra) == 'failed':
         failed.append(BASELINE)
     for method in args.methods:
         folder = run_folder(args, method)
+        epochs = epochs_of(args, method)
         os.makedirs(folder, exist_ok=True)
         lock = lock_run(folder)
         if lock is None:
@@ -483,13 +484,13 @@ def train(args, extra):
             continue
         try:
             done = epochs_done(folder)
-            if done > epochs_of(args, method):
-                raise common.UsageError(f'{folder} holds {done} epochs, more than --epochs {epochs_of(args, method)}; use '
+            if done > epochs:
+                raise common.UsageError(f'{folder} holds {done} epochs, more than --epochs {epochs}; use '
                                         f'--epochs {done} or another --name')
-            if is_finished(folder, epochs_of(args, method)):
+            if is_finished(folder, epochs):
                 record_path = os.path.join(args.results, args.name, f'{method}.json')
                 if os.path.exists(record_path):
-                    print(f'  {method}: already finished ({epochs_of(args, method)} epochs); nothing left to train, record '
+                    print(f'  {method}: already finished ({epochs} epochs); nothing left to train, record '
                           f'{record_path} kept', flush=True)
                 elif finish(args, extra, method, folder) == 'failed':
                     failed.append(method)
@@ -579,22 +580,23 @@ def conclude(args, extra, run):
     """After a run's process has ended: its record if it finished, else why not. Returns
     'finished', 'unfinished' (stopped with its checkpoint) or 'failed'."""
     code = run.process.returncode
+    epochs = epochs_of(args, run.method)
     try:
         done = epochs_done(run.folder)
     except common.UsageError as e:
         print(f'  {run.method}: FAILED (exit {code}): {e}', flush=True)
         return 'failed'
-    if code == 0 and is_finished(run.folder, epochs_of(args, run.method)):
+    if code == 0 and is_finished(run.folder, epochs):
         return finish(args, extra, run.method, run.folder)
     if run.stopped or code in (-signal.SIGTERM, 143, 130):
-        print(f'  {run.method}: stopped after {done} of {epochs_of(args, run.method)} epochs (checkpoint kept)', flush=True)
+        print(f'  {run.method}: stopped after {done} of {epochs} epochs (checkpoint kept)', flush=True)
         return 'unfinished'
-    if code == 0 and done < epochs_of(args, run.method):
-        print(f'  {run.method}: ended after {done} of {epochs_of(args, run.method)} epochs (--stop-after-epoch?); rerun to go on',
+    if code == 0 and done < epochs:
+        print(f'  {run.method}: ended after {done} of {epochs} epochs (--stop-after-epoch?); rerun to go on',
               flush=True)
         return 'unfinished'
     reason = (last_error_line(run.log_path) if code else
-              f'trained {done} epochs but metrics.jsonl has no kNN record of epoch {epochs_of(args, run.method)}')
+              f'trained {done} epochs but metrics.jsonl has no kNN record of epoch {epochs}')
     print(f'  {run.method}: FAILED (exit {code}): {reason} (log: {run.log_path})', flush=True)
     return 'failed'
 
@@ -649,11 +651,12 @@ def make_record(args, extra, method, folder):
     metrics = common.read_metrics(os.path.join(folder, 'metrics.jsonl'))
     epoch_records = [r for r in metrics if 'epoch_seconds' in r]
     knn = [r for r in metrics if 'knn_top1' in r]
-    if [r['epoch'] for r in epoch_records] != list(range(1, epochs_of(args, method) + 1)):
+    epochs = epochs_of(args, method)
+    if [r['epoch'] for r in epoch_records] != list(range(1, epochs + 1)):
         raise common.UsageError(f'{folder}/metrics.jsonl does not hold one epoch record (epoch_seconds) for each of '
-                                f'the {epochs_of(args, method)} epochs, so its training time is unknown; was it trained by an '
+                                f'the {epochs} epochs, so its training time is unknown; was it trained by an '
                                 'older version? Train it again in another --name')
-    final = next(r for r in reversed(knn) if r['epoch'] == epochs_of(args, method))
+    final = next(r for r in reversed(knn) if r['epoch'] == epochs)
     best = max(knn, key=lambda r: (r['knn_top1'], -r['epoch']))  # ties: the earliest epoch
     train_seconds = epoch_records[-1]['train_seconds']
     images = round(sum(r['epoch_images_per_s'] * r['epoch_seconds'] for r in epoch_records))  # steps x batch
@@ -670,7 +673,7 @@ def make_record(args, extra, method, folder):
         schema=SCHEMA, method=method, label=LABELS[method], name=args.name,
         recorded_at=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
         command=last.get('command', shlex.join(method_command(args, extra, method))),
-        benchmark=dict(data=args.data, epochs=epochs_of(args, method), knn_every=args.knn_every, extra=extra),
+        benchmark=dict(data=args.data, epochs=epochs, knn_every=args.knn_every, extra=extra),
         git_commit=commit, git_dirty=dirty,
         python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
         device=' + '.join(devices) if devices else None,
@@ -694,7 +697,7 @@ def make_record(args, extra, method, folder):
                         train_cpu_seconds=cpu_at.get(r['epoch'])) for r in knn],
         epoch_times=[dict(epoch=r['epoch'], seconds=r['epoch_seconds'], cpu_seconds=r.get('epoch_cpu_seconds'),
                           images_per_s=r['epoch_images_per_s']) for r in epoch_records],
-        train_cpu_seconds=cpu_at.get(epochs_of(args, method)),
+        train_cpu_seconds=cpu_at.get(epochs),
         train_cpu_seconds_note="the epochs' CPU time (user + sys of the training process and its workers; "
                                'common.process_cpu_seconds); against train_seconds x threads it shows how much of the '
                                'machine the run had',
