@@ -1684,6 +1684,7 @@ class Loader:
     def epoch(self, epoch):
         self.sampler.set_epoch(epoch)
         self.epoch_started = time.time()  # MetricLogger times the epoch from here
+        self.epoch_cpu_started = process_cpu_seconds()
         for views, labels, indices in self.loader:
             check_stop()
             yield ([self._to_device(v) for v in views], labels.to(self.device, non_blocking=True),
@@ -1896,6 +1897,7 @@ class DeviceLoader:
     def epoch(self, epoch):
         self.sampler.set_epoch(epoch)
         self.epoch_started = time.time()  # MetricLogger times the epoch from here
+        self.epoch_cpu_started = process_cpu_seconds()
         for groups, indices, on_device, heights, widths, labels in self.source.batches(self.sampler):
             check_stop()
             views = self.views.batch(groups, indices, heights, widths, epoch, self.seed)
@@ -2520,6 +2522,30 @@ def normalized_output_std(z):
     return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
+def process_cpu_seconds():
+    """CPU time (user + sys) of this process, its finished children and its live DataLoader workers
+    (Linux /proc); beside the wall-clock it shows how much of the machine the run had."""
+    import resource
+    total = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                for field in ('ru_utime', 'ru_stime'))
+    for stat in glob_proc_stats():
+        fields = stat.rsplit(')', 1)[-1].split()  # after the command name: state, ppid, ... utime (12), stime (13)
+        if int(fields[1]) == os.getpid():
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    return total
+
+
+def glob_proc_stats():
+    """The /proc/<pid>/stat lines of every process (none where there is no /proc)."""
+    for name in os.listdir('/proc') if os.path.isdir('/proc') else []:
+        if name.isdigit():
+            try:
+                with open(f'/proc/{name}/stat') as f:
+                    yield f.read()
+            except OSError:
+                continue
+
+
 class MetricLogger:
     """Progress lines on the main rank and a JSON-lines file `metrics.jsonl` in the output
     directory. Values are read from the device (a host sync) only on logging steps; the
@@ -2530,7 +2556,8 @@ class MetricLogger:
       step:  step, loss, images_per_s, the method's values (lr, tau, ...): the first and the tenth step this
              process runs (they estimate the run's duration early), then every --log-every steps
       epoch: epoch_loss, epoch_seconds (the epoch's loading and training; no kNN, no checkpoint),
-             train_seconds (their sum over the run, resumes included), epoch_images_per_s
+             train_seconds (their sum over the run, resumes included), epoch_images_per_s,
+             epoch_cpu_seconds (the epoch's CPU time, user + sys, workers included: process_cpu_seconds)
       kNN:   knn_top1, knn_top5 (and knn_top1_k20), knn_seconds -- written by the method file
     """
 
@@ -2577,9 +2604,11 @@ class MetricLogger:
         mean = float(self.loss_sum) / max(1, self.count)
         self.check_finite(mean, epoch, None)
         seconds = time.time() - self.loader.epoch_started
+        cpu_seconds = process_cpu_seconds() - getattr(self.loader, 'epoch_cpu_started', 0.0)
         self.train_seconds += seconds
         self.log(epoch=epoch + 1, epoch_loss=mean, epoch_seconds=seconds, train_seconds=self.train_seconds,
-                 epoch_images_per_s=self.count * self.args.batch_size / max(seconds, 1e-9))
+                 epoch_images_per_s=self.count * self.args.batch_size / max(seconds, 1e-9),
+                 epoch_cpu_seconds=cpu_seconds)
         self.loss_sum, self.count = None, 0
         return mean
 

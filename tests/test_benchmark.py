@@ -103,8 +103,9 @@ def test_second_invocation_trains_nothing_and_keeps_the_records(straight):
     assert [p.read_bytes() for p in paths] == before
 
 
-def report(results, readme):
-    benchmark.report(benchmark.parse_args(['--report', '--results', str(results), '--readme', str(readme)])[0])
+def report(results, page, readme=None):
+    benchmark.report(benchmark.parse_args(['--report', '--results', str(results), '--page', str(page),
+                                           '--readme', str(readme or page)])[0])
 
 
 def test_report_renders_the_table_between_the_markers_and_both_figures(straight, tmp_path, capsys):
@@ -131,9 +132,17 @@ def test_report_renders_the_table_between_the_markers_and_both_figures(straight,
     plain = tmp_path / 'PLAIN.md'
     plain.write_text('no markers here\n')
     capsys.readouterr()
-    with pytest.raises(common.UsageError, match='has no ' + re.escape(benchmark.TABLE_START)):
-        report(results, plain)
-    assert '| SimCLR |' in capsys.readouterr().out and plain.read_text() == 'no markers here\n'
+    report(results, plain)  # a page without the markers is left as it is, with a note
+    assert f'note: {plain} has no {benchmark.TABLE_START} ... {benchmark.TABLE_END} lines' in capsys.readouterr().out
+    assert plain.read_text() == 'no markers here\n'
+    report(results, tmp_path / 'missing.md')
+    assert f'note: {tmp_path / "missing.md"} does not exist' in capsys.readouterr().out
+    assert not (tmp_path / 'missing.md').exists()
+
+
+def test_report_writes_into_docs_results_md_by_default():
+    args, _ = benchmark.parse_args(['--report'])
+    assert (args.page, args.readme) == (os.path.join('docs', 'results.md'), 'README.md')
 
 
 def cifar_record(method, final, best, best_epoch):
@@ -269,7 +278,8 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_written(tmp_path):
              (['--data', 'procedural', '--name', 'a/b'], "--name 'a/b' must be letters"),
              (['--data', str(tmp_path / 'missing')], 'is neither a dataset name'),
              (['--epochs', '10'], '--data is required'),
-             (['--report', '--readme', str(tmp_path / 'missing.md')], 'does not exist')]
+             (['--data', 'procedural', '--threads', '0'], '--threads must be at least 1'),
+             (['--data', 'procedural', '--preset', 'cpu', '--concurrent', '2'], '--preset cpu trains one run at a time')]
     for argv, message in cases:
         with pytest.raises(common.UsageError, match=re.escape(message)):  # common.run: `error: ...`, exit code 2
             benchmark.parse_args(argv + folders(tmp_path) if '--' not in argv else folders(tmp_path) + argv)
@@ -295,3 +305,181 @@ def test_linear_probe_reads_eval_linear_json_and_reports_a_failure(tmp_path):
     bad.write_text('import sys\nprint("error: no test split")\nsys.exit(2)\n')
     result = benchmark.linear_probe(str(tmp_path / 'checkpoint.pth'), str(log), str(bad))
     assert result['linear_top1'] is None and 'exited 2: error: no test split' in result['linear_note']
+
+
+
+# -----------------------------------------------------------------------------
+# The CPU benchmark (--preset cpu), end to end on tiny settings: two methods (one with multi-crop) and the
+# untrained network, one epoch of 256 procedural images at width 4, one thread.
+# -----------------------------------------------------------------------------
+CPU_SETTINGS = ['--preset', 'cpu', '--data', 'procedural:256', '--epochs', '1', '--threads', '1',
+                '--methods', 'simclr', 'swav']
+CPU_TINY = ['--', '--width', '4', '--batch-size', '32', '--log-every', '10']
+CPU_FIELDS = RECORD_FIELDS | {'preset', 'settings', 'threads', 'cores', 'cpu_model', 'train_cpu_seconds',
+                              'epoch_times', 'load_average'}
+
+
+@pytest.fixture(scope='module')
+def cpu_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp('cpu')
+    return tmp_path, bench(*CPU_SETTINGS, *folders(tmp_path), *CPU_TINY)
+
+
+def test_cpu_preset_writes_records_with_every_field_and_the_untrained_row(cpu_run):
+    tmp_path, out = cpu_run
+    results = tmp_path / 'results' / benchmark.CPU_NAME
+    for method in ('simclr', 'swav'):
+        r = record(tmp_path, method, benchmark.CPU_NAME)
+        assert CPU_FIELDS <= set(r), CPU_FIELDS - set(r)
+        assert r['preset'] == 'cpu' and r['threads'] == 1 and r['cores'] == os.cpu_count()
+        assert r['cpu_model'] in benchmark.cpu_model() and r['epochs'] == 1
+        # the preset's flags, then those after `--` (the last of a flag wins in argparse)
+        assert r['settings'] == benchmark.cpu_flags(method)
+        assert shlex_join(benchmark.cpu_flags(method) + CPU_TINY[1:]) in r['command']
+        assert r['args']['width'] == 4 and r['args']['augment'] == 'device' and r['args']['seed'] == 0
+        run_metrics = metrics(results / f'{method}.metrics.jsonl')
+        epochs = [m for m in run_metrics if 'epoch_seconds' in m]
+        assert [e['cpu_seconds'] for e in r['epoch_times']] == [m['epoch_cpu_seconds'] for m in epochs]
+        assert r['train_cpu_seconds'] == pytest.approx(sum(m['epoch_cpu_seconds'] for m in epochs))
+        assert 0 < r['train_cpu_seconds'] and r['knn_curve'][-1]['train_cpu_seconds'] == r['train_cpu_seconds']
+        assert r['knn_curve'][-1]['train_seconds'] == r['train_seconds'] and isinstance(r['linear_top1'], float)
+        assert r['load_average'] is not None
+    untrained = record(tmp_path, benchmark.BASELINE, benchmark.CPU_NAME)
+    with open(tmp_path / 'runs' / benchmark.CPU_NAME / benchmark.BASELINE / 'knn.json') as f:
+        knn = json.load(f)['results']['200']
+    assert untrained['knn_top1'] == knn['top1'] and isinstance(untrained['linear_top1'], float)
+    assert untrained['preset'] == 'cpu' and untrained['epochs'] == 0 and untrained['threads'] == 1
+    # the same network as the trained rows: architecture, width and seed of the runs' own arguments
+    simclr = record(tmp_path, 'simclr', benchmark.CPU_NAME)
+    for flag, key in (('--arch', 'arch'), ('--width', 'width'), ('--seed', 'seed')):
+        command = untrained['command'].split()
+        assert command[len(command) - 1 - command[::-1].index(flag) + 1] == str(simclr['args'][key]), flag
+    assert '--random-init' in untrained['command'] and '--k 200 --temperature 0.1' in untrained['command']
+    assert '--random-init' in untrained['linear_command']
+
+
+def shlex_join(argv):
+    return ' '.join(argv)
+
+
+def test_cpu_preset_resumes_and_keeps_every_record(cpu_run):
+    tmp_path, _ = cpu_run
+    paths = sorted((tmp_path / 'results' / benchmark.CPU_NAME).glob('*.json'))
+    before = [p.read_bytes() for p in paths]
+    out = bench(*CPU_SETTINGS, *folders(tmp_path), *CPU_TINY)
+    assert out.stdout.count('nothing left to train') == 2 and f'{benchmark.BASELINE}: record' in out.stdout
+    assert 'starting' not in out.stdout and [p.read_bytes() for p in paths] == before
+
+
+def test_cpu_report_renders_the_table_the_settings_the_figure_and_the_summary(cpu_run, tmp_path, capsys):
+    results = cpu_run[0] / 'results'
+    page, readme = tmp_path / 'docs' / 'results.md', tmp_path / 'README.md'
+    page.parent.mkdir()
+    page.write_text(f'# Results\n\n{benchmark.CPU_START}\nold\n{benchmark.CPU_END}\n\nafter\n')
+    readme.write_text(f'# Readme\n\n{benchmark.SUMMARY_START}\nold\n{benchmark.SUMMARY_END}\n')
+    report(results, page, readme)
+    text = page.read_text()
+    assert text.startswith('# Results\n\n' + benchmark.CPU_START) and text.endswith(benchmark.CPU_END + '\n\nafter\n')
+    rows = {line.split(' | ')[0][2:]: line.split(' | ') for line in text.splitlines() if line.startswith('| ')}
+    untrained = record(cpu_run[0], benchmark.BASELINE, benchmark.CPU_NAME)
+    assert rows['untrained'][2] == f"**{untrained['knn_top1']:.2f}**"
+    for method, label in (('simclr', 'SimCLR'), ('swav', 'SwAV')):
+        r = record(cpu_run[0], method, benchmark.CPU_NAME)
+        row = rows[label]
+        assert row[2] == f"**{r['knn_top1']:.2f}**" and row[4] == f"{r['linear_top1']:.2f}"
+        assert row[3].startswith(f"{r['knn_top1'] - untrained['knn_top1']:+.1f} (")
+        assert row[6] == f"{r['train_seconds'] / 60:.1f}" and row[8] == f"{r['images_per_s']:,.0f}"
+        assert '\n'.join(benchmark.wrap_command(r['command'])) in text
+    assert rows['BYOL'][2] == 'owed' and 'Owed rows: byol, simsiam, moco, mocov3, dino, instdisc.' in text
+    figure = results / benchmark.CPU_NAME / 'knn-vs-minutes.png'
+    assert figure.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and os.path.relpath(figure, page.parent) in text
+    assert all(len(line) <= 110 for line in text.splitlines() if not line.startswith('| '))
+    best = max((record(cpu_run[0], m, benchmark.CPU_NAME) for m in ('simclr', 'swav')), key=lambda r: r['knn_top1'])
+    summary = readme.read_text().splitlines()[3]
+    assert f"best {best['label']} {best['knn_top1']:.1f}% kNN top-1" in summary and '(docs/results.md)' in summary
+    report(results, page, readme)
+    assert page.read_text() == text  # a function of the records and the code
+    bare = tmp_path / 'BARE.md'
+    bare.write_text('# Readme without markers\n')
+    capsys.readouterr()
+    report(results, page, bare)
+    assert f'note: {bare} has no {benchmark.SUMMARY_START} ... {benchmark.SUMMARY_END} lines' in capsys.readouterr().out
+    assert bare.read_text() == '# Readme without markers\n'
+
+
+def test_the_docs_state_the_settings_the_preset_runs():
+    """The settings table is rendered from CPU_SETTINGS / CPU_RECIPES, and the runs get exactly those flags."""
+    block = benchmark.render_cpu([], '/repo/docs', '/repo/results')
+    assert f'`{" ".join(benchmark.settings_flags())}`' in ' '.join(block.splitlines())
+    assert f'OMP_NUM_THREADS={benchmark.CPU_THREADS}' in block
+    args, extra = benchmark.parse_args(['--preset', 'cpu', '--data', 'procedural'])
+    assert (args.name, args.knn_every, args.threads) == (benchmark.CPU_NAME, 1, benchmark.CPU_THREADS)
+    flat = ' '.join(line.strip() for line in block.splitlines())  # the page's lines are wrapped at 110
+    assert all(len(line) <= 110 for line in block.splitlines())
+    for method in benchmark.METHODS:
+        epochs, flags, why = benchmark.CPU_RECIPES[method]
+        shown = ' '.join(f"{k} {' '.join(v) if isinstance(v, tuple) else v}" for k, v in flags.items())
+        assert f'- **{benchmark.LABELS[method]}**, {epochs} epochs' + (f', `{shown}`' if shown else '') + \
+            f': {why}.' in flat
+        command = benchmark.method_command(args, extra, method)
+        assert command[command.index('--epochs') + 1] == str(epochs)
+        assert command[-len(benchmark.cpu_flags(method)):] == benchmark.cpu_flags(method)
+    # --epochs typed: every method trains that many
+    args, extra = benchmark.parse_args(['--preset', 'cpu', '--data', 'procedural', '--epochs', '2'])
+    assert {benchmark.epochs_of(args, m) for m in benchmark.METHODS} == {2}
+
+
+def test_backbone_flags_take_the_last_value_of_each_flag():
+    argv = ['--arch', 'resnet18', '--cifar-stem', '--width', '16', '--lr', '0.5', '--width=4', '--seed', '3',
+            '--no-cifar-stem', '--image-size', '16', '--workers', '0']
+    assert benchmark.backbone_flags(argv) == ['--arch', 'resnet18', '--width=4', '--seed', '3', '--no-cifar-stem',
+                                              '--image-size', '16', '--workers', '0']
+
+
+def test_process_cpu_seconds_counts_a_live_worker():
+    """A DataLoader worker is alive until the run ends: its CPU time is read from /proc, not from getrusage."""
+    child = subprocess.Popen([sys.executable, '-c', 'import time, sys\nsys.stdin.readline()\nt = time.process_time()\n'
+                              'while time.process_time() - t < 0.6: pass\nprint("busy", flush=True)\ntime.sleep(60)'],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        before = common.process_cpu_seconds()
+        child.stdin.write('go\n')
+        child.stdin.flush()
+        assert child.stdout.readline() == 'busy\n'
+        assert common.process_cpu_seconds() - before >= 0.55
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_speed_runs_both_input_paths_side_by_side_and_goes_on_where_it_stopped(tmp_path):
+    argv = ['--preset', 'cpu', '--speed', '--speed-rounds', '1', '--data', 'procedural:256', '--threads', '1',
+            '--methods', 'instdisc', *folders(tmp_path), *CPU_TINY]
+    out = bench(*argv)
+    lines = metrics(tmp_path / 'results' / benchmark.CPU_NAME / 'speed.jsonl')
+    assert [(r['method'], r['variant'], r['round']) for r in lines] == [('instdisc', 'device', 1), ('instdisc', 'cpu', 1)]
+    for r in lines:
+        assert r['exit_code'] == 0 and r['images_per_s'] > 0 and r['threads'] == 1 and r['epoch_cpu_seconds'] > 0
+        assert shlex_join(benchmark.cpu_flags('instdisc') + CPU_TINY[1:]) in r['command']
+        assert '--epochs 2' in r['command'] and '--data procedural:256' in r['command']
+    assert '--augment cpu --workers' in lines[1]['command'] and 'speed round 1: instdisc cpu:' in out.stdout
+    again = bench(*argv)
+    assert 'speed round' not in again.stdout and len(metrics(tmp_path / 'results' / benchmark.CPU_NAME / 'speed.jsonl')) == 2
+
+
+def test_speed_tables_give_the_median_of_the_rounds_and_the_ratios(tmp_path):
+    path = tmp_path / 'speed.jsonl'
+    rates = {('simclr', 'device'): [100, 300, 200], ('simclr', 'cpu'): [50, 60, 70], ('simclr', 'bf16 autocast'): [20],
+             ('byol', 'device'): [80, 90]}
+    with open(path, 'w') as f:
+        for (method, variant), values in rates.items():
+            for i, v in enumerate(values, 1):
+                f.write(json.dumps(dict(method=method, variant=variant, round=i, images_per_s=float(v), load_average=2.0,
+                                        cpu_model='CPU', cores=2, error=None)) + '\n')
+        f.write(json.dumps(dict(method='simclr', variant='torch.compile', round=1, images_per_s=None, load_average=3.0,
+                                cpu_model='CPU', cores=2, error='error: no compiler')) + '\n')
+    text = '\n'.join(benchmark.speed_tables(str(path)))
+    assert '| SimCLR | 200 (100-300, 3 rounds) | 60 (50-70, 3 rounds) | 0.30 |' in text
+    assert '| BYOL | 85 (80-90, 2 rounds) |  |  |' in text
+    assert '| bf16 autocast | 20 (20-20, 1 rounds) | 0.10 |' in text
+    assert 'SimCLR, torch.compile, round 1: failed (error: no compiler)' in text and '2.0 to 3.0' in text

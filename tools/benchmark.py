@@ -10,9 +10,19 @@ README's results table and the figures are rendered from the records alone:
   python tools/benchmark.py --data /tmp/cifar10                              # all eight, 200 epochs, one at a time
   python tools/benchmark.py --data /tmp/cifar10 --methods simclr byol --concurrent 2
   python tools/benchmark.py --data /tmp/cifar10 --dry-run --budget-minutes 10   # commands, GPU-time estimates, what fits
-  python tools/benchmark.py --report                                         # README table + figures from results/
+  python tools/benchmark.py --report                                         # docs/results.md + figures
   python tools/benchmark.py --report --name cifar10-200ep                    # ... from results/cifar10-200ep/ only
   python tools/benchmark.py --data procedural:256 --epochs 1 --name smoke -- --arch resnet18 --width 8 --workers 0
+
+The CPU benchmark (--preset cpu, issue 22): every method on CIFAR-10 in at most 20 minutes of training on a
+2-core CPU, with the settings of CPU_SETTINGS and CPU_RECIPES below (the results page renders them from there),
+2 threads, kNN after every epoch, the untrained network's row (eval_knn.py / eval_linear.py --random-init), and
+each epoch's CPU time beside its wall-clock; --speed measures the images/s of both input paths side by side:
+
+  python tools/benchmark.py --preset cpu --data /tmp/cifar10                   # all eight and the untrained row
+  python tools/benchmark.py --preset cpu --data /tmp/cifar10 --methods simclr  # one row
+  python tools/benchmark.py --preset cpu --data /tmp/cifar10 --speed           # images/s, both input paths
+  python tools/benchmark.py --report     # docs/results.md (GPU and CPU blocks) and README.md's summary line
 
 Everything after `--` is passed to every method file. What a run is:
   python METHOD.py --data D --epochs E --output-dir RUNS/NAME/METHOD --knn-every K --knn-k 200 --knn-t 0.1 ...
@@ -41,9 +51,11 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
+import textwrap
 import subprocess
 import sys
 import time
@@ -106,6 +118,63 @@ EARLY_MEASUREMENTS = dict(path=os.path.join(ROOT, 'results', 'h100-2026-11-22', 
                           at_once=8, device='NVIDIA H100 80GB HBM3')
 
 OWNED_FLAGS = ('--data', '--epochs', '--output-dir', '--knn-every', '--knn-k', '--knn-t')  # set by the benchmark
+
+# -----------------------------------------------------------------------------
+# The CPU benchmark (--preset cpu): every method on CIFAR-10 in at most 20 minutes of a 2-core CPU.
+# docs/results.md renders these tables (CPU_SETTINGS, CPU_RECIPES) from here; change them here only.
+# -----------------------------------------------------------------------------
+CPU_NAME = 'cpu-cifar10'
+CPU_BUDGET_MINUTES = 20  # of training per method on a 2-core CPU, the input pipeline included
+CPU_SETTINGS = {  # every method; a method's row in CPU_RECIPES may replace one of these (and says why)
+    '--arch': 'resnet18', '--width': '16',  # ResNet-18 with the CIFAR stem (on by itself for 32-px images), 1/4 wide
+    '--batch-size': '256', '--augment': 'device', '--workers': '0', '--seed': '0', '--warmup-epochs': '0',
+}
+CPU_EPOCHS = 4  # of a method whose row in CPU_RECIPES does not say otherwise (the 2-view methods)
+CPU_THREADS = 2  # OMP_NUM_THREADS of every training and evaluation process
+# Per method: what replaces its small-image preset (method file, SMALL_IMAGE_PRESET) for this budget, and why.
+# Losses, update rules and view distributions are the method's own; only sizes and schedules change.
+CPU_RECIPES = {  # method: (epochs, flags, why)
+    'instdisc': (4, {'--lr': '0.06', '--lr-steps': ('3', '4')},
+                 "the preset's lr steps (epochs 120 and 160 of 200) moved to epochs 3 and 4 of 4"),
+    'simclr': (4, {'--optimizer': 'sgd', '--lr': '0.5'}, 'SGD (lr 0.5 per 256) instead of LARS'),
+    'moco': (4, {'--lr': '0.06'}, 'lr 0.06 per 256 instead of 0.03'),
+    'byol': (4, {}, 'the preset as it is'),
+    'simsiam': (4, {'--lr': '0.06'}, 'lr 0.06 per 256 instead of 0.03'),
+    'swav': (2, {'--freeze-prototypes-epochs': '0.2'},
+             'multi-crop (2 x 32 + 6 x 16 px) takes about twice the CPU time per image of two views (the tries '
+             'below), so half the epochs; prototypes frozen for 0.2 epoch, not 1'),
+    'mocov3': (4, {}, 'no warm-up (the preset: 10 epochs)'),
+    'dino': (2, {'--warmup-teacher-temp-epochs': '1', '--momentum-teacher': '0.99', '--freeze-last-layer': '0'},
+             'multi-crop (2 x 32 + 6 x 16 px) and the teacher take at least twice the CPU time per image of two views, '
+             'so half the epochs; teacher temperature warmed up over 1 epoch, not 30; teacher EMA from 0.99, not '
+             '0.996; last layer not frozen'),
+}
+# Speed (--speed): images/s of whole training steps, each variant's flags added to the preset's, measured side by
+# side: every round runs every variant once, in this order, so that a change in the machine's load hits all alike.
+CPU_SPEED_OPTIONS = {  # the cheap wins torch offers on a CPU, measured on SimCLR beside the preset: (flags, threads)
+    'bf16 autocast': (['--precision', 'bf16'], None), 'torch.compile': (['--compile'], None), '1 thread': ([], 1),
+}
+SPEED_IMAGES = 2560  # training images per speed run (10 steps of 256); 2 epochs, the second one timed
+CPU_START, CPU_END = '<!-- cpu-benchmark:start -->', '<!-- cpu-benchmark:end -->'
+SUMMARY_START, SUMMARY_END = '<!-- cpu-summary:start -->', '<!-- cpu-summary:end -->'
+BASELINE = 'random-init'  # the untrained network's record: RESULTS/NAME/random-init.json
+
+
+def epochs_of(args, method):
+    """The epochs `method` trains: --epochs, or with --preset cpu and no --epochs, its row's (CPU_RECIPES)."""
+    return args.method_epochs.get(method, args.epochs)
+
+
+def settings_flags():
+    return [item for flag, value in CPU_SETTINGS.items() for item in (flag, value)]
+
+
+def cpu_flags(method):
+    """The flags the CPU preset gives `method`: the shared settings, then the method's row (which wins)."""
+    _, flags, _ = CPU_RECIPES[method]
+    merged = {**CPU_SETTINGS, **flags}
+    return [item for flag, value in merged.items() for item in (flag, *(value if isinstance(value, tuple) else (value,)))]
+
 TABLE_START, TABLE_END = '<!-- benchmark-table:start -->', '<!-- benchmark-table:end -->'
 
 
@@ -118,13 +187,21 @@ def get_parser():
                                            '\n       python tools/benchmark.py --report [--results R] [--readme README.md]',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group('training')
+    g.add_argument('--preset', default='gpu', choices=('gpu', 'cpu'),
+                   help=f"gpu: each method file's small-image preset, 200 epochs; cpu: the CPU benchmark ({CPU_NAME}: "
+                        f'CPU_SETTINGS and CPU_RECIPES, {CPU_EPOCHS} epochs, {CPU_THREADS} threads, kNN after every '
+                        "epoch, and the untrained network's row)")
     g.add_argument('--data', help='the dataset every method trains on, e.g. /tmp/cifar10 (the CIFAR-10 JPEG folders)')
     g.add_argument('--methods', nargs='+', default=list(RUN_ORDER), help='methods to run, in this order')
-    g.add_argument('--epochs', type=int, default=200, help='epochs of every run')
+    g.add_argument('--epochs', type=int, default=None, help=f'epochs of every run; None: 200, or {CPU_EPOCHS} with '
+                   '--preset cpu')
+    g.add_argument('--threads', type=int, default=None, help=f'OMP_NUM_THREADS of every run; None: {CPU_THREADS} with '
+                   "--preset cpu, else the environment's (or the cores shared by --concurrent)")
     g.add_argument('--concurrent', type=int, default=1, help='runs at once (separate processes sharing the GPU)')
     g.add_argument('--name', default=None, help='name of this benchmark, None: <data>-<epochs>ep; with --report: only '
                    'its records, None: all')
-    g.add_argument('--knn-every', type=int, default=10, help='epochs between kNN passes (0 = only after the last)')
+    g.add_argument('--knn-every', type=int, default=None, help='epochs between kNN passes (0 = only after the last); '
+                   'None: 10, or 1 with --preset cpu')
     g.add_argument('--runs', default=os.path.join('runs', 'benchmark'), help='where the runs train (RUNS/NAME/METHOD)')
     g.add_argument('--results', default='results', help='where the records go (RESULTS/NAME/METHOD.json)')
     g.add_argument('--budget-minutes', type=float, default=None,
@@ -132,9 +209,17 @@ def get_parser():
     g.add_argument('--linear-probe', action=argparse.BooleanOptionalAction, default=None,
                    help='run eval_linear.py on each finished checkpoint; None: when eval_linear.py exists')
     g.add_argument('--dry-run', action='store_true', help='print the commands and their estimated GPU time; run nothing')
+    g.add_argument('--speed', action='store_true', help='with --preset cpu: instead of training, measure the images/s '
+                   f'of both input paths of every method (and, on SimCLR, {", ".join(CPU_SPEED_OPTIONS)}), side by side, '
+                   f'in --speed-rounds rounds, each run 2 epochs of {SPEED_IMAGES} training images, the second timed')
+    g.add_argument('--speed-rounds', type=int, default=3, help='rounds of --speed')
     g = parser.add_argument_group('report')
-    g.add_argument('--report', action='store_true', help='render the README table and the figures from the records')
-    g.add_argument('--readme', default='README.md', help=f'the file whose {TABLE_START} ... {TABLE_END} block is replaced')
+    g.add_argument('--report', action='store_true', help='render the tables and the figures from the records')
+    g.add_argument('--page', default=os.path.join('docs', 'results.md'),
+                   help=f'the results page: its {TABLE_START} ... {TABLE_END} block (GPU) and its {CPU_START} ... '
+                        f'{CPU_END} block (CPU) are replaced')
+    g.add_argument('--readme', default='README.md', help=f'the file whose {SUMMARY_START} ... {SUMMARY_END} line (the '
+                   'CPU benchmark in one line) is replaced')
     return parser
 
 
@@ -145,10 +230,22 @@ def parse_args(argv=None):
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
     argv = argv[:argv.index('--')] if '--' in argv else argv
     args = get_parser().parse_args(argv)
+    cpu = args.preset == 'cpu'
     if args.report:
-        if not os.path.isfile(args.readme):
-            raise common.UsageError(f'--readme {args.readme} does not exist; give the README to render the table into')
         return args, extra
+    args.method_epochs = {m: CPU_RECIPES[m][0] for m in METHODS} if cpu and args.epochs is None else {}
+    args.epochs = args.epochs if args.epochs is not None else CPU_EPOCHS if cpu else 200
+    args.knn_every = args.knn_every if args.knn_every is not None else 1 if cpu else 10
+    args.threads = args.threads if args.threads is not None else CPU_THREADS if cpu else None
+    if args.threads is not None and args.threads < 1:
+        raise common.UsageError(f'--threads must be at least 1, not {args.threads}')
+    if args.speed and not cpu:
+        raise common.UsageError('--speed measures the CPU benchmark: add --preset cpu')
+    if args.speed_rounds < 1:
+        raise common.UsageError(f'--speed-rounds must be at least 1, not {args.speed_rounds}')
+    if cpu and args.concurrent != 1:
+        raise common.UsageError('--preset cpu trains one run at a time (its times are those of a whole CPU); '
+                                'drop --concurrent')
     if args.data is None:
         raise common.UsageError('--data is required (the dataset every method trains on, e.g. --data /tmp/cifar10); '
                                 'or --report to render the table')
@@ -171,6 +268,8 @@ def parse_args(argv=None):
                                 f'is fixed at k={KNN_K}, T={KNN_T} and each run trains in {args.runs}/NAME/METHOD')
     data_dir = flag_value(extra, '--data-dir', os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')))
     args.dataset_info = common.inspect_dataset(args.data, data_dir)  # one-line error for a missing or empty folder
+    if args.name is None and cpu:
+        args.name = CPU_NAME
     if args.name is None:
         args.name = f"{os.path.basename(os.path.normpath(args.data)).replace(':', '')}-{args.epochs}ep"
     if not re.fullmatch(r'[A-Za-z0-9._-]+', args.name):
@@ -207,14 +306,19 @@ def git_state():
         return None, None
 
 
-def cpu_model():
-    """'<model name> (<n> cores)' from /proc/cpuinfo, else what platform knows."""
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
     try:
         with open('/proc/cpuinfo') as f:
             name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
     except OSError:
         name = None
-    return f'{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores)'
+    return name or platform.processor() or platform.machine()
+
+
+def cpu_model():
+    """'<model name> (<n> cores)'."""
+    return f'{cpu_name()} ({os.cpu_count()} cores)'
 
 
 SEGMENT_START, SEGMENT_END = '# benchmark ', '# benchmark-end '
@@ -297,10 +401,10 @@ def lock_run(folder):
 def method_command(args, extra, method):
     """The command line of one run (the method's small-image preset applies by itself on <= 64-px data)."""
     script = os.path.relpath(os.path.join(ROOT, f'{method}.py'))
-    command = ['python', script, '--data', args.data, '--epochs', str(args.epochs),
+    command = ['python', script, '--data', args.data, '--epochs', str(epochs_of(args, method)),
                '--output-dir', run_folder(args, method), '--knn-every', str(args.knn_every),
                '--knn-k', str(KNN_K), '--knn-t', str(KNN_T)]
-    return command + worker_flags(args, extra) + extra
+    return command + (cpu_flags(method) if args.preset == 'cpu' else []) + worker_flags(args, extra) + extra
 
 
 def worker_flags(args, extra):
@@ -314,6 +418,8 @@ def worker_flags(args, extra):
 def child_environment(args):
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 2) // args.concurrent)))
+    if args.threads is not None:
+        env['OMP_NUM_THREADS'] = str(args.threads)
     return env
 
 
@@ -332,6 +438,7 @@ class Run:
             log.write(SEGMENT_START + json.dumps(dict(
                 started=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), git_commit=commit,
                 git_dirty=dirty, concurrent=args.concurrent, epochs_before=self.done,
+                threads=child_environment(args)['OMP_NUM_THREADS'],
                 command=shlex.join(self.command), benchmark_command=shlex.join(['python', 'tools/benchmark.py'] + sys.argv[1:])))
                 + '\n')
             log.flush()
@@ -339,11 +446,14 @@ class Run:
             self.process = subprocess.Popen([sys.executable] + self.command[1:], stdout=log, stderr=subprocess.STDOUT,
                                             env=child_environment(args), pass_fds=(self.lock,))
         self.max_at_once = at_once
+        self.loads = [os.getloadavg()[0]]  # the machine's 1-minute load average, sampled every PROGRESS_SECONDS
 
     def end(self):
         with open(self.log_path, 'a') as log:
             log.write(SEGMENT_END + json.dumps(dict(exit_code=self.process.returncode, max_at_once=self.max_at_once,
-                                                    seconds=round(time.time() - self.started, 1))) + '\n')
+                                                    seconds=round(time.time() - self.started, 1),
+                                                    load_average=round(sum(self.loads) / len(self.loads), 2)))
+                      + '\n')
 
     def stop(self):
         """SIGTERM: the method file ends in one line naming its last checkpoint (common.run)."""
@@ -357,11 +467,15 @@ def train(args, extra):
     as its run finishes. Returns the exit code (see the module docstring)."""
     prepare_folder(os.path.join(args.results, args.name), '--results')
     prepare_folder(os.path.join(args.runs, args.name), '--runs')
-    print(f"benchmark {args.name}: {' '.join(args.methods)}; {args.epochs} epochs on {args.data}, at most "
+    planned = ', '.join(f'{m} {epochs_of(args, m)}' for m in args.methods) if args.method_epochs else args.epochs
+    print(f"benchmark {args.name}: {' '.join(args.methods)}; {planned} epochs on {args.data}, at most "
           f'{args.concurrent} at once; logs in {os.path.join(args.runs, args.name)}/<method>/train.log', flush=True)
     pending, failed, unfinished = [], [], []
+    if args.preset == 'cpu' and baseline(args, extra) == 'failed':
+        failed.append(BASELINE)
     for method in args.methods:
         folder = run_folder(args, method)
+        epochs = epochs_of(args, method)
         os.makedirs(folder, exist_ok=True)
         lock = lock_run(folder)
         if lock is None:
@@ -370,13 +484,13 @@ def train(args, extra):
             continue
         try:
             done = epochs_done(folder)
-            if done > args.epochs:
-                raise common.UsageError(f'{folder} holds {done} epochs, more than --epochs {args.epochs}; use '
+            if done > epochs:
+                raise common.UsageError(f'{folder} holds {done} epochs, more than --epochs {epochs}; use '
                                         f'--epochs {done} or another --name')
-            if is_finished(folder, args.epochs):
+            if is_finished(folder, epochs):
                 record_path = os.path.join(args.results, args.name, f'{method}.json')
                 if os.path.exists(record_path):
-                    print(f'  {method}: already finished ({args.epochs} epochs); nothing left to train, record '
+                    print(f'  {method}: already finished ({epochs} epochs); nothing left to train, record '
                           f'{record_path} kept', flush=True)
                 elif finish(args, extra, method, folder) == 'failed':
                     failed.append(method)
@@ -395,7 +509,7 @@ def train(args, extra):
         while pending or running:
             while pending and len(running) < args.concurrent and not (deadline and time.time() > deadline):
                 run = pending.pop(0)
-                print(f'  {run.method}: starting with {run.done} of {args.epochs} epochs done: '
+                print(f'  {run.method}: starting with {run.done} of {epochs_of(args, run.method)} epochs done: '
                       f'{shlex.join(run.command)}', flush=True)
                 run.start(args, len(running) + 1)
                 running.append(run)
@@ -417,7 +531,8 @@ def train(args, extra):
             if time.time() > last_progress + PROGRESS_SECONDS:
                 last_progress = time.time()
                 for run in running:
-                    print(f'  {run.method}: {progress(run.folder, args.epochs)}', flush=True)
+                    run.loads.append(os.getloadavg()[0])
+                    print(f'  {run.method}: {progress(run.folder, epochs_of(args, run.method))}', flush=True)
             for run in [r for r in running if r.process.poll() is not None]:
                 running.remove(run)
                 run.end()
@@ -437,7 +552,7 @@ def train(args, extra):
                 run.process.kill()
                 run.process.wait()
             run.end()
-            print(f'  {run.method}: stopped after {epochs_done(run.folder)} of {args.epochs} epochs (checkpoint kept)',
+            print(f'  {run.method}: stopped after {epochs_done(run.folder)} of {epochs_of(args, run.method)} epochs (checkpoint kept)',
                   flush=True)
     done = [m for m in args.methods if m not in failed and m not in unfinished]
     print(f'benchmark {args.name}: {len(done)} of {len(args.methods)} finished'
@@ -465,22 +580,23 @@ def conclude(args, extra, run):
     """After a run's process has ended: its record if it finished, else why not. Returns
     'finished', 'unfinished' (stopped with its checkpoint) or 'failed'."""
     code = run.process.returncode
+    epochs = epochs_of(args, run.method)
     try:
         done = epochs_done(run.folder)
     except common.UsageError as e:
         print(f'  {run.method}: FAILED (exit {code}): {e}', flush=True)
         return 'failed'
-    if code == 0 and is_finished(run.folder, args.epochs):
+    if code == 0 and is_finished(run.folder, epochs):
         return finish(args, extra, run.method, run.folder)
     if run.stopped or code in (-signal.SIGTERM, 143, 130):
-        print(f'  {run.method}: stopped after {done} of {args.epochs} epochs (checkpoint kept)', flush=True)
+        print(f'  {run.method}: stopped after {done} of {epochs} epochs (checkpoint kept)', flush=True)
         return 'unfinished'
-    if code == 0 and done < args.epochs:
-        print(f'  {run.method}: ended after {done} of {args.epochs} epochs (--stop-after-epoch?); rerun to go on',
+    if code == 0 and done < epochs:
+        print(f'  {run.method}: ended after {done} of {epochs} epochs (--stop-after-epoch?); rerun to go on',
               flush=True)
         return 'unfinished'
     reason = (last_error_line(run.log_path) if code else
-              f'trained {done} epochs but metrics.jsonl has no kNN record of epoch {args.epochs}')
+              f'trained {done} epochs but metrics.jsonl has no kNN record of epoch {epochs}')
     print(f'  {run.method}: FAILED (exit {code}): {reason} (log: {run.log_path})', flush=True)
     return 'failed'
 
@@ -509,7 +625,8 @@ def finish(args, extra, method, folder):
     linear = linear_probe_wanted(args)
     if linear:
         record.update(linear_probe(os.path.join(folder, 'checkpoint.pth'), os.path.join(folder, 'train.log'),
-                                   os.path.join(ROOT, 'eval_linear.py'), flag_value(extra, '--workers')))
+                                   os.path.join(ROOT, 'eval_linear.py'), flag_value(extra, '--workers'),
+                                   child_environment(args)))
     else:
         record['linear_note'] = 'not run: ' + ('--no-linear-probe' if linear is False else
                                                'eval_linear.py is not in this repository')
@@ -534,15 +651,19 @@ def make_record(args, extra, method, folder):
     metrics = common.read_metrics(os.path.join(folder, 'metrics.jsonl'))
     epoch_records = [r for r in metrics if 'epoch_seconds' in r]
     knn = [r for r in metrics if 'knn_top1' in r]
-    if [r['epoch'] for r in epoch_records] != list(range(1, args.epochs + 1)):
+    epochs = epochs_of(args, method)
+    if [r['epoch'] for r in epoch_records] != list(range(1, epochs + 1)):
         raise common.UsageError(f'{folder}/metrics.jsonl does not hold one epoch record (epoch_seconds) for each of '
-                                f'the {args.epochs} epochs, so its training time is unknown; was it trained by an '
+                                f'the {epochs} epochs, so its training time is unknown; was it trained by an '
                                 'older version? Train it again in another --name')
-    final = next(r for r in reversed(knn) if r['epoch'] == args.epochs)
+    final = next(r for r in reversed(knn) if r['epoch'] == epochs)
     best = max(knn, key=lambda r: (r['knn_top1'], -r['epoch']))  # ties: the earliest epoch
     train_seconds = epoch_records[-1]['train_seconds']
     images = round(sum(r['epoch_images_per_s'] * r['epoch_seconds'] for r in epoch_records))  # steps x batch
     seconds_at = {r['epoch']: r['train_seconds'] for r in epoch_records}
+    cpu_known = all('epoch_cpu_seconds' in r for r in epoch_records)
+    cpu_at = {r['epoch']: sum(e['epoch_cpu_seconds'] for e in epoch_records[:i + 1])
+              for i, r in enumerate(epoch_records)} if cpu_known else {}
     segments = read_segments(os.path.join(folder, 'train.log'))
     last = segments[-1] if segments else {}
     commit, dirty = (last.get('git_commit'), last.get('git_dirty')) if segments else git_state()
@@ -552,7 +673,7 @@ def make_record(args, extra, method, folder):
         schema=SCHEMA, method=method, label=LABELS[method], name=args.name,
         recorded_at=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
         command=last.get('command', shlex.join(method_command(args, extra, method))),
-        benchmark=dict(data=args.data, epochs=args.epochs, knn_every=args.knn_every, extra=extra),
+        benchmark=dict(data=args.data, epochs=epochs, knn_every=args.knn_every, extra=extra),
         git_commit=commit, git_dirty=dirty,
         python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
         device=' + '.join(devices) if devices else None,
@@ -572,11 +693,176 @@ def make_record(args, extra, method, folder):
         knn_seconds=sum(r.get('knn_seconds', 0.0) for r in knn),
         images_seen=images, images_per_s=images / max(train_seconds, 1e-9),
         knn_curve=[dict(epoch=r['epoch'], knn_top1=r['knn_top1'], knn_top5=r.get('knn_top5'),
-                        knn_top1_k20=r.get('knn_top1_k20'), train_seconds=seconds_at.get(r['epoch'])) for r in knn],
+                        knn_top1_k20=r.get('knn_top1_k20'), train_seconds=seconds_at.get(r['epoch']),
+                        train_cpu_seconds=cpu_at.get(r['epoch'])) for r in knn],
+        epoch_times=[dict(epoch=r['epoch'], seconds=r['epoch_seconds'], cpu_seconds=r.get('epoch_cpu_seconds'),
+                          images_per_s=r['epoch_images_per_s']) for r in epoch_records],
+        train_cpu_seconds=cpu_at.get(epochs),
+        train_cpu_seconds_note="the epochs' CPU time (user + sys of the training process and its workers; "
+                               'common.process_cpu_seconds); against train_seconds x threads it shows how much of the '
+                               'machine the run had',
+        preset=args.preset, threads=int(last['threads']) if last.get('threads') else None,
+        cpu_model=cpu_name(), cores=os.cpu_count(),
+        load_average=max((s['load_average'] for s in segments if 'load_average' in s), default=None),
+        load_average_note="the machine's 1-minute load average while the run trained (the mean of one sample a "
+                          'minute; the highest over its invocations)',
+        settings=cpu_flags(method) if args.preset == 'cpu' else None,  # the CPU preset's flags (before `--`)
         linear_top1=None,
         args={k: v for k, v in saved_args.items() if k != 'dataset_info'},
         segments=segments,
         metrics=f'{method}.metrics.jsonl', log=f'{method}.log')
+
+
+BACKBONE_FLAGS = ('--arch', '--width', '--image-size', '--seed', '--workers', '--data-dir', '--zero-init-residual',
+                  '--no-zero-init-residual', '--cifar-stem', '--no-cifar-stem')  # what eval_*.py --random-init take
+
+
+def backbone_flags(argv):
+    """The backbone, seed and loading flags of a method file's arguments (the last of each wins, as in argparse),
+    for eval_knn.py / eval_linear.py --random-init: the same network, untrained."""
+    found = {}
+    for i, a in enumerate(argv):
+        flag = a.split('=', 1)[0]
+        if flag in BACKBONE_FLAGS:
+            takes_value = not flag.startswith(('--zero', '--no-', '--cifar'))
+            key = flag.replace('--no-', '--')  # --cifar-stem and --no-cifar-stem: one setting
+            found.pop(key, None)
+            found[key] = [a] if '=' in a or not takes_value else [a, argv[i + 1]]
+    return [item for items in found.values() for item in items]
+
+
+def baseline(args, extra):
+    """The untrained network's row (--preset cpu): eval_knn.py and eval_linear.py --random-init on the preset's
+    backbone with its seed, evaluated as the trained ones are; RESULTS/NAME/random-init.json. 'finished' or
+    'failed'; a record already there is kept."""
+    path = os.path.join(args.results, args.name, BASELINE + '.json')
+    if os.path.exists(path):
+        print(f'  {BASELINE}: record {path} kept', flush=True)
+        return 'finished'
+    folder = os.path.join(args.runs, args.name, BASELINE)
+    os.makedirs(folder, exist_ok=True)
+    log_path = os.path.join(folder, 'train.log')
+    network = ['--random-init', '--data', args.data] + backbone_flags(list(settings_flags()) + extra)
+    knn_json, linear_json = os.path.join(folder, 'knn.json'), os.path.join(folder, 'linear.json')
+    commands = dict(
+        knn=['python', os.path.relpath(os.path.join(ROOT, 'eval_knn.py'))] + network +
+            ['--k', str(KNN_K), '--temperature', str(KNN_T), '--json', knn_json],
+        linear=['python', os.path.relpath(os.path.join(ROOT, 'eval_linear.py'))] + network + ['--json', linear_json])
+    times = {}
+    for kind, command in commands.items():
+        print(f'  {BASELINE}: {shlex.join(command)}', flush=True)
+        started, cpu_started = time.time(), children_cpu_seconds()
+        with open(log_path, 'a') as log:
+            log.write(f'# {shlex.join(command)}\n')
+            log.flush()
+            code = subprocess.run([sys.executable] + command[1:], stdout=log, stderr=subprocess.STDOUT,
+                                  env=child_environment(args)).returncode
+        if code != 0:
+            print(f'  {BASELINE}: FAILED (exit {code}): {last_error_line(log_path)} (log: {log_path})', flush=True)
+            return 'failed'
+        times[kind] = dict(seconds=time.time() - started, cpu_seconds=children_cpu_seconds() - cpu_started)
+    with open(knn_json) as f:
+        knn = json.load(f)['results'][str(KNN_K)]
+    with open(linear_json) as f:
+        linear = json.load(f)
+    commit, dirty = git_state()
+    record = dict(
+        schema=SCHEMA, method=BASELINE, label='untrained', name=args.name, preset=args.preset,
+        recorded_at=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+        command=shlex.join(commands['knn']), linear_command=shlex.join(commands['linear']),
+        benchmark=dict(data=args.data, epochs=0, knn_every=args.knn_every, extra=extra),
+        git_commit=commit, git_dirty=dirty,
+        python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+        device=cpu_model(), device_type='cpu', cpu_model=cpu_name(), cores=os.cpu_count(),
+        threads=int(child_environment(args)['OMP_NUM_THREADS']), world_size=1, concurrency=1, epochs=0,
+        dataset=args.dataset_info and {k: args.dataset_info.get(k) for k in
+                                       ('kind', 'num_train', 'num_test', 'num_classes', 'image_size')},
+        knn_k=KNN_K, knn_t=KNN_T, knn_top1=knn['top1'], knn_top5=knn['top5'], best_knn_top1=knn['top1'], best_epoch=0,
+        train_seconds=0.0, train_cpu_seconds=0.0, images_per_s=None, knn_seconds=times['knn']['seconds'],
+        knn_curve=[dict(epoch=0, knn_top1=knn['top1'], knn_top5=knn['top5'], train_seconds=0.0,
+                        train_cpu_seconds=0.0)],
+        linear_top1=linear['top1'], evaluation_times=times, settings=backbone_flags(list(settings_flags()) + extra),
+        log=f'{BASELINE}.log')
+    shutil.copyfile(log_path, os.path.join(args.results, args.name, f'{BASELINE}.log'))
+    common.write_json(path, record)
+    print(f"  {BASELINE}: kNN top-1 {record['knn_top1']:.2f}%, linear {record['linear_top1']:.2f}% -> {path}",
+          flush=True)
+    return 'finished'
+
+
+def speed_variants(method):
+    """{variant: (flags added to the preset's, threads or None)}: both input paths; on SimCLR also the options."""
+    variants = {'device': ([], None),
+                'cpu': (['--augment', 'cpu', '--workers', str(max(1, (os.cpu_count() or 2) - 1))], None)}
+    return {**variants, **CPU_SPEED_OPTIONS} if method == 'simclr' else variants
+
+
+def speed_data(args):
+    """What the speed runs train on: SPEED_IMAGES training images of --data (a folder of links to them, the same
+    number per class), procedural:N for the procedural data, else --data itself."""
+    info = args.dataset_info
+    if info['kind'] == 'procedural':
+        return f"procedural:{min(SPEED_IMAGES, info['num_train'])}"
+    if info['kind'] != 'folder':
+        return args.data
+    folder = os.path.join(args.runs, args.name, 'speed-data')
+    train = os.path.join(args.data, 'train')
+    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+    for c in classes:
+        os.makedirs(os.path.join(folder, 'train', c), exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(train, c)))[:SPEED_IMAGES // len(classes)]:
+            link = os.path.join(folder, 'train', c, name)
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(os.path.join(train, c, name)), link)
+    return folder
+
+
+def speed(args, extra):
+    """--speed: RESULTS/NAME/speed.jsonl, one line per (round, method, variant), the rounds alternating the
+    variants; lines already there are kept (the same command goes on)."""
+    prepare_folder(os.path.join(args.results, args.name), '--results')
+    path = os.path.join(args.results, args.name, 'speed.jsonl')
+    done = {(r['method'], r['variant'], r['round']) for r in common.read_metrics(path)}
+    data = speed_data(args)
+    commit, dirty = git_state()
+    for round_ in range(1, args.speed_rounds + 1):
+        for method in args.methods:
+            for variant, (flags, threads) in speed_variants(method).items():
+                if (method, variant, round_) in done:
+                    continue
+                folder = os.path.join(args.runs, args.name, 'speed', f"{method}-{variant.replace(' ', '-')}-{round_}")
+                shutil.rmtree(folder, ignore_errors=True)
+                os.makedirs(folder)
+                command = ['python', os.path.relpath(os.path.join(ROOT, f'{method}.py')), '--data', data, '--epochs',
+                           '2', '--output-dir', folder, '--knn-every', '-1'] + cpu_flags(method) + extra + flags
+                env = child_environment(args)
+                if threads:
+                    env['OMP_NUM_THREADS'] = str(threads)
+                load = os.getloadavg()[0]
+                log_path = os.path.join(folder, 'train.log')
+                with open(log_path, 'w') as log:
+                    code = subprocess.run([sys.executable] + command[1:], stdout=log, stderr=subprocess.STDOUT,
+                                          env=env).returncode
+                epochs = [m for m in common.read_metrics(os.path.join(folder, 'metrics.jsonl')) if 'epoch_seconds' in m]
+                timed = epochs[1] if code == 0 and len(epochs) == 2 else {}
+                record = dict(method=method, variant=variant, round=round_, command=shlex.join(command),
+                              threads=int(env['OMP_NUM_THREADS']), exit_code=code,
+                              images_per_s=timed.get('epoch_images_per_s'), epoch_seconds=timed.get('epoch_seconds'),
+                              epoch_cpu_seconds=timed.get('epoch_cpu_seconds'),
+                              error=last_error_line(log_path) if code else None,
+                              load_average=round((load + os.getloadavg()[0]) / 2, 2), cpu_model=cpu_name(),
+                              cores=os.cpu_count(), git_commit=commit, git_dirty=dirty,
+                              recorded_at=datetime.datetime.now().astimezone().isoformat(timespec='seconds'))
+                with open(path, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                rate = f"{record['images_per_s']:,.1f} img/s" if record['images_per_s'] else f'FAILED: {record["error"]}'
+                print(f'  speed round {round_}: {method} {variant}: {rate}', flush=True)
+
+
+def children_cpu_seconds():
+    """User + sys CPU time of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def linear_probe_wanted(args):
@@ -586,7 +872,7 @@ def linear_probe_wanted(args):
     return os.path.exists(os.path.join(ROOT, 'eval_linear.py')) or None
 
 
-def linear_probe(checkpoint, log_path, script, workers=None):
+def linear_probe(checkpoint, log_path, script, workers=None, env=None):
     """`python eval_linear.py CKPT --json FILE` (its fast protocol), output appended to the run's log;
     returns the record's linear_top1 (the JSON's `top1`, at its top level or under `results`) and a
     linear_note when it could not be had."""
@@ -594,7 +880,7 @@ def linear_probe(checkpoint, log_path, script, workers=None):
     command = [sys.executable, script, checkpoint, '--json', json_path] + (['--workers', workers] if workers else [])
     with open(log_path, 'a') as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PYTHONUNBUFFERED='1')).returncode
+                              env=env or dict(os.environ, PYTHONUNBUFFERED='1')).returncode
     if code != 0:
         return dict(linear_top1=None, linear_note=f'eval_linear.py exited {code}: {last_error_line(log_path)}')
     try:
@@ -651,6 +937,11 @@ def dry_run(args, extra):
     not included. The total is the time until the last run ends, runs starting in --methods order
     whenever a slot is free; a run fits the budget if it ends within it."""
     num_train = args.dataset_info['num_train']
+    if args.preset == 'cpu':  # the estimates below are of GPU time
+        print(f"benchmark {args.name} (dry run): the untrained row, then {' '.join(args.methods)}, one at a time:")
+        for method in args.methods:
+            print(f'  {shlex.join(method_command(args, extra, method))}')
+        return
     print(f"benchmark {args.name} (dry run): {' '.join(args.methods)}; {args.epochs} epochs of {num_train:,} "
           f'images, at most {args.concurrent} at once')
     if worker_flags(args, extra):
@@ -664,26 +955,26 @@ def dry_run(args, extra):
             print(f'  {method}: {e}')
             continue
         print(f'  {shlex.join(method_command(args, extra, method))}')
-        if done >= args.epochs:
+        if done >= epochs_of(args, method):
             print(f'      already trained ({done} epochs): no GPU time')
             fits.append(method)
             continue
         rate = measured_rate(method, args.results)
         if rate is None:
-            print(f'      {args.epochs - done} epochs to train; estimate unknown (no measured images/s for {method})')
+            print(f'      {epochs_of(args, method) - done} epochs to train; estimate unknown (no measured images/s for {method})')
             unknown.append(method)
             continue
         per_process, at_once, knn_pass, source = rate
         here = per_process * at_once / args.concurrent
-        train_seconds = (args.epochs - done) * num_train / here
-        passes = knn_passes(done, args.epochs, args.knn_every)
+        train_seconds = (epochs_of(args, method) - done) * num_train / here
+        passes = knn_passes(done, epochs_of(args, method), args.knn_every)
         seconds = train_seconds + passes * (knn_pass or 0.0)
         slot = slots.index(min(slots))
         slots[slot] += seconds
         if args.budget_minutes and slots[slot] <= 60 * args.budget_minutes:
             fits.append(method)
         knn = f' + {passes} kNN passes x {knn_pass:.0f} s' if knn_pass else f' + {passes} kNN passes (time unknown)'
-        print(f'      {args.epochs - done} epochs x {num_train:,} images / {here:,.0f} img/s = '
+        print(f'      {epochs_of(args, method) - done} epochs x {num_train:,} images / {here:,.0f} img/s = '
               f'{train_seconds / 60:.1f} min{knn} = {seconds / 60:.1f} min '
               f'(from {per_process:,.0f} img/s with {at_once} at once: {source})')
     print(f'  total: {max(slots) / 60:.1f} min of GPU time with {args.concurrent} at once'
@@ -846,31 +1137,298 @@ def plot_figures(records, results_dir):
     return written
 
 
-def report(args):
-    """Render the table into the README between the markers, and the figures beside the records.
-    Without the markers, the table is printed and the README is left as it is."""
-    records = [r for r in load_records(args.results) if args.name in (None, r['name'])]
-    readme_dir = os.path.dirname(os.path.abspath(args.readme))
-    table = render_table(records, readme_dir, os.path.abspath(args.results))
-    with open(args.readme) as f:
+def replace_block(path, start_marker, end_marker, block, what):
+    """Put `block` (which starts and ends with the markers) in place of the lines from start_marker to end_marker
+    in `path`. The markers are whole lines (a page may name them in its prose). A missing file or missing markers
+    leave the file as it is, with a note saying what to add."""
+    if not os.path.isfile(path):
+        print(f'note: {path} does not exist; {what} not written (create it with the lines {start_marker} and '
+              f'{end_marker} where it goes)')
+        return
+    with open(path) as f:
         text = f.read()
-    # the markers are whole lines (the README also names them in its prose)
-    start = next((m.start() for m in re.finditer(f'^{re.escape(TABLE_START)}$', text, re.M)), -1)
-    end = next((m.start() for m in re.finditer(f'^{re.escape(TABLE_END)}$', text, re.M) if m.start() > start), -1)
+    start = next((m.start() for m in re.finditer(f'^{re.escape(start_marker)}$', text, re.M)), -1)
+    end = next((m.start() for m in re.finditer(f'^{re.escape(end_marker)}$', text, re.M) if m.start() > start), -1)
     if start < 0 or end < start:
-        print(table)
-        raise common.UsageError(f'{args.readme} has no {TABLE_START} ... {TABLE_END} block; add these two lines where '
-                                'the table goes (the table is printed above)')
-    for path in plot_figures(records, args.results):
-        print(f'wrote {path}')
-    updated = text[:start] + table + text[end + len(TABLE_END):]
+        print(f'note: {path} has no {start_marker} ... {end_marker} lines; {what} not written (add these two '
+              'lines where it goes)')
+        return
+    updated = text[:start] + block + text[end + len(end_marker):]
     if updated != text:
-        tmp = args.readme + '.tmp'
+        tmp = path + '.tmp'
         with open(tmp, 'w') as f:
             f.write(updated)
-        os.replace(tmp, args.readme)
-    print(f'{args.readme}: table of {len(records)} record(s) from {args.results}/'
-          + ('' if updated != text else ' (unchanged)'))
+        os.replace(tmp, path)
+    print(f'{path}: {what}' + ('' if updated != text else ' (unchanged)'))
+
+
+def report(args):
+    """Render the GPU table and the CPU benchmark into the results page (--page) and the CPU benchmark's one-line
+    summary into the README, each between its markers; the figures beside the records. A file without its
+    markers is left as it is, with a note."""
+    records = [r for r in load_records(args.results) if args.name in (None, r['name'])]
+    gpu = [r for r in records if r.get('preset') != 'cpu']
+    cpu = [r for r in records if r.get('preset') == 'cpu']
+    page_dir = os.path.dirname(os.path.abspath(args.page))
+    for path in plot_figures(gpu, args.results) + plot_cpu(cpu, args.results):
+        print(f'wrote {path}')
+    replace_block(args.page, TABLE_START, TABLE_END, render_table(gpu, page_dir, os.path.abspath(args.results)),
+                  f'GPU benchmark table of {len(gpu)} record(s) from {args.results}/')
+    replace_block(args.page, CPU_START, CPU_END, render_cpu(cpu, page_dir, os.path.abspath(args.results)),
+                  f'CPU benchmark of {len(cpu)} record(s) from {args.results}/')
+    readme_dir = os.path.dirname(os.path.abspath(args.readme))
+    replace_block(args.readme, SUMMARY_START, SUMMARY_END,
+                  '\n'.join([SUMMARY_START, cpu_summary(cpu, readme_dir, os.path.abspath(args.page)), SUMMARY_END]),
+                  'CPU benchmark summary line')
+
+
+# -----------------------------------------------------------------------------
+# Report of the CPU benchmark: its table, settings, figure and summary line
+# -----------------------------------------------------------------------------
+DOC_WIDTH = 110  # the docs' line limit
+CPU_TARGET_GAIN, CPU_TARGET_BEST = 10.0, 60.0  # issue 22: every method +10 over untrained; the best at 60%
+
+
+def cpu_groups(records):
+    """{name: {method or BASELINE: record}} of the CPU benchmark's records."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r['name'], {})[r['method']] = r
+    return groups
+
+
+def minutes(seconds):
+    return f'{seconds / 60:.1f}'
+
+
+def cpu_row(method, r, untrained):
+    """One row of the CPU table."""
+    label = 'untrained' if method == BASELINE else LABELS[method]
+    if r is None:
+        return [label, '', 'owed'] + [''] * 7
+    gain = ''
+    if method != BASELINE and untrained is not None:
+        delta = r['knn_top1'] - untrained['knn_top1']
+        gain = f'{signed(delta)} (' + ('met' if delta >= CPU_TARGET_GAIN else f'short by {CPU_TARGET_GAIN - delta:.1f}') + ')'
+    linear = f"{r['linear_top1']:.2f}" if r.get('linear_top1') is not None else ''
+    if method == BASELINE:
+        return [label, '0', f"**{r['knn_top1']:.2f}**", '', linear, '', '', '', '', r['recorded_at'][:10]]
+    cpu = r.get('train_cpu_seconds')
+    busy = f"{minutes(cpu)} ({cpu / max(r['train_seconds'], 1e-9):.2f} of {r['threads']})" if cpu is not None else ''
+    curve = ' / '.join(f"{p['knn_top1']:.1f}" for p in r['knn_curve'])
+    return [label, str(r['epochs']), f"**{r['knn_top1']:.2f}**", gain, linear, curve, minutes(r['train_seconds']),
+            busy, f"{r['images_per_s']:,.0f}", r['recorded_at'][:10]]
+
+
+def settings_table():
+    """The CPU preset's settings, from CPU_SETTINGS and CPU_RECIPES (the docs state what the code runs)."""
+    lines = wrap(f"Every method: `{shlex.join(settings_flags())}`, `OMP_NUM_THREADS={CPU_THREADS}`, kNN after every "
+                 f'epoch (k={KNN_K}, T={KNN_T}); then, per method, its epochs, the flags that replace its small-image '
+                 'preset (`SMALL_IMAGE_PRESET` in the method file) and why:') + ['']
+    for method in METHODS:
+        epochs, flags, why = CPU_RECIPES[method]
+        shown = ' '.join(f"{k} {' '.join(v) if isinstance(v, tuple) else v}" for k, v in flags.items())
+        lines += wrap(f"- **{LABELS[method]}**, {epochs} epochs" + (f', `{shown}`' if shown else '') + f': {why}.',
+                      indent='  ')
+    return lines
+
+
+def wrap(text, indent=''):
+    """A paragraph as lines of at most DOC_WIDTH characters (the docs' limit), code spans kept whole."""
+    return textwrap.wrap(text, DOC_WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
+def wrap_command(command):
+    """A shell command as lines of at most DOC_WIDTH characters, continued with a backslash."""
+    lines, line = [], ''
+    for word in shlex.split(command):
+        word = shlex.quote(word)
+        if line and len(line) + 1 + len(word) > DOC_WIDTH - 2:
+            lines.append(line + ' \\')
+            line = '    ' + word
+        else:
+            line = f'{line} {word}' if line else word
+    return lines + [line]
+
+
+def render_cpu(records, page_dir, results_dir):
+    """The Markdown block between the CPU markers of the results page."""
+    lines = [CPU_START, '<!-- written by `python tools/benchmark.py --report` from the records in '
+             f'{os.path.relpath(results_dir, page_dir)}/', 'and CPU_SETTINGS / CPU_RECIPES in tools/benchmark.py; '
+             'edit those, not this block -->', '']
+    groups = cpu_groups(records) or {CPU_NAME: {}}
+    for name, by_method in sorted(groups.items()):
+        untrained = by_method.get(BASELINE)
+        trained = [r for m, r in by_method.items() if m != BASELINE]
+        example = next(iter(by_method.values()), None)
+        if example:
+            machines = sorted({f"{r['cpu_model']}, {r['cores']} cores, {r['threads']} thread"
+                               + ('s' if r['threads'] != 1 else '') for r in by_method.values()})
+            dates = sorted(r['recorded_at'][:10] for r in by_method.values())
+            lines += wrap(f"**{name}**: self-supervised training on `{example['benchmark']['data']}` "
+                      f"({example['dataset']['num_train']:,} training and {example['dataset']['num_test']:,} test "
+                      f'images) on {"; ".join(machines)}, recorded {dates[0]} to {dates[-1]}. kNN top-1 (%) on every '
+                      f'test image after the final epoch (k={KNN_K}, T={KNN_T}), and the fast linear probe '
+                      '(eval_linear.py: logistic regression on the frozen features). Untrained: the same network at its '
+                      'random initialisation with the same seed, evaluated the same way. Columns: the gain over '
+                      f'the untrained network (target {signed(CPU_TARGET_GAIN)}), the kNN after each epoch, the '
+                      'training wall-clock and CPU time in minutes (with the cores that CPU time kept busy on '
+                      'average), images/s over the training wall-clock.') + ['']
+        header = ['method', 'epochs', 'kNN top-1', 'gain', 'linear', 'kNN by epoch', 'wall-clock', 'CPU time',
+                  'images/s', 'recorded']
+        lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        lines += ['| ' + ' | '.join(cpu_row(m, by_method.get(m), untrained)) + ' |' for m in (BASELINE,) + METHODS]
+        lines.append('')
+        if trained:
+            best = max(trained, key=lambda r: r['knn_top1'])
+            verdict = 'met' if best['knn_top1'] >= CPU_TARGET_BEST else \
+                f"short by {CPU_TARGET_BEST - best['knn_top1']:.1f}"
+            slowest = max(trained, key=lambda r: r['train_seconds'])
+            loads = [r['load_average'] for r in trained if r.get('load_average') is not None]
+            lines += wrap(f"Best: {best['label']}, {best['knn_top1']:.2f}% (target {CPU_TARGET_BEST:.0f}%: {verdict}). "
+                          f"Longest training: {slowest['label']}, {minutes(slowest['train_seconds'])} min "
+                          f'(budget {CPU_BUDGET_MINUTES} min).') + ['']
+            figure = os.path.relpath(os.path.join(results_dir, name, 'knn-vs-minutes.png'), page_dir)
+            lines += [f'![kNN top-1 against training minutes]({figure})', '']
+            lines += wrap("How the time is measured: training wall-clock is the sum of the epochs' loading and training "
+                      'time (kNN passes, checkpoints and start-up excluded); CPU time is the user + sys time of the '
+                      'training process and its workers over the same epochs. A run that had its threads to itself '
+                      'keeps them busy (CPU time / wall-clock near the thread count); less means it waited for other '
+                      'processes. '
+                      + (f'These runs shared the machine with other work: its 1-minute load average while they '
+                         f'trained was {min(loads):.1f} to {max(loads):.1f} on {example["cores"]} cores, so their '
+                         'wall-clock minutes are longer than on an idle machine.' if loads else '')) + ['']
+        owed = [m for m in (BASELINE,) + RUN_ORDER if m not in by_method]
+        data = example['benchmark']['data'] if example else '/path/to/cifar10'
+        lines += wrap('The whole table, on any CPU, resuming where it stopped (CIFAR-10 as JPEG class folders '
+                      '`train/<class>/*.jpg`, `test/<class>/*.jpg`):') + ['', '```bash',
+                  f'python tools/benchmark.py --preset cpu --data {data}',
+                  f'python tools/benchmark.py --preset cpu --data {data} --methods simclr   # one row',
+                  'python tools/benchmark.py --report                                      # this page', '```', '']
+        if owed:
+            lines += [f"Owed rows: {', '.join(owed)}.", '']
+        lines += settings_table() + ['']
+        lines += speed_tables(os.path.join(results_dir, name, 'speed.jsonl'))
+        lines += tries_table(os.path.join(results_dir, name, 'tries.jsonl'))
+        if trained:
+            lines += ["Each row's method-file command (from its record):", '', '```bash']
+            for command in [by_method[m]['command'] for m in METHODS if m in by_method] + \
+                    ([untrained['command'], untrained['linear_command']] if untrained else []):
+                lines += wrap_command(command)
+            lines += ['```', '']
+    lines.append(CPU_END)
+    return '\n'.join(lines)
+
+
+def speed_tables(path):
+    """The images/s of --speed (RESULTS/NAME/speed.jsonl): both input paths of every method, and SimCLR's options."""
+    rows = [r for r in common.read_metrics(path) if r.get('images_per_s')]
+    failed = [r for r in common.read_metrics(path) if not r.get('images_per_s')]
+    if not rows and not failed:
+        return []
+
+    def cell(method, variant):
+        rates = sorted(r['images_per_s'] for r in rows if (r['method'], r['variant']) == (method, variant))
+        if not rates:
+            return '', None
+        median = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1:len(rates) // 2 + 1]) / 2
+        return f'{median:,.0f} ({rates[0]:,.0f}-{rates[-1]:,.0f}, {len(rates)} rounds)', median
+
+    example = (rows or failed)[0]
+    loads = [r['load_average'] for r in rows + failed]
+    lines = wrap(f"Speed of whole training steps (`--speed`), images/s: each run trains 2 epochs of {SPEED_IMAGES:,} "
+             'training images with the settings above plus the variant\'s flags, and its second epoch is timed; every '
+             'round runs every variant once, one after the other, so that the machine\'s load falls on all alike. '
+             f"Median (range, rounds). {example['cpu_model']}, {example['cores']} cores; the machine's 1-minute load "
+             f'average during these runs: {min(loads):.1f} to {max(loads):.1f}.') + ['',
+             '| method | device path (`--augment device`) | cpu path (`--augment cpu`) | cpu / device |',
+             '|---|---|---|---|']
+    for method in METHODS:
+        device, cpu = cell(method, 'device'), cell(method, 'cpu')
+        if device[1] or cpu[1]:
+            ratio = f'{cpu[1] / device[1]:.2f}' if device[1] and cpu[1] else ''
+            lines.append(f'| {LABELS[method]} | {device[0]} | {cpu[0]} | {ratio} |')
+    base = cell('simclr', 'device')
+    options = [(v, cell('simclr', v)) for v in CPU_SPEED_OPTIONS]
+    if base[1] and any(c[1] for _, c in options):
+        lines += ['', '| SimCLR, the preset with | images/s | against the preset |', '|---|---|---|',
+                  f'| nothing (the preset) | {base[0]} | 1.00 |']
+        lines += [f"| {v} | {c[0]} | {c[1] / base[1]:.2f} |" for v, c in options if c[1]]
+    for r in failed:
+        lines += [''] + wrap(f"{LABELS[r['method']]}, {r['variant']}, round {r['round']}: failed ({r['error']})")
+    return lines + ['']
+
+
+def tries_table(path):
+    """The short runs that chose the settings (RESULTS/NAME/tries.jsonl: one line per run, with its command)."""
+    tries = common.read_metrics(path)
+    if not tries:
+        return []
+    lines = wrap('What was tried to choose the settings (short runs on subsets of the training images, kNN on a '
+                 'subset of the test images; `tries.jsonl`, the commands below the table): images/s of the epoch, its '
+                 "wall-clock and CPU time, the kNN after it, and the machine's load average.") + [
+        '', '| try | images/s | epoch wall-clock / CPU time (s) | kNN top-1 | load | recorded |', '|---|---|---|---|---|---|']
+    for t in tries:
+        epoch = (t.get('epochs') or [{}])[-1]
+        knn = (t.get('knn') or [{}])[-1]
+        rate = f"{epoch['epoch_images_per_s']:,.1f}" if 'epoch_images_per_s' in epoch else f"exit {t['exit_code']}"
+        times = f"{epoch['epoch_seconds']:.0f} / {epoch['epoch_cpu_seconds']:.0f}" if 'epoch_cpu_seconds' in epoch else ''
+        load = f"{t['load_average']:.1f}" if t.get('load_average') is not None else ''
+        top1 = f"{knn['knn_top1']:.2f}" if 'knn_top1' in knn else ''
+        lines.append(f"| {t['tag']} | {rate} | {times} | {top1} | {load} | {t['recorded_at'][:16]} |")
+    lines += ['', '```bash']
+    for t in tries:
+        lines += [f"# {t['tag']}"] + wrap_command(t['command'])
+    return lines + ['```', '']
+
+
+def cpu_summary(records, readme_dir, page):
+    """The README's one line on the CPU benchmark."""
+    link = os.path.relpath(page, readme_dir)
+    by_method = cpu_groups(records).get(CPU_NAME) or next(iter(cpu_groups(records).values()), {})
+    trained = [r for m, r in by_method.items() if m != BASELINE]
+    if not trained:
+        return f'CPU benchmark (all eight methods on CIFAR-10, 2-core CPU): not yet measured; see [results]({link}).'
+    best = max(trained, key=lambda r: r['knn_top1'])
+    untrained = by_method.get(BASELINE)
+    return (f"CPU benchmark ({len(trained)} of 8 methods on CIFAR-10, ResNet-18 at width "
+            f"{best['args'].get('width')}, at most {CPU_BUDGET_MINUTES} min of training each on a "
+            f"{best['cores']}-core CPU): best {best['label']} {best['knn_top1']:.1f}% kNN top-1"
+            + (f", untrained {untrained['knn_top1']:.1f}%" if untrained else '') + f'; see [results]({link}).')
+
+
+def plot_cpu(records, results_dir):
+    """results/NAME/knn-vs-minutes.png: kNN top-1 against training wall-clock, every method and the untrained
+    network (a dashed line)."""
+    if not records:
+        return []
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    written = []
+    for name, by_method in sorted(cpu_groups(records).items()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in METHODS:
+            r = by_method.get(method)
+            if r:
+                points = [p for p in r['knn_curve'] if p.get('train_seconds') is not None]
+                ax.plot([p['train_seconds'] / 60 for p in points], [p['knn_top1'] for p in points], marker='o',
+                        markersize=3, label=f"{r['label']} ({r['knn_top1']:.1f})")
+        if BASELINE in by_method:
+            ax.axhline(by_method[BASELINE]['knn_top1'], color='gray', linestyle='--',
+                       label=f"untrained ({by_method[BASELINE]['knn_top1']:.1f})")
+        ax.set(xlabel='training wall-clock (min; kNN passes excluded)', ylabel=f'kNN top-1 (%), k={KNN_K}, T={KNN_T}',
+               title=f'{name}: kNN top-1 against training minutes')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(results_dir, name, 'knn-vs-minutes.png')
+        tmp = path + '.tmp'
+        fig.savefig(tmp, dpi=100, format='png')
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
 
 
 def main():
@@ -880,6 +1438,8 @@ def main():
         return report(args)
     if args.dry_run:
         return dry_run(args, extra)
+    if args.speed:
+        return speed(args, extra)
     code = train(args, extra)
     if code:
         sys.exit(code)
