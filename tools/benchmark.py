@@ -1128,13 +1128,18 @@ def plot_figures(records, results_dir):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = os.path.join(results_dir, name, filename)
-            tmp = path + '.tmp'
-            fig.savefig(tmp, dpi=100, format='png')
-            plt.close(fig)
-            os.replace(tmp, path)
-            written.append(path)
+            written.append(save_figure(fig, os.path.join(results_dir, name, filename)))
     return written
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure to `path` as PNG, whole or not at all (tmp + rename); returns the path."""
+    import matplotlib.pyplot as plt
+    tmp = path + '.tmp'
+    fig.savefig(tmp, dpi=100, format='png')
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def replace_block(path, start_marker, end_marker, block, what):
@@ -1422,12 +1427,7 @@ def plot_cpu(records, results_dir):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(results_dir, name, 'knn-vs-minutes.png')
-        tmp = path + '.tmp'
-        fig.savefig(tmp, dpi=100, format='png')
-        plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(save_figure(fig, os.path.join(results_dir, name, 'knn-vs-minutes.png')))
     return written
 
 
