@@ -233,7 +233,7 @@ def test_a_failing_method_is_reported_and_the_others_go_on(tmp_path):
                 '--methods', 'instdisc', 'simclr', *folders(tmp_path), '--', *TINY, '--batch-size', '32',
                 '--proj-hidden-dim', '32', check=False)
     assert out.returncode == 1, out.stdout + out.stderr
-    assert 'instdisc: FAILED (exit 2): instdisc.py: error: unrecognized arguments: --proj-hidden-dim 32' in out.stdout
+    assert 'instdisc: FAILED (exit 2): error: unrecognized arguments: --proj-hidden-dim 32' in out.stdout
     assert 'simclr: finished' in out.stdout and 'failed: instdisc' in out.stdout
     assert record(tmp_path, 'simclr', 'fail')['epochs'] == 1
     assert not (tmp_path / 'results' / 'fail' / 'instdisc.json').exists()
