@@ -215,6 +215,9 @@ def get_args_parser(description, method):
                    help='exit after this epoch, e.g. to fit a job time limit; rerun the same command to resume')
     g.add_argument('--dist-timeout', type=float, default=1800,
                    help='seconds a collective waits for the other processes before the run stops (torchrun)')
+    g.add_argument('--show-views', default=None, metavar='PNG',
+                   help='draw a few images of the first training batch and the views the loader makes of them '
+                        '(what the network sees) to this PNG, then exit without training (show_views)')
     return parser
 
 
@@ -260,6 +263,8 @@ def parse_args(parser, small_image_preset, argv=None):
         args.output_dir = os.path.join('runs', f'{args.method}-{data_name}-{args.arch}')
     validate_args(args)
     args.notes = [data_note(args), configure_augment(args)] + notes
+    if args.show_views:
+        check_writable_file(args.show_views, '--show-views')
     return args
 
 
@@ -436,7 +441,7 @@ def setup(args):
     if batch_size is not None and batch_size % world_size:
         raise UsageError(f'--batch-size {batch_size} is not divisible by the {world_size} processes; '
                          f'use a multiple of {world_size}')
-    if rank == 0 and args.output_dir:
+    if rank == 0 and args.output_dir and not getattr(args, 'show_views', None):  # --show-views: no run folder
         prepare_output_dir(args.output_dir)
     if distributed:
         local_rank = int(os.environ.get('LOCAL_RANK', 0))
@@ -1897,7 +1902,7 @@ def build_train_loader(args, transform, device, split='train'):
     if getattr(args, 'augment', 'cpu') == 'device':
         source = device_source(args, split, base, sampler, device)
         if source is not None:
-            return DeviceLoader(source, transform, sampler, device, args.seed, channels_last)
+            return show_views(args, base, DeviceLoader(source, transform, sampler, device, args.seed, channels_last))
         need = len(base) * 3 * args.dataset_info['image_size'] ** 2 / 1e9
         budget, budget_note = device_budget(args, device)
         message = (f'the {len(base)} decoded training images of {args.data} need {need:.2f} GB on {device.type}, '
@@ -1906,7 +1911,103 @@ def build_train_loader(args, transform, device, split='train'):
             raise UsageError(f'--augment device: {message}; raise --device-data-gb or use --augment cpu')
         print0(f'  note: {message}: --augment cpu instead')
     dataset = ViewDataset(base, transform, args.seed)
-    return Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last)
+    return show_views(args, base, Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last))
+
+
+def show_views(args, base, loader):
+    """--show-views PNG: draw what the network sees, then exit (code 0) without training; without the flag,
+    return `loader` as it is. The picture holds the first images (8 at most) of this rank's first batch of
+    epoch 0, exactly as the training loop receives it (the same loader, path and seed): one row per image,
+    the image as stored, then each view un-normalised (x * std + mean) and drawn pixel for pixel, enlarged
+    by a whole factor, at its own size (a multi-crop's local crops are smaller than its global ones).
+    Nothing is trained and no output folder or checkpoint is written."""
+    if not getattr(args, 'show_views', None):
+        return loader
+    seed_epoch(args, 0, get_rank())  # as the training loop does before its first epoch
+    views, labels, indices = next(iter(loader.epoch(0)))
+    shown = indices[:8].tolist()
+    views = [denormalise(view[:len(shown)]) for view in views]  # uint8 (n, 3, S, S) each, on the host
+    originals = [torch.from_numpy(np.asarray(base[i][0].convert('RGB')).copy()).permute(2, 0, 1) for i in shown]
+    if get_rank() == 0:
+        mosaic, _ = views_mosaic(originals, views)
+        sizes = [view.shape[-1] for view in views]
+        names = ['image'] + [(f'view {v + 1}' if min(sizes) == max(sizes) else
+                              f"{'global' if size == max(sizes) else 'local'} {v + 1}") + f' ({size} px)'
+                             for v, size in enumerate(sizes)]
+        title = f'{args.method}: first batch, --augment {args.augment}, seed {args.seed}'
+        save_png(np.concatenate([text_header(title, names, mosaic.shape[1] // len(names), mosaic.shape[1]), mosaic]),
+                 args.show_views)
+        print0(f'  views of {len(shown)} training images ({len(views)} views each) -> {args.show_views}; '
+               'nothing trained')
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # DDP: every rank made its first batch; leave the group together
+        dist.destroy_process_group()
+    raise SystemExit(0)
+
+
+def denormalise(x):
+    """Normalised float views (B, 3, H, W) -> uint8 (B, 3, H, W) on the host: x * std + mean, as stored."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.detach().float().cpu() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def views_mosaic(originals, views, pad=4):
+    """The grid of show_views as an (H, W, 3) uint8 array, and where each view lies in it: {(row, view):
+    (top, left, side)}. originals: uint8 (3, h, w) images, views: uint8 (n, 3, S, S) per view. Every cell
+    is as large as the largest crop times `scale` (a whole number: 96 px or more for small crops) plus a
+    white border; a view is enlarged by `scale` (each pixel repeated) and centred in its cell; the image
+    is fitted into its cell (nearest when enlarged)."""
+    largest = max(view.shape[-1] for view in views)
+    scale = max(1, 96 // largest)
+    inner = largest * scale
+    cell = inner + 2 * pad
+    mosaic = np.full((len(originals) * cell, (1 + len(views)) * cell, 3), 255, dtype=np.uint8)
+    boxes = {}
+    for row, image in enumerate(originals):
+        h, w = image.shape[1:]
+        factor = inner / max(h, w)
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
+            (max(1, round(w * factor)), max(1, round(h * factor))), Image.NEAREST if factor >= 1 else Image.BICUBIC)
+        top, left = row * cell + pad + (inner - picture.height) // 2, pad + (inner - picture.width) // 2
+        mosaic[top:top + picture.height, left:left + picture.width] = np.asarray(picture)
+        for v, view in enumerate(views):
+            side = view.shape[-1] * scale
+            top = row * cell + pad + (inner - side) // 2
+            left = (1 + v) * cell + pad + (inner - side) // 2
+            enlarged = view[row].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, side, side)
+            mosaic[top:top + side, left:left + side] = enlarged.permute(1, 2, 0).numpy()
+            boxes[row, v] = (top, left, side)
+    return mosaic, boxes
+
+
+def text_header(title, names, column_width, width, height=44):
+    """A white (height, width, 3) uint8 strip drawn by matplotlib: `title` on its first line, then each
+    of `names` centred over its column of `column_width` pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    fig.text(4 / width, 1 - 4 / height, title, fontsize=7, va='top', ha='left')
+    for k, name in enumerate(names):
+        fig.text((k + 0.5) * column_width / width, 4 / height, name, fontsize=7, va='bottom', ha='center')
+    canvas.draw()
+    strip = np.asarray(canvas.buffer_rgba())[..., :3]
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    out[:min(height, strip.shape[0]), :min(width, strip.shape[1])] = strip[:height, :width]
+    return out
+
+
+def save_png(array, path):
+    """Write an (H, W, 3) uint8 array as a PNG, atomically (a temporary file renamed over `path`)."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        Image.fromarray(array).save(tmp, format='PNG')
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UsageError(f'cannot write {path} ({e.strerror or e}); choose a writable place') from None
 
 
 def build_eval_loaders(args, device, batch_size=256):
