@@ -1352,6 +1352,9 @@ class ProceduralTextures(torch.utils.data.Dataset):
     0-255, only SimCLR learned the textures in a few hundred steps). Image i is a pure
     function of (split, i)."""
 
+    classes = ['horizontal stripes', 'vertical stripes', 'diagonal stripes', 'checkerboard', 'dots', 'cross-hatch',
+               'grid lines', 'rings', 'sectors', 'blobs']  # by label
+
     def __init__(self, n, split, size=32):
         self.n, self.split, self.size = n, split, size
         self.targets = [i % 10 for i in range(n)]
@@ -2491,8 +2494,51 @@ def trim_metrics(output_dir, epochs_done):
     os.replace(tmp, path)
 
 
+# What each per-step scalar a method file logs means, and the levels drawn with it: (title, [(level, label)]).
+# `d` and `K` are read from the run's checkpoint (its args); a level that needs one it lacks is left out.
+PANEL_GUIDES = {
+    'output_std': ('output std of z / ||z|| (collapse: 0)',
+                   [(lambda d, K: d ** -0.5, 'healthy 1/sqrt(d)'), (lambda d, K: 0.0, 'collapsed 0')]),
+    'teacher_entropy': ('teacher entropy (0: one-hot, ln K: uniform)',
+                        [(lambda d, K: math.log(K), 'ln K (uniform)'), (lambda d, K: 0.0, '0 (one-hot)')]),
+    'tau': ('EMA rate tau of the target', [(lambda d, K: 1.0, '1 (target frozen)')]),
+    'm': ('EMA momentum m of the teacher / key encoder', [(lambda d, K: 1.0, '1 (frozen)')]),
+}
+STEP_FIELDS = ('epoch', 'step', 'loss', 'images_per_s', 'lr')  # every step record has them (lr: its own panel)
+
+
+def metric_panels(records, run_args=None):
+    """The panels of metrics.png beyond loss, lr and kNN: one per scalar the method logs every step
+    (BYOL, SimSiam: output_std; DINO: teacher_entropy; the EMA rates tau, m; any other), in the order
+    they first appear, each a dict(name, title, steps, values, levels=[(value, label)]). The levels are
+    the healthy and collapsed values where they are known: output_std 1/sqrt(d) (d = --proj-dim, the
+    width of z) and 0; teacher_entropy ln K (K = --out-dim) and 0; the EMA rates 1. `run_args`: the run's
+    args (a dict, from its checkpoint), or None when there is none."""
+    run_args = run_args or {}
+    d, K = run_args.get('proj_dim'), run_args.get('out_dim')
+    names = []
+    for record in records:
+        if 'step' in record:
+            names += [k for k, v in record.items() if k not in STEP_FIELDS and k not in names
+                      and isinstance(v, (int, float))]
+    panels = []
+    for name in names:
+        shown = [r for r in records if 'step' in r and isinstance(r.get(name), (int, float))]
+        title, guides = PANEL_GUIDES.get(name, (name, []))
+        levels = []
+        for level, label in guides:
+            try:
+                levels.append((float(level(d, K)), label))
+            except (TypeError, ValueError):  # d or K unknown (no checkpoint)
+                pass
+        panels.append(dict(name=name, title=title, steps=[r['step'] for r in shown], values=[r[name] for r in shown],
+                           levels=levels))
+    return panels
+
+
 def plot_metrics(output_dir):
-    """metrics.jsonl -> metrics.png: loss and lr per step, kNN accuracy per epoch."""
+    """metrics.jsonl -> metrics.png: loss and lr per step, kNN accuracy per epoch, then a panel for every
+    other scalar logged per step (metric_panels: the collapse indicators and EMA rates, with their levels)."""
     if get_rank() != 0:
         return
     import matplotlib
@@ -2504,7 +2550,17 @@ def plot_metrics(output_dir):
     records = read_metrics(path)
     steps = [r for r in records if 'step' in r]
     knn = [r for r in records if 'knn_top1' in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    run_args = None
+    if os.path.exists(os.path.join(output_dir, 'checkpoint.pth')):  # the run's d and K for the levels
+        try:
+            run_args = torch.load(os.path.join(output_dir, 'checkpoint.pth'), map_location='cpu', weights_only=True,
+                                  mmap=True).get('args')
+        except Exception:
+            run_args = None
+    panels = metric_panels(records, run_args)
+    rows = 1 + -(-len(panels) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4 * rows), squeeze=False)
+    axes = axes.flatten()
     axes[0].plot([r['step'] for r in steps], [r['loss'] for r in steps])
     axes[0].set(xlabel='step', ylabel='loss', title='training loss')
     if steps and 'lr' in steps[0]:
@@ -2512,6 +2568,14 @@ def plot_metrics(output_dir):
     axes[1].set(xlabel='step', ylabel='lr', title='learning rate')
     axes[2].plot([r['epoch'] for r in knn], [r['knn_top1'] for r in knn], marker='o')
     axes[2].set(xlabel='epoch', ylabel='top-1 (%)', title='kNN accuracy')
+    for ax, panel in zip(axes[3:], panels):
+        ax.plot(panel['steps'], panel['values'], label=panel['name'])
+        for (value, label), style in zip(panel['levels'], ('--', ':', '-.')):
+            ax.axhline(value, color='grey', linestyle=style, label=label)
+        ax.set(xlabel='step', ylabel=panel['name'], title=panel['title'])
+        ax.legend(fontsize=8)
+    for ax in axes[3 + len(panels):]:
+        ax.axis('off')
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, 'metrics.png'), dpi=100)
     plt.close(fig)
@@ -2669,6 +2733,21 @@ def load_eval_backbone(args, state, device):
     if uses_channels_last(args, device):
         backbone = backbone.to(memory_format=torch.channels_last)
     return backbone
+
+
+def load_untrained_backbone(args, state, device):
+    """--compare-random-init: the untrained network of the same seed, the one the checkpoint's run started
+    from: seeded with that run's --seed (else this --seed), then built as load_eval_backbone builds one (a
+    method file builds its backbone first after common.setup's seeding, and so does this)."""
+    torch.manual_seed((state or {}).get('args', {}).get('seed', args.seed))
+    return load_eval_backbone(args, None, device)
+
+
+def class_names(args, base):
+    """The names of the classes of --data (a folder's class folders, torchvision's names, the textures of the
+    procedural data), by label."""
+    names = args.dataset_info.get('classes') or getattr(base, 'classes', None)
+    return list(names) if names else [str(c) for c in range(args.dataset_info['num_classes'])]
 
 
 @torch.no_grad()
