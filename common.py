@@ -216,8 +216,8 @@ def get_args_parser(description, method):
     g.add_argument('--dist-timeout', type=float, default=1800,
                    help='seconds a collective waits for the other processes before the run stops (torchrun)')
     g.add_argument('--show-views', default=None, metavar='PNG',
-                   help='draw a few images of the first training batch and the views the loader makes of them '
-                        '(what the network sees) to this PNG, then exit without training (show_views)')
+                   help='draw a few images of the first training batch and the views the loader makes of '
+                        'them (what the network sees) to this PNG, then exit without training (show_views)')
     return parser
 
 
@@ -1352,8 +1352,8 @@ class ProceduralTextures(torch.utils.data.Dataset):
     0-255, only SimCLR learned the textures in a few hundred steps). Image i is a pure
     function of (split, i)."""
 
-    classes = ['horizontal stripes', 'vertical stripes', 'diagonal stripes', 'checkerboard', 'dots', 'cross-hatch',
-               'grid lines', 'rings', 'sectors', 'blobs']  # by label
+    classes = ['horizontal stripes', 'vertical stripes', 'diagonal stripes', 'checkerboard', 'dots',
+               'cross-hatch', 'grid lines', 'rings', 'sectors', 'blobs']  # by label
 
     def __init__(self, n, split, size=32):
         self.n, self.split, self.size = n, split, size
@@ -1905,7 +1905,8 @@ def build_train_loader(args, transform, device, split='train'):
     if getattr(args, 'augment', 'cpu') == 'device':
         source = device_source(args, split, base, sampler, device)
         if source is not None:
-            return show_views(args, base, DeviceLoader(source, transform, sampler, device, args.seed, channels_last))
+            loader = DeviceLoader(source, transform, sampler, device, args.seed, channels_last)
+            return show_views(args, base, loader)
         need = len(base) * 3 * args.dataset_info['image_size'] ** 2 / 1e9
         budget, budget_note = device_budget(args, device)
         message = (f'the {len(base)} decoded training images of {args.data} need {need:.2f} GB on {device.type}, '
@@ -1914,7 +1915,8 @@ def build_train_loader(args, transform, device, split='train'):
             raise UsageError(f'--augment device: {message}; raise --device-data-gb or use --augment cpu')
         print0(f'  note: {message}: --augment cpu instead')
     dataset = ViewDataset(base, transform, args.seed)
-    return show_views(args, base, Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last))
+    loader = Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last)
+    return show_views(args, base, loader)
 
 
 def show_views(args, base, loader):
@@ -1930,7 +1932,8 @@ def show_views(args, base, loader):
     views, labels, indices = next(iter(loader.epoch(0)))
     shown = indices[:8].tolist()
     views = [denormalise(view[:len(shown)]) for view in views]  # uint8 (n, 3, S, S) each, on the host
-    originals = [torch.from_numpy(np.asarray(base[i][0].convert('RGB')).copy()).permute(2, 0, 1) for i in shown]
+    originals = [torch.from_numpy(np.asarray(base[i][0].convert('RGB')).copy()).permute(2, 0, 1)
+                 for i in shown]  # uint8 (3, h, w): the images as stored
     if get_rank() == 0:
         mosaic, _ = views_mosaic(originals, views)
         sizes = [view.shape[-1] for view in views]
@@ -1938,8 +1941,8 @@ def show_views(args, base, loader):
                               f"{'global' if size == max(sizes) else 'local'} {v + 1}") + f' ({size} px)'
                              for v, size in enumerate(sizes)]
         title = f'{args.method}: first batch, --augment {args.augment}, seed {args.seed}'
-        save_png(np.concatenate([text_header(title, names, mosaic.shape[1] // len(names), mosaic.shape[1]), mosaic]),
-                 args.show_views)
+        header = text_header(title, names, mosaic.shape[1] // len(names), mosaic.shape[1])
+        save_png(np.concatenate([header, mosaic]), args.show_views)
         print0(f'  views of {len(shown)} training images ({len(views)} views each) -> {args.show_views}; '
                'nothing trained')
     if dist.is_available() and dist.is_initialized():
@@ -1971,7 +1974,8 @@ def views_mosaic(originals, views, pad=4):
         h, w = image.shape[1:]
         factor = inner / max(h, w)
         picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
-            (max(1, round(w * factor)), max(1, round(h * factor))), Image.NEAREST if factor >= 1 else Image.BICUBIC)
+            (max(1, round(w * factor)), max(1, round(h * factor))),
+            Image.NEAREST if factor >= 1 else Image.BICUBIC)
         top, left = row * cell + pad + (inner - picture.height) // 2, pad + (inner - picture.width) // 2
         mosaic[top:top + picture.height, left:left + picture.width] = np.asarray(picture)
         for v, view in enumerate(views):
@@ -2504,7 +2508,7 @@ PANEL_GUIDES = {
     'tau': ('EMA rate tau of the target', [(lambda d, K: 1.0, '1 (target frozen)')]),
     'm': ('EMA momentum m of the teacher / key encoder', [(lambda d, K: 1.0, '1 (frozen)')]),
 }
-STEP_FIELDS = ('epoch', 'step', 'loss', 'images_per_s', 'lr')  # every step record has them (lr: its own panel)
+STEP_FIELDS = ('epoch', 'step', 'loss', 'images_per_s', 'lr')  # in every step record (lr: its own panel)
 
 
 def metric_panels(records, run_args=None):
@@ -2531,8 +2535,8 @@ def metric_panels(records, run_args=None):
                 levels.append((float(level(d, K)), label))
             except (TypeError, ValueError):  # d or K unknown (no checkpoint)
                 pass
-        panels.append(dict(name=name, title=title, steps=[r['step'] for r in shown], values=[r[name] for r in shown],
-                           levels=levels))
+        panels.append(dict(name=name, title=title, steps=[r['step'] for r in shown],
+                           values=[r[name] for r in shown], levels=levels))
     return panels
 
 
@@ -2550,11 +2554,10 @@ def plot_metrics(output_dir):
     records = read_metrics(path)
     steps = [r for r in records if 'step' in r]
     knn = [r for r in records if 'knn_top1' in r]
-    run_args = None
-    if os.path.exists(os.path.join(output_dir, 'checkpoint.pth')):  # the run's d and K for the levels
+    run_args, checkpoint = None, os.path.join(output_dir, 'checkpoint.pth')
+    if os.path.exists(checkpoint):  # the run's d and K for the levels (mmap: the weights are not read)
         try:
-            run_args = torch.load(os.path.join(output_dir, 'checkpoint.pth'), map_location='cpu', weights_only=True,
-                                  mmap=True).get('args')
+            run_args = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True).get('args')
         except Exception:
             run_args = None
     panels = metric_panels(records, run_args)

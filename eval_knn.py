@@ -16,8 +16,8 @@ Run:
   python eval_knn.py runs/dino-cifar10-vit_tiny/checkpoint.pth --attention-image img.jpg --attention-out maps.png
 
 Pictures (docs/gallery.md), drawn from the features the kNN uses, next to the evaluation:
-  python eval_knn.py CKPT --neighbours neighbours.png --compare-random-init   # test images and their top-k
-  python eval_knn.py CKPT --feature-map map.png --compare-random-init         # PCA map, class similarity matrix
+  python eval_knn.py CKPT --neighbours neighbours.png --compare-random-init   # test images, their top-k
+  python eval_knn.py CKPT --feature-map map.png --compare-random-init         # PCA map, class similarities
 
 ViT checkpoints (ours or --pretrained): `--attention-image` draws, instead of evaluating, the last block's attention from the
 CLS token to every patch, one panel per head, over the image (as in the DINO paper's figures).
@@ -39,15 +39,18 @@ evaluation.add_argument('--attention-image', default=None, help='ViT: draw the C
                         '(resized to --image-size) instead of evaluating')
 evaluation.add_argument('--attention-out', default='attention.png', help='where to write the attention figure')
 pictures = parser.add_argument_group('pictures (drawn as well as the kNN evaluation)')
-pictures.add_argument('--neighbours', default=None, metavar='PNG', help='draw test images (--queries) and their '
-                      '--neighbours-k most cosine-similar training images, framed green (same class) or red')
+pictures.add_argument('--neighbours', default=None, metavar='PNG',
+                      help='draw test images (--queries) and their --neighbours-k most cosine-similar '
+                           'training images, framed green (same class) or red')
 pictures.add_argument('--neighbours-k', type=int, default=8, help='training neighbours drawn per test image')
-pictures.add_argument('--queries', type=int, default=8, help='test images drawn: a fixed set, drawn from --seed')
-pictures.add_argument('--feature-map', default=None, metavar='PNG', help='draw the test features projected on '
-                      'their first 2 principal components, coloured by class, and the classes\' mean cosine '
-                      'similarity matrix')
-pictures.add_argument('--compare-random-init', action='store_true', help='draw the same pictures for the '
-                      'untrained network of the same seed (the one the checkpoint\'s run started from), below')
+pictures.add_argument('--queries', type=int, default=8,
+                      help='test images drawn: a fixed set, drawn from --seed')
+pictures.add_argument('--feature-map', default=None, metavar='PNG',
+                      help='draw the test features projected on their first 2 principal components, coloured '
+                           "by class, and the classes' mean cosine similarity matrix")
+pictures.add_argument('--compare-random-init', action='store_true',
+                      help='draw the same pictures for the untrained network of the same seed (the one the '
+                           "checkpoint's run started from), below")
 
 
 # -----------------------------------------------------------------------------
@@ -59,16 +62,17 @@ def check_picture_args(args):
         if path:
             common.check_writable_file(path, flag)
     if (args.neighbours or args.feature_map) and args.attention_image:
-        raise common.UsageError('--attention-image draws instead of evaluating; run --neighbours / --feature-map '
-                                'in another command')
+        raise common.UsageError('--attention-image draws instead of evaluating; run --neighbours / '
+                                '--feature-map in another command')
     if args.compare_random_init and not (args.neighbours or args.feature_map):
-        raise common.UsageError('--compare-random-init adds a row to --neighbours or --feature-map; give one of them')
+        raise common.UsageError('--compare-random-init adds a row to --neighbours or --feature-map; '
+                                'give one of them')
     if args.compare_random_init and args.random_init:
         raise common.UsageError('--compare-random-init compares a checkpoint with its untrained network; '
                                 'with --random-init there is no checkpoint: drop one of the two')
     if args.neighbours_k < 1 or args.queries < 1:
-        raise common.UsageError(f'--neighbours-k and --queries must be at least 1, not {args.neighbours_k} and '
-                                f'{args.queries}')
+        raise common.UsageError(f'--neighbours-k and --queries must be at least 1, not '
+                                f'{args.neighbours_k} and {args.queries}')
 
 
 def query_indices(num_test, queries, seed):
@@ -115,7 +119,7 @@ def plot_neighbours(blocks, train_base, test_base, names, path):
                 same = int(block['train_labels'][index]) == query_label
                 panels.append((train_base[index][0], 'tab:green' if same else 'tab:red', f'{similarity:.2f}'))
             for ax, (image, colour, label) in zip(axes[row], panels):
-                ax.imshow(as_picture(image))
+                ax.imshow(as_picture(image), interpolation='nearest')
                 ax.set_xticks([])
                 ax.set_yticks([])
                 for spine in ax.spines.values():
@@ -123,8 +127,8 @@ def plot_neighbours(blocks, train_base, test_base, names, path):
                 ax.set_title(label, fontsize=7)
             row += 1
         axes[row - len(block['queries']), 0].set_ylabel(f"{block['rate']:.0f}% same class", fontsize=7)
-    fig.suptitle('test image | its nearest training images by cosine similarity (green: same class, red: other)',
-                 fontsize=8)
+    fig.suptitle('test image | its nearest training images by cosine similarity '
+                 '(green: same class, red: other)', fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -132,7 +136,7 @@ def plot_neighbours(blocks, train_base, test_base, names, path):
 
 def neighbours_figsize(rows, k):
     """(width, height) in inches of the neighbours picture (100 px each)."""
-    return 0.9 * (1 + k), 1.0 * rows + 0.4
+    return 0.8 * (1 + k), 0.9 * rows + 0.4
 
 
 def feature_map(features, labels, num_classes):
@@ -165,7 +169,8 @@ def plot_feature_map(blocks, names, path):
             chosen = labels == c
             scatter.scatter(block['coordinates'][chosen, 0], block['coordinates'][chosen, 1], s=3,
                             color=colours(c % colours.N), label=name if len(names) <= 20 else None)
-        scatter.set(title=f"{block['title']}: test features, PCA ({100 * block['explained']:.0f}% of the variance)",
+        scatter.set(title=f"{block['title']}: test features, PCA "
+                          f"({100 * block['explained']:.0f}% of the variance)",
                     xlabel='principal component 1', ylabel='principal component 2')
         if len(names) <= 20:
             scatter.legend(fontsize=6, markerscale=3, loc='best')
@@ -183,14 +188,15 @@ def plot_feature_map(blocks, names, path):
 def draw_pictures(args, state, features, eval_loaders, device):
     """--neighbours and --feature-map, from the features of the kNN (and, with --compare-random-init, those
     of the untrained network of the same seed). Returns what the JSON record keeps of them."""
-    networks = [(f"{state['method'] if state else 'random-init'}" + (f" epoch {state['epoch']}" if state else ''),
-                 features)]
+    name = f"{state['method']} epoch {state['epoch']}" if state else 'random-init'
+    networks = [(name, features)]
     if args.compare_random_init:
         untrained = common.load_untrained_backbone(args, state, device)
         networks.append(('untrained (same seed)',
                          common.extract_train_test_features(untrained, eval_loaders, device, args)))
     num_classes = args.dataset_info['num_classes']
-    train_base, test_base = common.base_dataset(args, common.labelled_split(args)), common.base_dataset(args, 'test')
+    train_base = common.base_dataset(args, common.labelled_split(args))
+    test_base = common.base_dataset(args, 'test')
     names = common.class_names(args, train_base)
     record = {}
     if args.neighbours:
@@ -199,21 +205,22 @@ def draw_pictures(args, state, features, eval_loaders, device):
         for title, (train_x, train_y, test_x, test_y) in networks:
             similarities, indices = nearest_neighbours(train_x, test_x, queries, args.neighbours_k)
             rate = same_class_rate(train_y, test_y, queries, indices)
-            common.print0(f'  neighbours, {title}: {rate:.1f}% of the {args.neighbours_k} nearest training images '
-                          f'of {len(queries)} test images share their class')
-            blocks.append(dict(title=title, queries=queries, indices=indices, similarities=similarities, rate=rate,
-                               train_labels=train_y.cpu(), test_labels=test_y.cpu()))
+            common.print0(f'  neighbours, {title}: {rate:.1f}% of the {args.neighbours_k} nearest training '
+                          f'images of {len(queries)} test images share their class')
+            blocks.append(dict(title=title, queries=queries, indices=indices, similarities=similarities,
+                               rate=rate, train_labels=train_y.cpu(), test_labels=test_y.cpu()))
         if common.get_rank() == 0:
             plot_neighbours(blocks, train_base, test_base, names, args.neighbours)
         common.print0(f'  neighbours picture -> {args.neighbours}')
         record['neighbours'] = [dict(network=b['title'], k=args.neighbours_k, queries=queries.tolist(),
-                                     indices=b['indices'].tolist(), same_class_percent=b['rate']) for b in blocks]
+                                     indices=b['indices'].tolist(), same_class_percent=b['rate'])
+                                for b in blocks]
     if args.feature_map:
         blocks = []
         for title, (_, _, test_x, test_y) in networks:
             coordinates, explained, similarity = feature_map(test_x, test_y, num_classes)
-            blocks.append(dict(title=title, coordinates=coordinates, explained=explained, similarity=similarity,
-                               labels=test_y))
+            blocks.append(dict(title=title, coordinates=coordinates, explained=explained,
+                               similarity=similarity, labels=test_y))
         if common.get_rank() == 0:
             plot_feature_map(blocks, names, args.feature_map)
         common.print0(f'  feature map -> {args.feature_map}')
@@ -260,8 +267,8 @@ def main():
         raise common.UsageError(f'--neighbours-k {args.neighbours_k} is more neighbours than the {num_train} '
                                 f'training images; use --neighbours-k {num_train} or fewer')
     if args.neighbours and args.queries > eval_loaders[1].dataset_size:
-        raise common.UsageError(f'--queries {args.queries} is more than the {eval_loaders[1].dataset_size} test '
-                                'images; ask for fewer')
+        raise common.UsageError(f'--queries {args.queries} is more than the {eval_loaders[1].dataset_size} '
+                                'test images; ask for fewer')
 
     features = common.extract_train_test_features(backbone, eval_loaders, device, args)
     results = common.knn_accuracy(*features, args.dataset_info['num_classes'], args.k, args.temperature)

@@ -41,9 +41,10 @@ Run:
   python eval_linear.py runs/simsiam-imagenet-resnet50/checkpoint.pth --augment --recipe simsiam
   torchrun --nproc_per_node=8 eval_linear.py runs/dino-imagenet-vit_small/checkpoint.pth --augment --json linear.json
 
-Label efficiency (fast protocol): `--labels-per-class 1 10 100 all --plot curve.png` fits the fast probe on that many
-labelled training images per class (nested subsets drawn from --seed), scores each on the whole test split, and
-plots top-1 against labels per class; `--compare-random-init` adds the untrained network of the same seed.
+Label efficiency (fast protocol): `--labels-per-class 1 10 100 all --plot curve.png` fits the fast probe on
+that many labelled training images per class (nested subsets drawn from --seed), scores each on the whole
+test split, and plots top-1 against labels per class; `--compare-random-init` adds the untrained network
+of the same seed.
 """
 import argparse
 import math
@@ -74,11 +75,12 @@ fast.add_argument('--val-fraction', type=float, default=0.1, help='training imag
 fast.add_argument('--max-iter', type=int, default=1000, help='L-BFGS iterations at most, per fit')
 curve = parser.add_argument_group('label efficiency (fast protocol)')
 curve.add_argument('--labels-per-class', nargs='+', default=None, metavar='N',
-                   help='fit the fast probe on N labelled training images per class (nested subsets drawn from '
-                        '--seed; "all": every one) and score each on the whole test split')
+                   help='fit the fast probe on N labelled training images per class (nested subsets drawn '
+                        'from --seed; "all": every one) and score each on the whole test split')
 curve.add_argument('--plot', default=None, metavar='PNG', help='draw top-1 against labels per class')
 curve.add_argument('--compare-random-init', action='store_true',
-                   help='the same curve for the untrained network of the same seed (the one the run started from)')
+                   help='the same curve for the untrained network of the same seed (the one the run '
+                        'started from)')
 papers = parser.add_argument_group("papers' protocol (--augment): SGD on augmented views, one paper's recipe")
 papers.add_argument('--augment', action='store_true', help="train on RandomResizedCrop + flip views (the papers' protocol)")
 papers.add_argument('--recipe', default=None, help='moco | simsiam | dino; None: dino for ViTs, moco for ResNets')
@@ -191,18 +193,18 @@ def nested_subsets(labels, counts, seed):
     labels = labels.cpu()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     by_class = [order[labels[order] == c] for c in labels.unique().tolist()]
-    return {n: torch.arange(len(labels)) if n == 'all' else torch.cat([kept[:n] for kept in by_class]).sort().values
-            for n in counts}
+    return {n: torch.arange(len(labels)) if n == 'all' else
+            torch.cat([kept[:n] for kept in by_class]).sort().values for n in counts}
 
 
 def check_subsets(args, labels):
-    """Before any fit: every n at most the smallest class, and leaving 2 images to fit beside the held-out ones."""
+    """Before any fit: each n at most the smallest class, and 2 images left to fit beside the held-out."""
     sizes = torch.bincount(labels.cpu())
     sizes = sizes[sizes > 0]
     largest = max([n for n in args.labels_per_class if n != 'all'], default=0)
     if largest > int(sizes.min()):
-        raise common.UsageError(f'--labels-per-class {largest} is more than the {int(sizes.min())} training images '
-                                f'of the smallest class; use {int(sizes.min())} or fewer (or all)')
+        raise common.UsageError(f'--labels-per-class {largest} is more than the {int(sizes.min())} training '
+                                f'images of the smallest class; use {int(sizes.min())} or fewer (or all)')
     for n in args.labels_per_class:
         total = len(labels) if n == 'all' else n * len(sizes)
         if total - max(1, round(args.val_fraction * total)) < 2:
@@ -223,8 +225,8 @@ def label_efficiency(args, features, subsets, num_classes):
     points = []
     for n, kept in subsets.items():
         kept = kept.to(train_x.device)
-        result = fast_linear_probe(train_x[kept], train_y[kept], test_x, test_y, num_classes, args.weight_decays,
-                                   args.val_fraction, args.seed, args.max_iter)
+        result = fast_linear_probe(train_x[kept], train_y[kept], test_x, test_y, num_classes,
+                                   args.weight_decays, args.val_fraction, args.seed, args.max_iter)
         common.print0(f"  {n} labels per class ({len(kept)} images): top-1 {result['top1']:6.2f}  "
                       f"top-5 {result['top5']:6.2f}")
         points.append(dict(labels_per_class=n, images=len(kept), top1=result['top1'], top5=result['top5'],
@@ -467,15 +469,17 @@ def main():
             name = f"{state['method']} epoch {state['epoch']}" if state else 'random-init'
             curves[name] = label_efficiency(args, (train_x, train_y, test_x, test_y), subsets, num_classes)
             if args.compare_random_init:
-                untrained = ProbeFeatures(common.load_untrained_backbone(args, state, device), args.n_last_blocks,
-                                          args.avgpool_patchtokens)
+                untrained = ProbeFeatures(common.load_untrained_backbone(args, state, device),
+                                          args.n_last_blocks, args.avgpool_patchtokens)
                 common.print0('  the untrained network of the same seed:')
-                curves['untrained (same seed)'] = label_efficiency(
-                    args, common.extract_train_test_features(untrained, eval_loaders, device, args, normalize=False),
-                    subsets, num_classes)
+                untrained_features = common.extract_train_test_features(untrained, eval_loaders, device, args,
+                                                                        normalize=False)
+                curves['untrained (same seed)'] = label_efficiency(args, untrained_features, subsets,
+                                                                   num_classes)
             if args.plot and is_main:
+                data_name = os.path.basename(os.path.normpath(args.data))
                 plot_label_efficiency(curves, len(train_y) / len(train_y.unique()), args.plot,
-                                      f'linear probe (fast) on {os.path.basename(os.path.normpath(args.data))}')
+                                      f'linear probe (fast) on {data_name}')
                 common.print0(f'  label-efficiency curve -> {args.plot}')
         everything = [p for p in next(iter(curves.values()), []) if p['labels_per_class'] == 'all']
         if everything:  # the 'all' point is the plain fast probe: not fitted twice
@@ -483,10 +487,12 @@ def main():
         else:
             results = fast_linear_probe(train_x, train_y, test_x, test_y, num_classes, args.weight_decays,
                                         args.val_fraction, args.seed, args.max_iter)
-        if curves:
-            label_records = {name: [{k: v for k, v in p.items() if k != 'result'} for p in points]
-                             for name, points in curves.items()}
-        record = dict(**({'label_efficiency': label_records, 'subsets_seed': args.seed} if curves else {}),protocol='fast', recipe=None, weight_decay=results['weight_decay'],
+        curve_record = {}
+        if curves:  # every point of every curve (the classifiers left out)
+            curve_record = dict(subsets_seed=args.seed, label_efficiency={
+                name: [{k: v for k, v in p.items() if k != 'result'} for p in points]
+                for name, points in curves.items()})
+        record = dict(**curve_record,protocol='fast', recipe=None, weight_decay=results['weight_decay'],
                       weight_decay_sweep={f'{wd:g}': top1 for wd, top1 in results['sweep'].items()},
                       val_images=max(1, round(args.val_fraction * num_train)), max_iter=args.max_iter)
     seconds = time.time() - start
