@@ -2540,9 +2540,10 @@ def metric_panels(records, run_args=None):
     return panels
 
 
-def plot_metrics(output_dir):
+def plot_metrics(output_dir, run_args=None):
     """metrics.jsonl -> metrics.png: loss and lr per step, kNN accuracy per epoch, then a panel for every
-    other scalar logged per step (metric_panels: the collapse indicators and EMA rates, with their levels)."""
+    other scalar logged per step (metric_panels: the collapse indicators and EMA rates, with their levels).
+    `run_args` (a dict): the run's args, read from its checkpoint when not given."""
     if get_rank() != 0:
         return
     import matplotlib
@@ -2554,8 +2555,8 @@ def plot_metrics(output_dir):
     records = read_metrics(path)
     steps = [r for r in records if 'step' in r]
     knn = [r for r in records if 'knn_top1' in r]
-    run_args, checkpoint = None, os.path.join(output_dir, 'checkpoint.pth')
-    if os.path.exists(checkpoint):  # the run's d and K for the levels (mmap: the weights are not read)
+    checkpoint = os.path.join(output_dir, 'checkpoint.pth')
+    if run_args is None and os.path.exists(checkpoint):  # the run's d and K for the levels (mmap: the weights are not read)
         try:
             run_args = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True).get('args')
         except Exception:
