@@ -2556,7 +2556,7 @@ def plot_metrics(output_dir, run_args=None):
     steps = [r for r in records if 'step' in r]
     knn = [r for r in records if 'knn_top1' in r]
     checkpoint = os.path.join(output_dir, 'checkpoint.pth')
-    if run_args is None and os.path.exists(checkpoint):  # the run's d and K for the levels (mmap: the weights are not read)
+    if run_args is None and os.path.exists(checkpoint):  # d and K for the levels (mmap: no weights read)
         try:
             run_args = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True).get('args')
         except Exception:

@@ -1,13 +1,13 @@
 #!/bin/bash
 # The gallery's pictures (docs/gallery.md): each command below, timed, appended to records.jsonl with the
 # machine it ran on. CHECKPOINT: a SimCLR run on a 5,000-image CIFAR-10 subset (see docs/gallery.md);
-# BYOL_RUN: BYOL's learning-test run on the procedural textures (its metrics.png: the collapse indicator).
+# METRICS: a folder for BYOL's 10-epoch CIFAR-10 metrics of results/h100-2026-11-22, redrawn (the end).   
 set -e
 cd "$(dirname "$0")/../.."
 OUT=results/gallery
 DATA=${DATA:-/tmp/pictures/cifar10-5k}
 CHECKPOINT=${CHECKPOINT:-/tmp/pictures/simclr-run/checkpoint.pth}
-BYOL_RUN=${BYOL_RUN:-/tmp/pictures/byol-run}
+METRICS=${METRICS:-/tmp/pictures/byol-h100} 
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 record() {  # record PICTURES... -- COMMAND...: run it, log it, one line per picture in records.jsonl
   local pictures=() ; while [ "$1" != "--" ]; do pictures+=("$1"); shift; done; shift
@@ -40,5 +40,9 @@ record $OUT/neighbours.png $OUT/feature-map.png -- python3 eval_knn.py $CHECKPOI
 record $OUT/label-efficiency.png -- python3 eval_linear.py $CHECKPOINT --workers 0 \
   --weight-decays 1e-4 1e-3 1e-2 1e-1 --max-iter 300 --labels-per-class 1 10 100 all \
   --plot $OUT/label-efficiency.png --compare-random-init --json $OUT/label-efficiency.json
-record $OUT/metrics-byol.png -- python3 -c "import common, shutil; common.plot_metrics('$BYOL_RUN'); \
-shutil.copy('$BYOL_RUN/metrics.png', '$OUT/metrics-byol.png')"
+# d = 256: byol.py's --proj-dim (its CIFAR preset keeps it); no checkpoint of that run is kept
+mkdir -p $METRICS
+cp results/h100-2026-11-22/cifar10-10ep-concurrent-byol.metrics.jsonl $METRICS/metrics.jsonl
+record $OUT/metrics-byol.png -- python3 -c "import common, shutil; \
+common.plot_metrics('$METRICS', run_args=dict(proj_dim=256)); \
+shutil.copy('$METRICS/metrics.png', '$OUT/metrics-byol.png')"
