@@ -91,7 +91,7 @@ def test_show_views_draws_the_training_loops_first_batch_and_trains_nothing(tmp_
 
     drawn = png(picture).astype(np.int64)
     base = common.ProceduralTextures(64, 'train')
-    originals = [torch.from_numpy(np.asarray(base[i][0])).permute(2, 0, 1) for i in indices[:8].tolist()]
+    originals = [torch.from_numpy(np.array(base[i][0])).permute(2, 0, 1) for i in indices[:8].tolist()]
     mosaic, boxes = common.views_mosaic(originals, [e.to(torch.uint8) for e in expected])
     assert drawn.shape[1] == mosaic.shape[1] and drawn.shape[0] > mosaic.shape[0]  # a header above the grid
     grid = drawn[drawn.shape[0] - mosaic.shape[0]:]
