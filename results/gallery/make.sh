@@ -1,13 +1,13 @@
 #!/bin/bash
 # The gallery's pictures (docs/gallery.md): each command below, timed, appended to records.jsonl with the
 # machine it ran on. CHECKPOINT: a SimCLR run on a 5,000-image CIFAR-10 subset (see docs/gallery.md);
-# METRICS: a folder for BYOL's 10-epoch CIFAR-10 metrics of results/h100-2026-11-22, redrawn (the end).   
+# METRICS: a folder for BYOL's 10-epoch CIFAR-10 metrics (results/h100-2026-11-22), redrawn at the end.
 set -e
 cd "$(dirname "$0")/../.."
 OUT=results/gallery
 DATA=${DATA:-/tmp/pictures/cifar10-5k}
 CHECKPOINT=${CHECKPOINT:-/tmp/pictures/simclr-run/checkpoint.pth}
-METRICS=${METRICS:-/tmp/pictures/byol-h100} 
+METRICS=${METRICS:-/tmp/pictures/byol-h100}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 record() {  # record PICTURES... -- COMMAND...: run it, log it, one line per picture in records.jsonl
   local pictures=() ; while [ "$1" != "--" ]; do pictures+=("$1"); shift; done; shift
