@@ -259,6 +259,9 @@ def get_args_parser(description, method):
                    help='exit after this epoch, e.g. to fit a job time limit; rerun the same command to resume')
     g.add_argument('--dist-timeout', type=float, default=1800,
                    help='seconds a collective waits for the other processes before the run stops (torchrun)')
+    g.add_argument('--show-views', default=None, metavar='PNG',
+                   help='draw a few images of the first training batch and the views the loader makes of '
+                        'them (what the network sees) to this PNG, then exit without training (show_views)')
     return parser
 
 
@@ -307,6 +310,8 @@ def parse_args(parser, small_image_preset, argv=None):
         args.output_dir = os.path.join('runs', f'{args.method}-{data_name}-{args.arch}')
     validate_args(args)
     args.notes = [data_note(args), configure_augment(args)] + notes
+    if args.show_views:
+        check_writable_file(args.show_views, '--show-views')
     return args
 
 
@@ -553,7 +558,7 @@ def setup(args):
     if batch_size is not None and batch_size % world_size:
         raise UsageError(f'--batch-size {batch_size} is not divisible by the {world_size} processes; '
                          f'use a multiple of {world_size}')
-    if rank == 0 and args.output_dir:
+    if rank == 0 and args.output_dir and not getattr(args, 'show_views', None):  # --show-views: no run folder
         prepare_output_dir(args.output_dir)
     if distributed:
         local_rank = int(os.environ.get('LOCAL_RANK', 0))
@@ -1515,6 +1520,9 @@ class ProceduralTextures(torch.utils.data.Dataset):
     0-255, only SimCLR learned the textures in a few hundred steps). Image i is a pure
     function of (split, i)."""
 
+    classes = ['horizontal stripes', 'vertical stripes', 'diagonal stripes', 'checkerboard', 'dots',
+               'cross-hatch', 'grid lines', 'rings', 'sectors', 'blobs']  # by label
+
     def __init__(self, n, split, size=32):
         self.n, self.split, self.size = n, split, size
         self.targets = [i % 10 for i in range(n)]
@@ -2068,7 +2076,8 @@ def build_train_loader(args, transform, device, split='train'):
     if getattr(args, 'augment', 'cpu') == 'device':
         source = device_source(args, split, base, sampler, device)
         if source is not None:
-            return DeviceLoader(source, transform, sampler, device, args.seed, channels_last)
+            loader = DeviceLoader(source, transform, sampler, device, args.seed, channels_last)
+            return show_views(args, base, loader)
         need = len(base) * 3 * args.dataset_info['image_size'] ** 2 / 1e9
         budget, budget_note = device_budget(args, device)
         message = (f'the {len(base)} decoded training images of {args.data} need {need:.2f} GB on {device.type}, '
@@ -2077,7 +2086,106 @@ def build_train_loader(args, transform, device, split='train'):
             raise UsageError(f'--augment device: {message}; raise --device-data-gb or use --augment cpu')
         print0(f'  note: {message}: --augment cpu instead')
     dataset = ViewDataset(base, transform, args.seed)
-    return Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last)
+    loader = Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last)
+    return show_views(args, base, loader)
+
+
+def show_views(args, base, loader):
+    """--show-views PNG: draw what the network sees, then exit (code 0) without training; without the flag,
+    return `loader` as it is. The picture holds the first images (8 at most) of this rank's first batch of
+    epoch 0, exactly as the training loop receives it (the same loader, path and seed): one row per image,
+    the image as stored, then each view un-normalised (x * std + mean) and drawn pixel for pixel, enlarged
+    by a whole factor, at its own size (a multi-crop's local crops are smaller than its global ones).
+    Nothing is trained and no output folder or checkpoint is written."""
+    if not getattr(args, 'show_views', None):
+        return loader
+    seed_epoch(args, 0, get_rank())  # as the training loop does before its first epoch
+    views, labels, indices = next(iter(loader.epoch(0)))
+    shown = indices[:8].tolist()
+    views = [denormalise(view[:len(shown)]) for view in views]  # uint8 (n, 3, S, S) each, on the host
+    originals = [torch.from_numpy(np.asarray(base[i][0].convert('RGB')).copy()).permute(2, 0, 1)
+                 for i in shown]  # uint8 (3, h, w): the images as stored
+    if get_rank() == 0:
+        mosaic, _ = views_mosaic(originals, views)
+        sizes = [view.shape[-1] for view in views]
+        names = ['image'] + [(f'view {v + 1}' if min(sizes) == max(sizes) else
+                              f"{'global' if size == max(sizes) else 'local'} {v + 1}") + f' ({size} px)'
+                             for v, size in enumerate(sizes)]
+        title = f'{args.method}: first batch, --augment {args.augment}, seed {args.seed}'
+        header = text_header(title, names, mosaic.shape[1] // len(names), mosaic.shape[1])
+        save_png(np.concatenate([header, mosaic]), args.show_views)
+        print0(f'  views of {len(shown)} training images ({len(views)} views each) -> {args.show_views}; '
+               'nothing trained')
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # DDP: every rank made its first batch; leave the group together
+        dist.destroy_process_group()
+    raise SystemExit(0)
+
+
+def denormalise(x):
+    """Normalised float views (B, 3, H, W) -> uint8 (B, 3, H, W) on the host: x * std + mean, as stored."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.detach().float().cpu() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def views_mosaic(originals, views, pad=4):
+    """The grid of show_views as an (H, W, 3) uint8 array, and where each view lies in it: {(row, view):
+    (top, left, side)}. originals: uint8 (3, h, w) images, views: uint8 (n, 3, S, S) per view. Every cell
+    is as large as the largest crop times `scale` (a whole number: 96 px or more for small crops) plus a
+    white border; a view is enlarged by `scale` (each pixel repeated) and centred in its cell; the image
+    is fitted into its cell (nearest when enlarged)."""
+    largest = max(view.shape[-1] for view in views)
+    scale = max(1, 96 // largest)
+    inner = largest * scale
+    cell = inner + 2 * pad
+    mosaic = np.full((len(originals) * cell, (1 + len(views)) * cell, 3), 255, dtype=np.uint8)
+    boxes = {}
+    for row, image in enumerate(originals):
+        h, w = image.shape[1:]
+        factor = inner / max(h, w)
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
+            (max(1, round(w * factor)), max(1, round(h * factor))),
+            Image.NEAREST if factor >= 1 else Image.BICUBIC)
+        top, left = row * cell + pad + (inner - picture.height) // 2, pad + (inner - picture.width) // 2
+        mosaic[top:top + picture.height, left:left + picture.width] = np.asarray(picture)
+        for v, view in enumerate(views):
+            side = view.shape[-1] * scale
+            top = row * cell + pad + (inner - side) // 2
+            left = (1 + v) * cell + pad + (inner - side) // 2
+            enlarged = view[row].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, side, side)
+            mosaic[top:top + side, left:left + side] = enlarged.permute(1, 2, 0).numpy()
+            boxes[row, v] = (top, left, side)
+    return mosaic, boxes
+
+
+def text_header(title, names, column_width, width, height=44):
+    """A white (height, width, 3) uint8 strip drawn by matplotlib: `title` on its first line, then each
+    of `names` centred over its column of `column_width` pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    fig.text(4 / width, 1 - 4 / height, title, fontsize=7, va='top', ha='left')
+    for k, name in enumerate(names):
+        fig.text((k + 0.5) * column_width / width, 4 / height, name, fontsize=7, va='bottom', ha='center')
+    canvas.draw()
+    strip = np.asarray(canvas.buffer_rgba())[..., :3]
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    out[:min(height, strip.shape[0]), :min(width, strip.shape[1])] = strip[:height, :width]
+    return out
+
+
+def save_png(array, path):
+    """Write an (H, W, 3) uint8 array as a PNG, atomically (a temporary file renamed over `path`)."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        Image.fromarray(array).save(tmp, format='PNG')
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UsageError(f'cannot write {path} ({e.strerror or e}); choose a writable place') from None
 
 
 def build_eval_loaders(args, device, batch_size=256):
@@ -2652,8 +2760,52 @@ def trim_metrics(output_dir, epochs_done):
     os.replace(tmp, path)
 
 
-def plot_metrics(output_dir):
-    """metrics.jsonl -> metrics.png: loss and lr per step, kNN accuracy per epoch."""
+# What each per-step scalar a method file logs means, and the levels drawn with it: (title, [(level, label)]).
+# `d` and `K` are read from the run's checkpoint (its args); a level that needs one it lacks is left out.
+PANEL_GUIDES = {
+    'output_std': ('output std of z / ||z|| (collapse: 0)',
+                   [(lambda d, K: d ** -0.5, 'healthy 1/sqrt(d)'), (lambda d, K: 0.0, 'collapsed 0')]),
+    'teacher_entropy': ('teacher entropy (0: one-hot, ln K: uniform)',
+                        [(lambda d, K: math.log(K), 'ln K (uniform)'), (lambda d, K: 0.0, '0 (one-hot)')]),
+    'tau': ('EMA rate tau of the target', [(lambda d, K: 1.0, '1 (target frozen)')]),
+    'm': ('EMA momentum m of the teacher / key encoder', [(lambda d, K: 1.0, '1 (frozen)')]),
+}
+STEP_FIELDS = ('epoch', 'step', 'loss', 'images_per_s', 'lr')  # in every step record (lr: its own panel)
+
+
+def metric_panels(records, run_args=None):
+    """The panels of metrics.png beyond loss, lr and kNN: one per scalar the method logs every step
+    (BYOL, SimSiam: output_std; DINO: teacher_entropy; the EMA rates tau, m; any other), in the order
+    they first appear, each a dict(name, title, steps, values, levels=[(value, label)]). The levels are
+    the healthy and collapsed values where they are known: output_std 1/sqrt(d) (d = --proj-dim, the
+    width of z) and 0; teacher_entropy ln K (K = --out-dim) and 0; the EMA rates 1. `run_args`: the run's
+    args (a dict, from its checkpoint), or None when there is none."""
+    run_args = run_args or {}
+    d, K = run_args.get('proj_dim'), run_args.get('out_dim')
+    names = []
+    for record in records:
+        if 'step' in record:
+            names += [k for k, v in record.items() if k not in STEP_FIELDS and k not in names
+                      and isinstance(v, (int, float))]
+    panels = []
+    for name in names:
+        shown = [r for r in records if 'step' in r and isinstance(r.get(name), (int, float))]
+        title, guides = PANEL_GUIDES.get(name, (name, []))
+        levels = []
+        for level, label in guides:
+            try:
+                levels.append((float(level(d, K)), label))
+            except (TypeError, ValueError):  # d or K unknown (no checkpoint)
+                pass
+        panels.append(dict(name=name, title=title, steps=[r['step'] for r in shown],
+                           values=[r[name] for r in shown], levels=levels))
+    return panels
+
+
+def plot_metrics(output_dir, run_args=None):
+    """metrics.jsonl -> metrics.png: loss and lr per step, kNN accuracy per epoch, then a panel for every
+    other scalar logged per step (metric_panels: the collapse indicators and EMA rates, with their levels).
+    `run_args` (a dict): the run's args, read from its checkpoint when not given."""
     if get_rank() != 0:
         return
     import matplotlib
@@ -2665,7 +2817,16 @@ def plot_metrics(output_dir):
     records = read_metrics(path)
     steps = [r for r in records if 'step' in r]
     knn = [r for r in records if 'knn_top1' in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    checkpoint = os.path.join(output_dir, 'checkpoint.pth')
+    if run_args is None and os.path.exists(checkpoint):  # d and K for the levels (mmap: no weights read)
+        try:
+            run_args = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True).get('args')
+        except Exception:
+            run_args = None
+    panels = metric_panels(records, run_args)
+    rows = 1 + -(-len(panels) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4 * rows), squeeze=False)
+    axes = axes.flatten()
     axes[0].plot([r['step'] for r in steps], [r['loss'] for r in steps])
     axes[0].set(xlabel='step', ylabel='loss', title='training loss')
     if steps and 'lr' in steps[0]:
@@ -2673,6 +2834,14 @@ def plot_metrics(output_dir):
     axes[1].set(xlabel='step', ylabel='lr', title='learning rate')
     axes[2].plot([r['epoch'] for r in knn], [r['knn_top1'] for r in knn], marker='o')
     axes[2].set(xlabel='epoch', ylabel='top-1 (%)', title='kNN accuracy')
+    for ax, panel in zip(axes[3:], panels):
+        ax.plot(panel['steps'], panel['values'], label=panel['name'])
+        for (value, label), style in zip(panel['levels'], ('--', ':', '-.')):
+            ax.axhline(value, color='grey', linestyle=style, label=label)
+        ax.set(xlabel='step', ylabel=panel['name'], title=panel['title'])
+        ax.legend(fontsize=8)
+    for ax in axes[3 + len(panels):]:
+        ax.axis('off')
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, 'metrics.png'), dpi=100)
     plt.close(fig)
@@ -2831,6 +3000,21 @@ def load_eval_backbone(args, state, device):
     if uses_channels_last(args, device):
         backbone = backbone.to(memory_format=torch.channels_last)
     return backbone
+
+
+def load_untrained_backbone(args, state, device):
+    """--compare-random-init: the untrained network of the same seed, the one the checkpoint's run started
+    from: seeded with that run's --seed (else this --seed), then built as load_eval_backbone builds one (a
+    method file builds its backbone first after common.setup's seeding, and so does this)."""
+    torch.manual_seed((state or {}).get('args', {}).get('seed', args.seed))
+    return load_eval_backbone(args, None, device)
+
+
+def class_names(args, base):
+    """The names of the classes of --data (a folder's class folders, torchvision's names, the textures of the
+    procedural data), by label."""
+    names = args.dataset_info.get('classes') or getattr(base, 'classes', None)
+    return list(names) if names else [str(c) for c in range(args.dataset_info['num_classes'])]
 
 
 @torch.no_grad()

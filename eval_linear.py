@@ -40,6 +40,11 @@ Run:
   python eval_linear.py --random-init --arch resnet18 --data cifar10                 # the untrained baseline
   python eval_linear.py runs/simsiam-imagenet-resnet50/checkpoint.pth --augment --recipe simsiam
   torchrun --nproc_per_node=8 eval_linear.py runs/dino-imagenet-vit_small/checkpoint.pth --augment --json linear.json
+
+Label efficiency (fast protocol): `--labels-per-class 1 10 100 all --plot curve.png` fits the fast probe on
+that many labelled training images per class (nested subsets drawn from --seed), scores each on the whole
+test split, and plots top-1 against labels per class; `--compare-random-init` adds the untrained network
+of the same seed.
 """
 import argparse
 import math
@@ -68,6 +73,14 @@ fast.add_argument('--weight-decays', type=float, nargs='+', default=[1e-6, 1e-5,
                   help='the L2 strengths tried on the held-out part of the training set')
 fast.add_argument('--val-fraction', type=float, default=0.1, help='training images held out to choose the weight decay')
 fast.add_argument('--max-iter', type=int, default=1000, help='L-BFGS iterations at most, per fit')
+curve = parser.add_argument_group('label efficiency (fast protocol)')
+curve.add_argument('--labels-per-class', nargs='+', default=None, metavar='N',
+                   help='fit the fast probe on N labelled training images per class (nested subsets drawn '
+                        'from --seed; "all": every one) and score each on the whole test split')
+curve.add_argument('--plot', default=None, metavar='PNG', help='draw top-1 against labels per class')
+curve.add_argument('--compare-random-init', action='store_true',
+                   help='the same curve for the untrained network of the same seed (the one the run '
+                        'started from)')
 papers = parser.add_argument_group("papers' protocol (--augment): SGD on augmented views, one paper's recipe")
 papers.add_argument('--augment', action='store_true', help="train on RandomResizedCrop + flip views (the papers' protocol)")
 papers.add_argument('--recipe', default=None, help='moco | simsiam | dino; None: dino for ViTs, moco for ResNets')
@@ -144,6 +157,104 @@ def check_linear_args(args):
             args.output_dir = os.path.join(folder, f'linear-{args.recipe}')
     args.n_last_blocks = args.n_last_blocks or 1
     args.avgpool_patchtokens = bool(args.avgpool_patchtokens)
+    check_curve_args(args)
+
+
+def check_curve_args(args):
+    """One-line errors for the label-efficiency flags; --labels-per-class becomes a list of ints and 'all'."""
+    if args.labels_per_class is None:
+        if args.plot or args.compare_random_init:
+            raise common.UsageError('--plot and --compare-random-init draw the label-efficiency curve; add '
+                                    '--labels-per-class, e.g. --labels-per-class 1 10 100 all')
+        return
+    if args.augment:
+        raise common.UsageError('--labels-per-class fits the fast probe; drop --augment')
+    if args.compare_random_init and args.random_init:
+        raise common.UsageError('--compare-random-init compares a checkpoint with its untrained network; '
+                                'with --random-init there is no checkpoint: drop one of the two')
+    counts = []
+    for value in args.labels_per_class:
+        if value != 'all' and not (value.isdigit() and int(value) > 0):
+            raise common.UsageError(f"--labels-per-class takes whole numbers >= 1 and 'all', not '{value}'")
+        counts.append(value if value == 'all' else int(value))
+    args.labels_per_class = sorted(set(counts), key=lambda n: math.inf if n == 'all' else n)
+    if args.plot:
+        common.check_writable_file(args.plot, '--plot')
+
+
+# =============================================================================
+# Label efficiency: the fast probe on nested subsets of the labelled images
+# =============================================================================
+
+def nested_subsets(labels, counts, seed):
+    """{n: indices} of the training images kept with n labels per class ('all': every image), sorted. Each
+    class's images are put in the order of one permutation drawn from `seed`; subset n takes the first n of
+    every class, so a smaller subset lies inside every larger one and holds exactly n images per class."""
+    labels = labels.cpu()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    by_class = [order[labels[order] == c] for c in labels.unique().tolist()]
+    return {n: torch.arange(len(labels)) if n == 'all' else
+            torch.cat([kept[:n] for kept in by_class]).sort().values for n in counts}
+
+
+def check_subsets(args, labels):
+    """Before any fit: each n at most the smallest class, and 2 images left to fit beside the held-out."""
+    sizes = torch.bincount(labels.cpu())
+    sizes = sizes[sizes > 0]
+    largest = max([n for n in args.labels_per_class if n != 'all'], default=0)
+    if largest > int(sizes.min()):
+        raise common.UsageError(f'--labels-per-class {largest} is more than the {int(sizes.min())} training '
+                                f'images of the smallest class; use {int(sizes.min())} or fewer (or all)')
+    for n in args.labels_per_class:
+        total = len(labels) if n == 'all' else n * len(sizes)
+        if total - max(1, round(args.val_fraction * total)) < 2:
+            raise common.UsageError(f'--labels-per-class {n} leaves fewer than 2 images to fit beside the '
+                                    f'held-out ones ({total} in all); ask for more labels per class')
+
+
+def labelled_labels(args):
+    """The labels of the labelled training images (from the dataset, before any image is read)."""
+    base = common.base_dataset(args, common.labelled_split(args))
+    return torch.as_tensor(list(base.targets) if hasattr(base, 'targets') else base.labels.tolist()).long()
+
+
+def label_efficiency(args, features, subsets, num_classes):
+    """The fast probe fitted on each subset of the training features (its weight decay chosen on a held-out
+    part of that subset alone) and scored on the whole test split: a list of points (dicts)."""
+    train_x, train_y, test_x, test_y = features
+    points = []
+    for n, kept in subsets.items():
+        kept = kept.to(train_x.device)
+        result = fast_linear_probe(train_x[kept], train_y[kept], test_x, test_y, num_classes,
+                                   args.weight_decays, args.val_fraction, args.seed, args.max_iter)
+        common.print0(f"  {n} labels per class ({len(kept)} images): top-1 {result['top1']:6.2f}  "
+                      f"top-5 {result['top5']:6.2f}")
+        points.append(dict(labels_per_class=n, images=len(kept), top1=result['top1'], top5=result['top5'],
+                           weight_decay=result['weight_decay'], result=result))
+    return points
+
+
+def plot_label_efficiency(curves, per_class_all, path, title):
+    """Top-1 against labels per class (log axis), one line per network in `curves` ({name: points}); 'all'
+    is drawn at the mean number of training images per class, `per_class_all`."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        x = [per_class_all if p['labels_per_class'] == 'all' else p['labels_per_class'] for p in points]
+        ax.plot(x, [p['top1'] for p in points], marker='o', label=name)
+    ticks = [p['labels_per_class'] for p in next(iter(curves.values()))]
+    ax.set_xscale('log')
+    ax.set_xticks([per_class_all if t == 'all' else t for t in ticks],
+                  [f'all ({per_class_all:g})' if t == 'all' else str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set(xlabel='labelled training images per class', ylabel='test top-1 (%)', title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # =============================================================================
@@ -353,11 +464,40 @@ def main():
                                     f'use at least {5 / num_train:.3g}')
         common.print0(f'  fast linear probe: L-BFGS logistic regression on the standardised {features.describe()} '
                       f'({features.embed_dim}-d), weight decay chosen on held-out training images (seed {args.seed})')
+        if args.labels_per_class:
+            check_subsets(args, labelled_labels(args))
         train_x, train_y, test_x, test_y = common.extract_train_test_features(features, eval_loaders, device, args,
                                                                               normalize=False)
-        results = fast_linear_probe(train_x, train_y, test_x, test_y, num_classes, args.weight_decays,
-                                    args.val_fraction, args.seed, args.max_iter)
-        record = dict(protocol='fast', recipe=None, weight_decay=results['weight_decay'],
+        curves = {}
+        if args.labels_per_class:
+            subsets = nested_subsets(train_y, args.labels_per_class, args.seed)
+            name = f"{state['method']} epoch {state['epoch']}" if state else 'random-init'
+            curves[name] = label_efficiency(args, (train_x, train_y, test_x, test_y), subsets, num_classes)
+            if args.compare_random_init:
+                untrained = ProbeFeatures(common.load_untrained_backbone(args, state, device),
+                                          args.n_last_blocks, args.avgpool_patchtokens)
+                common.print0('  the untrained network of the same seed:')
+                untrained_features = common.extract_train_test_features(untrained, eval_loaders, device, args,
+                                                                        normalize=False)
+                curves['untrained (same seed)'] = label_efficiency(args, untrained_features, subsets,
+                                                                   num_classes)
+            if args.plot and is_main:
+                data_name = os.path.basename(os.path.normpath(args.data))
+                plot_label_efficiency(curves, len(train_y) / len(train_y.unique()), args.plot,
+                                      f'linear probe (fast) on {data_name}')
+                common.print0(f'  label-efficiency curve -> {args.plot}')
+        everything = [p for p in next(iter(curves.values()), []) if p['labels_per_class'] == 'all']
+        if everything:  # the 'all' point is the plain fast probe: not fitted twice
+            results = everything[0]['result']
+        else:
+            results = fast_linear_probe(train_x, train_y, test_x, test_y, num_classes, args.weight_decays,
+                                        args.val_fraction, args.seed, args.max_iter)
+        curve_record = {}
+        if curves:  # every point of every curve (the classifiers left out)
+            curve_record = dict(subsets_seed=args.seed, label_efficiency={
+                name: [{k: v for k, v in p.items() if k != 'result'} for p in points]
+                for name, points in curves.items()})
+        record = dict(**curve_record,protocol='fast', recipe=None, weight_decay=results['weight_decay'],
                       weight_decay_sweep={f'{wd:g}': top1 for wd, top1 in results['sweep'].items()},
                       val_images=max(1, round(args.val_fraction * num_train)), max_iter=args.max_iter)
     seconds = time.time() - start
