@@ -1,25 +1,31 @@
-"""Plumbing shared by every method file: nothing in here is a method.
+"""What every method file shares: the building blocks of the papers first, then the plumbing.
+Nothing in here is a method: each method file decides every hyper-parameter and passes it in.
+Docs: docs/input-pipeline.md (the two input paths), docs/evaluation.md (kNN, linear probe).
 
-Sections, in the order a method file uses them:
-  1. errors and arguments      UsageError, get_args_parser, parse_args (presets, dataset defaults)
-  2. distributed               setup (torchrun or one process), collectives, SyncBN, DDP wrapping
-  3. backbones                 torchvision ResNet (CIFAR stem, width) and a ViT (DINO / MoCo v3 style)
-  4. augmentations and views   augmentation(...) building block, Views (2 views, asymmetric, multi-crop);
-                               4b: the same views in batches on the device (--augment device)
-  5. data                      datasets (torchvision, folders, procedural), the epoch-seeded sampler, Loader;
-                               5b: images held on (or JPEGs decoded on) the device, DeviceLoader
-  6. optimisation              parameter groups, LARS, schedules, EMA update
-  7. running                   autocast, checkpoints, MetricLogger, plots
-  8. evaluation                feature extraction, weighted kNN, the kNN monitor
+Contents (what the method files call, in the order a method file uses it):
+  A. Building blocks
+  A1. backbones       build_backbone: ResNet (CIFAR stem, width), VisionTransformer (DINO / MoCo v3 style)
+  A2. views           augmentation (one random view), simclr_jitter, Views (2 views, asymmetric, multi-crop),
+                      multi_crop_views, forward_by_size; their batched twin is device_augment.py
+  A3. optimisation    scale_lr, param_groups, LARS, build_optimizer, cosine_schedule, step_schedule,
+                      set_lr, set_weight_decay, ema_update, clip_gradients
+  A4. collectives     all_gather_with_grad (SimCLR's negatives), all_gather_no_grad, all_reduce_sum, broadcast
+  A5. measures        knn_monitor / knn_accuracy (weighted kNN), normalized_output_std (collapse indicator)
+  B. Plumbing
+  B1. arguments       run (the entry wrapper: one-line errors), UsageError, get_args_parser, parse_args,
+                      check_ranges, apply_arch_preset, apply_epoch_preset
+  B2. processes       setup (torchrun or one process, seed, output directory), prepare_model (SyncBN, DDP),
+                      seed_epoch, get_rank, get_world_size
+  B3. data            build_train_loader, build_eval_loaders (datasets, the epoch-seeded sampler, Loader)
+  B4. running         autocast, resume, save_checkpoint, MetricLogger, plot_metrics
+  B5. evaluation      what eval_knn.py and eval_linear.py share (their parser, the backbone of a checkpoint)
+  B6. device data     --augment device: images held on (or JPEGs decoded on) the device, DeviceLoader
 
 Training-loop contract (fixed, so method files never change when the input pipeline does):
 `loader.epoch(epoch)` yields `(views, labels, indices)`; `views` is a list of float tensors
 (B, 3, H, W), already on the training device and normalised; `indices` are dataset indices.
 The augmentation of image i in epoch e is a function of (seed, e, i) only, so a resumed run
 sees exactly the views an uninterrupted run would have seen.
-
-The method file decides every hyper-parameter and passes it in; nothing here picks a
-method's recipe.
 """
 import argparse
 import datetime
@@ -46,6 +52,8 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
+import device_augment
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'vit_tiny', 'vit_small', 'vit_base')
@@ -53,7 +61,653 @@ DATASETS = ('cifar10', 'cifar100', 'stl10', 'procedural')
 
 
 # =============================================================================
-# 1. Errors and arguments
+# A1. Backbones: features only, `embed_dim` tells their size
+# =============================================================================
+
+class ResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with the classifier removed, an optional CIFAR stem
+    (3x3 stride-1 conv1, no max-pool) and a base width (64 = the standard network).
+    State-dict keys match torchvision's, so weights load into `torchvision.models.resnet50`."""
+
+    def __init__(self, block, layers, width=64, cifar_stem=False, zero_init_residual=False):
+        self._width = width
+        super().__init__(block, layers, zero_init_residual=zero_init_residual)
+        self.embed_dim = 8 * width * block.expansion
+        if cifar_stem or width != 64:
+            self.conv1 = nn.Conv2d(3, width, 3 if cifar_stem else 7, 1 if cifar_stem else 2,
+                                   1 if cifar_stem else 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
+        if cifar_stem:
+            self.maxpool = nn.Identity()
+        self.fc = nn.Identity()
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # first stage: the stem's output width
+            self.inplanes = self._width
+        return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: drop a residual branch for whole samples, rescale the kept ones."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        if return_attention:  # explicit softmax, to look at it
+            attention = (q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
+            x = attention @ v
+        else:  # fused kernel (flash / memory-efficient attention)
+            attention, x = None, F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C)), attention
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)), with drop-path."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path_rate):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x, return_attention=False):
+        y, attention = self.attn(self.norm1(x), return_attention)
+        x = x + drop_path(y, self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        return x, attention
+
+
+def sincos_pos_embed(grid_h, grid_w, dim, temperature=10000.0):
+    """Fixed 2-D sin-cos position embedding (MoCo v3): (1, 1 + h*w, dim), zeros for the CLS token.
+    A quarter of the channels each, in the order of the authors' vits.py: sin(y*w_k), cos(y*w_k), sin(x*w_k),
+    cos(x*w_k), w_k = T^(-k/(dim/4)), with y the patch's row and x its column (their code names the row
+    coordinate `grid_w`: the row frequencies come first). The order is arbitrary for training from scratch,
+    but a released MoCo v3 checkpoint was trained with this one. (They only ever build square grids.)"""
+    assert dim % 4 == 0, 'sin-cos position embedding needs a dim divisible by 4'
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing='ij')
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    out_y, out_x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega  # (h*w, dim/4), tokens row-major
+    pe = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), pe]).float()[None]
+
+VIT_INITS = ('dino', 'mocov3')
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al. 2021) as used by DINO and MoCo v3: patch embedding, CLS token,
+    pre-norm blocks, final LayerNorm; returns the CLS token (B, D). The position embedding
+    (learned, or fixed 2-D sin-cos) is interpolated for inputs of another size than `image_size`.
+
+    `init` chooses the authors' initialisation (the method file asks for its own):
+      'dino'   (DINO's vision_transformer.py): every Linear trunc-normal std 0.02 with zero bias, the CLS token
+               and a learned position embedding trunc-normal 0.02, the patch projection left at Conv2d's
+               default init (kaiming-uniform weight, random bias).
+      'mocov3' (MoCo v3's vits.py): the q, k and v thirds of the qkv Linear each uniform in +-sqrt(6 / (D + D))
+               (xavier as if they were three D x D layers), every other Linear xavier-uniform, all biases
+               zero, the CLS token N(0, 1e-6), the patch projection xavier-uniform over its flattened
+               fan, +-sqrt(6 / (3 p^2 + D)), with a zero bias. With the patch projection frozen (Sec. 4.2)
+               this init IS the layer used for the whole run."""
+
+    def __init__(self, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0,
+                 drop_path_rate=0.0, pos_embed='learned', freeze_patch_embed=False, init='dino'):
+        super().__init__()
+        if init not in VIT_INITS:
+            raise UsageError(f"unknown ViT init '{init}'; choose one of: {', '.join(VIT_INITS)}")
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        grid = image_size // patch_size
+        if pos_embed == 'sincos':
+            self.register_buffer('pos_embed', sincos_pos_embed(grid, grid, embed_dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # stochastic depth grows with depth
+        # (device='cpu': released.py builds backbones on the meta device to read their shapes)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        if init == 'dino':
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+        else:
+            nn.init.normal_(self.cls_token, std=1e-6)
+            for name, m in self.named_modules():
+                if isinstance(m, nn.Linear) and name.endswith('qkv'):  # (3D, D): q, k, v are each D x D
+                    bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                elif isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
+            fan = 3 * patch_size * patch_size + embed_dim  # the (D, 3, p, p) kernel seen as a Linear 3 p^2 -> D
+            nn.init.uniform_(self.patch_embed.weight, -math.sqrt(6.0 / fan), math.sqrt(6.0 / fan))
+            nn.init.zeros_(self.patch_embed.bias)
+        if freeze_patch_embed:  # MoCo v3 "random patch projection": weight AND bias stay at init
+            self.patch_embed.weight.requires_grad_(False)
+            self.patch_embed.bias.requires_grad_(False)
+
+    def interpolate_pos_embed(self, grid_h, grid_w):
+        """(1, 1 + grid_h*grid_w, D): the stored embedding resampled (bicubic) to another grid, as DINO's
+        interpolate_pos_encoding does it: F.interpolate with scale_factor (g + 0.1) / N per axis (N the
+        stored side, g the new one; the 0.1 makes floor(N * scale) land on g despite rounding). The scale,
+        not the output size, then sets where the samples fall: output cell i reads the source at
+        (i + 0.5) * N / (g + 0.1) - 0.5, not (i + 0.5) * N / g - 0.5, up to 0.2 cells apart for 14 -> 6.
+        Released DINO weights give the authors' outputs on other input sizes only this way."""
+        n = self.pos_embed.shape[1] - 1
+        side = int(math.sqrt(n))
+        if grid_h == grid_w == side:
+            return self.pos_embed
+        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+        patches = F.interpolate(patches.float(), scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
+                                mode='bicubic', align_corners=False)    # (1, D, grid_h, grid_w)
+        assert patches.shape[-2:] == (grid_h, grid_w), (patches.shape, grid_h, grid_w)
+        return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(cls.dtype)], dim=1)
+
+    def tokens(self, x):
+        B, _, H, W = x.shape
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
+        return x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)[:, 0]  # CLS token after the final norm, (B, D)
+
+    def get_intermediate_layers(self, x, n=1):
+        """Tokens after each of the last `n` blocks, each through the final norm (DINO's linear
+        protocol reads their CLS tokens): a list of n tensors (B, 1 + N, D), the last block's last."""
+        x = self.tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
+    @torch.no_grad()
+    def get_last_selfattention(self, x):
+        """Attention of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS token's."""
+        x = self.tokens(x)
+        for block in self.blocks[:-1]:
+            x, _ = block(x)
+        return self.blocks[-1](x, return_attention=True)[1]
+
+VIT_SIZES = {'vit_tiny': (192, 12, 3), 'vit_small': (384, 12, 6), 'vit_base': (768, 12, 12)}  # dim, depth, heads
+
+
+def build_backbone(args):
+    """The backbone named by args.arch (features only; `.embed_dim` is their size)."""
+    if args.arch.startswith('resnet'):
+        block, layers = {'resnet18': (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
+                         'resnet34': (torchvision.models.resnet.BasicBlock, [3, 4, 6, 3]),
+                         'resnet50': (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3])}[args.arch]
+        return ResNet(block, layers, args.width, args.cifar_stem, args.zero_init_residual)
+    dim, depth, heads = VIT_SIZES[args.arch]
+    return VisionTransformer(args.image_size, args.patch_size, dim, depth, args.num_heads or heads,
+                             drop_path_rate=args.drop_path, pos_embed=args.pos_embed,
+                             freeze_patch_embed=args.freeze_patch_embed, init=getattr(args, 'vit_init', 'dino'))
+
+
+# =============================================================================
+# A2. Augmentations and views (the batched device version: device_augment.py)
+# =============================================================================
+
+def augmentation(size, scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
+                 blur_prob=0.0, solarize_prob=0.0, flip=True, interpolation='bilinear'):
+    """One random view: RandomResizedCrop -> flip -> colour jitter -> grayscale -> blur -> solarize.
+
+    Every probability and strength is the method's to choose (they differ per paper and,
+    for BYOL/MoCo v3/DINO, per view). Blur: Gaussian, sigma in [0.1, 2]. Returns an Augmentation:
+    called on a PIL image (--augment cpu) it gives a uint8 (3, size, size) tensor; Views.batch does
+    the same to batches of uint8 tensors on the device (--augment device). Normalisation happens on
+    the device.
+    """
+    mode = {'bilinear': T.InterpolationMode.BILINEAR, 'bicubic': T.InterpolationMode.BICUBIC}[interpolation]
+    steps = [T.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True)]
+    if flip:
+        steps.append(T.RandomHorizontalFlip())
+    if jitter_prob > 0:
+        steps.append(T.RandomApply([T.ColorJitter(*jitter)], p=jitter_prob))
+    if grayscale_prob > 0:
+        steps.append(T.RandomGrayscale(p=grayscale_prob))
+    if blur_prob > 0:
+        steps.append(T.RandomApply([GaussianBlur(sigma=(0.1, 2.0))], p=blur_prob))
+    if solarize_prob > 0:
+        steps.append(T.RandomSolarize(threshold=128, p=solarize_prob))  # BYOL: invert pixels above 128
+    steps.append(T.PILToTensor())
+    return device_augment.Augmentation(steps)
+
+
+class GaussianBlur:
+    """Gaussian blur with sigma ~ U(sigma) (SimCLR Appendix A: sigma in [0.1, 2.0]).
+
+    PIL's filter (its `radius` is the standard deviation) as in the PyTorch code of MoCo v2,
+    SwAV, DINO and MoCo v3. SimCLR's TF code truncates the kernel at 10% of the image side,
+    which changes nothing visible at 224 px. torchvision's GaussianBlur on a PIL image is
+    about 10x slower (27 ms vs 1-3 ms for a 224-px crop) and starved the GPU in multi-crop.
+    sigma is drawn from torch's generator, so the view stays a function of (seed, epoch, i)."""
+
+    batched_blur = True  # device_augment.Augmentation draws this blur in batches (device_augment.gaussian_blur)
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        sigma = torch.empty(()).uniform_(*self.sigma).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def simclr_jitter(strength):
+    """SimCLR's colour distortion strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)."""
+    return (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+
+
+def eval_transform(image_size, native_size):
+    """Deterministic view for evaluation: small images as they are (resized if needed);
+    large ones resized to 256/224 of the crop, then centre-cropped."""
+    if native_size <= 64:
+        steps = [] if native_size == image_size else [T.Resize(image_size, antialias=True)]
+        return device_augment.Augmentation(steps + [T.CenterCrop(image_size), T.PILToTensor()])
+    return device_augment.Augmentation([T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC,
+                                  antialias=True), T.CenterCrop(image_size), T.PILToTensor()])
+
+
+class Views:
+    """Applies a list of transforms to one image and returns the list of views:
+    [t, t] = two symmetric views (SimCLR, MoCo, SimSiam); [t1, t2] = asymmetric views (BYOL,
+    MoCo v3); [global1, global2, local, ..., local] = multi-crop (SwAV, DINO)."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+    def batch(self, groups, indices, heights, widths, epoch, seed):
+        """--augment device: the same list of views for a whole batch, each float (B, 3, S, S) in [0, 1] on
+        the device. `groups` holds the batch's images as [(canvas, members)]: uint8 (b, 3, Hc, Wc) canvases
+        on the device, image k in the top-left heights[k] x widths[k] pixels of its canvas, and members,
+        the (b,) places of these images in the batch (a host tensor; None: the whole batch in one canvas).
+        `indices`, `heights`, `widths` (B,) are host int64 tensors: view number v of dataset image i in
+        epoch e is drawn from the key (seed, e, i, v) alone, so it does not depend on the batch, the rank
+        or a resume. Views of one size and filter are cropped and coloured together, in one batch."""
+        views = [None] * len(self.transforms)
+        shapes = {}
+        for number, t in enumerate(self.transforms):
+            shapes.setdefault((t.size, t.mode, t.threshold), []).append(number)
+        for numbers in shapes.values():
+            drawn = [self.transforms[v].draw(device_augment.view_keys(seed, epoch, v, indices), heights, widths) for v in numbers]
+            p = {name: torch.cat([d[name] for d in drawn]) for name in drawn[0]}        # view-major, (V*B, ...)
+            x = device_augment.crop_views(groups, [self.transforms[v] for v in numbers], p, len(indices))
+            x = device_augment.colour_views(x, p, self.transforms[numbers[0]].threshold)
+            for j, v in enumerate(numbers):
+                views[v] = x[j * len(indices):(j + 1) * len(indices)]
+        return views
+
+
+def forward_by_size(backbone, crops):
+    """Multi-crop forward (SwAV, DINO): crops of one size are consecutive in `crops` (multi_crop_views
+    orders them so); each size goes through the backbone in ONE call, so a batch's BN statistics and
+    the ViT's position-embedding interpolation are per size. Returns (len(crops) * n, D) features."""
+    groups = itertools.groupby(crops, key=lambda crop: crop.shape[-2:])
+    return torch.cat([backbone(torch.cat(list(same_size))) for _, same_size in groups])
+
+
+def multi_crop_views(global_transforms, local_transform, num_local):
+    """Multi-crop (SwAV, DINO): the global views (each its own transform, they may differ) then
+    `num_local` local views. Views of one size come next to each other, so a method can batch
+    them into one backbone call."""
+    return Views(list(global_transforms) + [local_transform] * num_local)
+
+
+# =============================================================================
+# A3. Optimisation: LARS, lr scaling, schedules, EMA
+# =============================================================================
+
+def scale_lr(base_lr, batch_size):
+    """The linear scaling rule, applied once: lr = base_lr * batch_size / 256."""
+    lr = base_lr * batch_size / 256
+    print0(f'  lr = {base_lr} x {batch_size} / 256 = {lr:.6g}')
+    return lr
+
+
+def param_groups(module, weight_decay, exclude_bias_and_norm=True):
+    """Two groups: weights with weight decay, and biases / norm parameters (1-d tensors)
+    without it, marked `bias_and_norm` so LARS skips its trust ratio for them too.
+    Parameters that do not require gradients are left out."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay, bias_and_norm=False)]
+    if no_decay:
+        groups.append(dict(params=no_decay, weight_decay=0.0, bias_and_norm=True))
+    return groups
+
+LARS_DENOMINATORS = ('update', 'larc')
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017): for each parameter w with gradient g and weight decay wd,
+        g' = g + wd * w;  g' *= trust * ||w|| / denominator  (when ||w|| = 0: g' = g, a plain SGD step);
+        buf = momentum * buf + g';  w -= lr * buf.
+    The authors' optimizers differ in two details, both chosen by `denominator`:
+      'update': the trust ratio's denominator is ||g + wd * w||, the norm of the decayed update, as in
+                SimCLR's LARSOptimizer, BYOL's LARS (optax chain: decay, then the ratio), MoCo v3's and
+                DINO's LARS (their ResNet-50 recipes). A tensor whose gradient is exactly zero still gets
+                g' = wd * w rescaled to eta * w, a shrinking step of lr * eta (all four codes do this).
+      'larc':   ||g|| + wd * ||w|| (+ 1e-8), as NVIDIA apex's LARC, which SwAV wraps around SGD (and
+                solo-learn's LARS). A tensor whose gradient is exactly zero gets no step of its own (LARC
+                then leaves the gradient, zero, undecayed); its momentum buffer still moves it, as torch's SGD.
+    clip (LARC's clip mode, used by solo-learn's CIFAR recipes): the factor becomes
+    min(trust * ||w|| / denominator, lr) / lr, so no parameter moves faster than plain SGD at lr.
+    Groups marked `bias_and_norm` get plain SGD with momentum and no decay."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False,
+                 denominator='update'):
+        if denominator not in LARS_DENOMINATORS:
+            raise UsageError(f"unknown LARS denominator '{denominator}'; choose one of: {', '.join(LARS_DENOMINATORS)}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, clip=clip, denominator=denominator,
+                                      bias_and_norm=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group['bias_and_norm']:
+                    wd = group['weight_decay']
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    update = update.add(p, alpha=wd)
+                    if group.get('denominator', 'update') == 'larc':
+                        denominator = g_norm + wd * w_norm + 1e-8
+                    else:
+                        denominator = torch.linalg.vector_norm(update)
+                    ratio = group['trust_coefficient'] * w_norm / denominator
+                    if group.get('clip') and group['lr'] > 0:
+                        ratio = torch.clamp(ratio / group['lr'], max=1.0)
+                    trust = torch.where((w_norm > 0) & (denominator > 0), ratio, torch.ones_like(ratio))
+                    update = update * trust
+                    if group.get('denominator', 'update') == 'larc':
+                        update = update * (g_norm > 0)  # a zero gradient: no decay-only step (LARC)
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p)
+                buf = state['momentum_buffer']
+                buf.mul_(group['momentum']).add_(update)
+                p.add_(buf, alpha=-group['lr'])
+
+
+def build_optimizer(args, groups, lr):
+    """SGD (momentum), LARS or AdamW (args.optimizer) over param groups that carry their own weight decay."""
+    if args.optimizer == 'sgd':
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
+    if args.optimizer == 'lars':
+        return LARS(groups, lr=lr, momentum=args.momentum, trust_coefficient=args.lars_eta, clip=args.lars_clip,
+                    denominator=args.lars_denominator)
+    if args.optimizer == 'adamw':
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    raise UsageError(f"unknown optimizer '{args.optimizer}'; choose sgd, lars or adamw")
+
+
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0,
+                    warmup_reaches_base=False):
+    """One value per iteration: linear warm-up from `warmup_start` to `base` over
+    `warmup_epochs`, then half a cosine from `base` to `final`. Used for lr, weight decay
+    and EMA momentum (base 0.996 -> final 1). Step i < W of a W-step warm-up is
+      warmup_reaches_base=False: warmup_start + (base - warmup_start) * i / W: `base` first at the cosine's
+                                 first step (MoCo v3's, SimCLR's and BYOL's lr * t / W);
+      warmup_reaches_base=True:  warmup_start + (base - warmup_start) * i / (W - 1): `base` at the last
+                                 warm-up step, and again at the cosine's first (DINO's cosine_scheduler,
+                                 SwAV's schedule: np.linspace with both ends)."""
+    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
+    warm = np.linspace(warmup_start, base, warmup, endpoint=warmup_reaches_base)
+    t = np.arange(total - warmup)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
+    return np.concatenate([warm, cosine])
+
+
+def step_schedule(base, epochs, steps_per_epoch, milestones, gamma=0.1):
+    """One value per iteration: `base`, multiplied by `gamma` at each milestone epoch."""
+    epoch = np.arange(epochs * steps_per_epoch) / steps_per_epoch
+    return base * gamma ** np.searchsorted(np.asarray(milestones), epoch, side='right')
+
+
+def set_lr(optimizer, lr):
+    """Set every group's lr, except groups marked `fixed_lr` (SimSiam's predictor)."""
+    for group in optimizer.param_groups:
+        if not group.get('fixed_lr', False):
+            group['lr'] = float(lr)
+
+
+def set_weight_decay(optimizer, weight_decay):
+    """Set the weight decay of every group except the biases and norms (DINO's schedule)."""
+    for group in optimizer.param_groups:
+        if not group.get('bias_and_norm', False):
+            group['weight_decay'] = float(weight_decay)
+
+
+@torch.no_grad()
+def ema_update(target, online, momentum):
+    """target <- momentum * target + (1 - momentum) * online, parameters only (buffers such as
+    BN statistics are the target's own). The target gets no gradient and no optimizer."""
+    target_params = [p for p in target.parameters()]
+    online_params = [p.detach() for p in online.parameters()]
+    torch._foreach_mul_(target_params, momentum)
+    torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
+
+
+@torch.no_grad()
+def clip_gradients(module, max_norm):
+    """Per-parameter gradient clipping (DINO): each parameter's gradient whose L2 norm exceeds
+    `max_norm` is rescaled to that norm, independently of the others (unlike
+    torch.nn.utils.clip_grad_norm_, which uses one global norm). 0 = off."""
+    if max_norm <= 0:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            norm = torch.linalg.vector_norm(p.grad)
+            p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+# =============================================================================
+# A4. Collectives: what crosses GPUs inside a loss (DDP:)
+# =============================================================================
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # every rank's loss may depend on our slice: sum the gradients of all ranks, keep our slice
+        grad = torch.stack(grads)
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+def all_gather_with_grad(x):
+    """(n, ...) on each rank -> (world * n, ...), rank-major; gradients flow back to every rank's input.
+
+    Use it when the loss on one GPU depends on other GPUs' embeddings AND they need gradients
+    (SimCLR's negatives). A plain all_gather returns tensors detached from the graph.
+    """
+    if get_world_size() == 1:
+        return x
+    return torch.cat(_AllGatherWithGrad.apply(x))
+
+
+@torch.no_grad()
+def all_gather_no_grad(x):
+    """(n, ...) on each rank -> (world * n, ...), rank-major, no gradient (keys, queue entries, indices)."""
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_sum(x):
+    """Sum over all ranks, in place (no-op on one process)."""
+    if get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast(x, src=0):
+    """Overwrite x, in place, with rank `src`'s x on every rank (no-op on one process): a random
+    draw that all ranks must share (e.g. MoCo's shuffle-BN permutation)."""
+    if get_world_size() > 1:
+        dist.broadcast(x, src)
+    return x
+
+
+# =============================================================================
+# A5. Measures: features, weighted kNN, collapse indicators
+# =============================================================================
+
+@torch.no_grad()
+def normalized_output_std(z):
+    """Collapse indicator (SimSiam, Sec. 4.1 and Fig. 2): the standard deviation over the batch of
+    each channel of z / ||z||, averaged over the channels. About 1/sqrt(d) when the (n, d) outputs
+    spread over the unit sphere, 0 when they collapse to one point. Returns a tensor, so that
+    MetricLogger reads it (a host sync) only on logging steps."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+@torch.no_grad()
+def attention_maps(backbone, image):
+    """The last block's attention from the CLS token to every patch, per head, as DINO's
+    figures show it: image (3, H, W) normalised, H and W multiples of the patch size ->
+    (heads, H / patch, W / patch); each map is a probability over patches minus the CLS's own share."""
+    if not isinstance(backbone, VisionTransformer):
+        raise UsageError('attention maps need a ViT backbone (--arch vit_*); this one is a ResNet')
+    was_training = backbone.training
+    backbone.eval()
+    attention = backbone.get_last_selfattention(image[None])  # (1, heads, 1 + N, 1 + N)
+    backbone.train(was_training)
+    grid_h, grid_w = image.shape[1] // backbone.patch_size, image.shape[2] // backbone.patch_size
+    return attention[0, :, 0, 1:].reshape(-1, grid_h, grid_w).float()  # (heads, grid_h, grid_w)
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, device, args, normalize=True):
+    """L2-normalised (or, normalize=False, raw float32) backbone features and labels of a whole
+    (sharded) dataset, gathered from all ranks and put back in dataset order: ((N, D), (N,)).
+    Runs in eval mode (BN frozen)."""
+    was_training = backbone.training
+    backbone.eval()
+    features, labels, indices = [], [], []
+    for views, y, i in loader.epoch(0):
+        with autocast(device, args):
+            output = backbone(views[0]).float()  # (B, D)
+        features.append(F.normalize(output, dim=1) if normalize else output)
+        labels.append(y)
+        indices.append(i)
+    backbone.train(was_training)
+    features, labels, indices = torch.cat(features), torch.cat(labels), torch.cat(indices)
+    bad = int((~torch.isfinite(features).all(dim=1)).sum())
+    if bad:  # a NaN feature is most similar to nothing: the kNN would silently score 0%
+        raise TrainingError(f'the backbone gives non-finite features for {bad} of {len(features)} images '
+                            '(NaN/inf weights, or an overflow in bf16: try --precision fp32)')
+    if get_world_size() > 1:  # DDP: shards have different lengths; pad to the longest, gather, drop the padding
+        n = torch.tensor([len(indices)], device=device)
+        longest = int(all_gather_no_grad(n).max())
+        pad = longest - len(indices)
+        features = F.pad(features, (0, 0, 0, pad))
+        labels, indices = F.pad(labels, (0, pad), value=-1), F.pad(indices, (0, pad), value=-1)
+        features, labels, indices = all_gather_no_grad(features), all_gather_no_grad(labels), all_gather_no_grad(indices)
+        keep = indices >= 0
+        features, labels, indices = features[keep], labels[keep], indices[keep]
+    order = torch.argsort(indices)
+    return features[order], labels[order]
+
+
+@torch.no_grad()
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, ks, temperature, chunk=512):
+    """Weighted kNN classifier (Wu et al. 2018): each test feature's k most cosine-similar
+    training features vote for their class with weight exp(similarity / T). Features must be
+    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks` (1 <= k <= N_train).
+    The votes are summed in log space (log sum_j exp(s_j / T) per class): at a small T, exp(s / T)
+    overflows even float64 (T = 0.001: e^1000), and every class would tie at inf."""
+    if not all(1 <= k <= len(train_features) for k in ks) or not temperature > 0:
+        raise ValueError(f'kNN needs 1 <= k <= {len(train_features)} and T > 0, not k={ks}, T={temperature}')
+    k_max = max(ks)
+    correct = {k: torch.zeros(2, device=test_features.device) for k in ks}
+    for start in range(0, len(test_features), chunk):
+        similarity = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
+        top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
+        logits, neighbour_labels = top_sim.double() / temperature, train_labels[top_idx]  # (c, k_max) log w
+        labels = test_labels[start:start + chunk, None]
+        for k in ks:
+            votes = torch.full((len(top_sim), num_classes), -math.inf, device=top_sim.device,
+                               dtype=torch.float64)
+            peak = votes.scatter_reduce(1, neighbour_labels[:, :k], logits[:, :k], 'amax')  # (c, classes)
+            shifted = (logits[:, :k] - peak.gather(1, neighbour_labels[:, :k])).exp()      # <= 1: no overflow
+            sums = torch.zeros_like(votes).scatter_add_(1, neighbour_labels[:, :k], shifted)
+            votes = peak + sums.log()  # log of the summed weights; -inf for a class without votes
+            top_votes, ranked = votes.topk(min(5, num_classes), dim=1)
+            hit = (ranked == labels) & (top_votes > -math.inf)  # a class without votes is no prediction
+            correct[k] += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+    return {k: tuple((100 * c / len(test_features)).tolist()) for k, c in correct.items()}
+
+
+def extract_train_test_features(backbone, eval_loaders, device, args, normalize=True):
+    """Features and labels of the labelled train split and of the test split."""
+    return (*extract_features(backbone, eval_loaders[0], device, args, normalize),
+            *extract_features(backbone, eval_loaders[1], device, args, normalize))
+
+
+def knn_due(args, epoch):
+    """Is the kNN monitor due after `epoch`? Every --knn-every epochs and after the last."""
+    if args.knn_every < 0:
+        return False
+    return epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0)
+
+
+def knn_monitor(backbone, eval_loaders, device, args):
+    """kNN top-1/top-5 of `backbone` with the monitor's k and T (and top-1 at k=20, the ImageNet
+    convention, for comparison): a dict to log, {} if there is no test split."""
+    if eval_loaders is None:
+        return {}
+    start = time.time()
+    features = extract_train_test_features(backbone, eval_loaders, device, args)
+    k20 = min(20, len(features[0]))
+    results = knn_accuracy(*features, args.dataset_info['num_classes'], sorted({args.knn_k, k20}), args.knn_t)
+    top1, top5 = results[args.knn_k]
+    seconds = time.time() - start
+    print0(f'  kNN (k={args.knn_k}, T={args.knn_t}): top-1 {top1:.2f}  top-5 {top5:.2f}  ({seconds:.0f} s)')
+    return dict(knn_top1=top1, knn_top5=top5, knn_top1_k20=results[k20][0], knn_seconds=seconds)
+
+
+# =============================================================================
+# B1. Plumbing: errors, the entry wrapper, arguments and presets
 # =============================================================================
 
 class UsageError(Exception):
@@ -67,7 +721,6 @@ class TrainingError(Exception):
 class Interrupted(Exception):
     """SIGTERM (a job scheduler, torchrun, `kill`): turned into an exception so that run() can say where the
     last checkpoint is, as for Ctrl-C."""
-
 
 STOP = {}  # the signal that asked this process to stop: set by the handler, checked at every step
 
@@ -430,6 +1083,7 @@ def check_ranges(args, positive=(), non_negative=(), probabilities=()):
 # run from allocating what no machine holds (the schedules of 10^9 epochs, a 99999-px image); inf and nan are
 # outside every range.
 EPOCHS, PIXELS, WIDTH = '[0, 10000]', '[8, 1024]', '[1, 65536]'
+
 RANGES = dict(
     # shared: data, model, optimisation, running
     image_size=PIXELS, workers='[0, 256]', device_data_gb='[0, 1e6]', width='[1, 1024]',
@@ -530,7 +1184,7 @@ def print0(*a, **k):
 
 
 # =============================================================================
-# 2. Distributed: torchrun env, one-process fallback, collectives
+# B2. Plumbing: processes, devices, output directory, DDP wrapping
 # =============================================================================
 
 def get_rank():
@@ -539,7 +1193,6 @@ def get_rank():
 
 def get_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
 
 RUNNING = {}  # the global batch and the number of processes: what an out-of-memory error names
 
@@ -590,7 +1243,6 @@ def setup(args):
                                    if k not in ('notes', 'dataset_info')), flush=True)
     return device, rank, world_size, rank == 0
 
-
 _CREATED_OUTPUT_DIRS = []  # made by this process: removed again if a run fails before writing anything there
 
 
@@ -624,57 +1276,6 @@ def seed_epoch(args, epoch, rank):
     """Re-seed the global RNG at every epoch start (seed + rank, offset by the epoch): dropout, drop-path,
     random permutations... become a function of (seed, rank, epoch), so resuming is exact."""
     torch.manual_seed(args.seed + rank + 100_003 * epoch)
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        # every rank's loss may depend on our slice: sum the gradients of all ranks, keep our slice
-        grad = torch.stack(grads)
-        dist.all_reduce(grad)
-        return grad[dist.get_rank()]
-
-
-def all_gather_with_grad(x):
-    """(n, ...) on each rank -> (world * n, ...), rank-major; gradients flow back to every rank's input.
-
-    Use it when the loss on one GPU depends on other GPUs' embeddings AND they need gradients
-    (SimCLR's negatives). A plain all_gather returns tensors detached from the graph.
-    """
-    if get_world_size() == 1:
-        return x
-    return torch.cat(_AllGatherWithGrad.apply(x))
-
-
-@torch.no_grad()
-def all_gather_no_grad(x):
-    """(n, ...) on each rank -> (world * n, ...), rank-major, no gradient (keys, queue entries, indices)."""
-    if get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-def all_reduce_sum(x):
-    """Sum over all ranks, in place (no-op on one process)."""
-    if get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def broadcast(x, src=0):
-    """Overwrite x, in place, with rank `src`'s x on every rank (no-op on one process): a random
-    draw that all ranks must share (e.g. MoCo's shuffle-BN permutation)."""
-    if get_world_size() > 1:
-        dist.broadcast(x, src)
-    return x
 
 
 def prepare_model(model, args, device):
@@ -715,700 +1316,7 @@ def prepare_model(model, args, device):
 
 
 # =============================================================================
-# 3. Backbones: features only, `embed_dim` tells their size
-# =============================================================================
-
-class ResNet(torchvision.models.ResNet):
-    """torchvision's ResNet with the classifier removed, an optional CIFAR stem
-    (3x3 stride-1 conv1, no max-pool) and a base width (64 = the standard network).
-    State-dict keys match torchvision's, so weights load into `torchvision.models.resnet50`."""
-
-    def __init__(self, block, layers, width=64, cifar_stem=False, zero_init_residual=False):
-        self._width = width
-        super().__init__(block, layers, zero_init_residual=zero_init_residual)
-        self.embed_dim = 8 * width * block.expansion
-        if cifar_stem or width != 64:
-            self.conv1 = nn.Conv2d(3, width, 3 if cifar_stem else 7, 1 if cifar_stem else 2,
-                                   1 if cifar_stem else 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
-        if cifar_stem:
-            self.maxpool = nn.Identity()
-        self.fc = nn.Identity()
-
-    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
-        if planes == 64:  # first stage: the stem's output width
-            self.inplanes = self._width
-        return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
-
-
-def drop_path(x, rate, training):
-    """Stochastic depth: drop a residual branch for whole samples, rescale the kept ones."""
-    if rate == 0.0 or not training:
-        return x
-    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - rate)
-    return x * keep / (1 - rate)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, return_attention=False):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-        if return_attention:  # explicit softmax, to look at it
-            attention = (q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
-            x = attention @ v
-        else:  # fused kernel (flash / memory-efficient attention)
-            attention, x = None, F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C)), attention
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)), with drop-path."""
-
-    def __init__(self, dim, num_heads, mlp_ratio, drop_path_rate):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
-        self.drop_path_rate = drop_path_rate
-
-    def forward(self, x, return_attention=False):
-        y, attention = self.attn(self.norm1(x), return_attention)
-        x = x + drop_path(y, self.drop_path_rate, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
-        return x, attention
-
-
-def sincos_pos_embed(grid_h, grid_w, dim, temperature=10000.0):
-    """Fixed 2-D sin-cos position embedding (MoCo v3): (1, 1 + h*w, dim), zeros for the CLS token.
-    A quarter of the channels each, in the order of the authors' vits.py: sin(y*w_k), cos(y*w_k), sin(x*w_k),
-    cos(x*w_k), w_k = T^(-k/(dim/4)), with y the patch's row and x its column (their code names the row
-    coordinate `grid_w`: the row frequencies come first). The order is arbitrary for training from scratch,
-    but a released MoCo v3 checkpoint was trained with this one. (They only ever build square grids.)"""
-    assert dim % 4 == 0, 'sin-cos position embedding needs a dim divisible by 4'
-    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing='ij')
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    out_y, out_x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega  # (h*w, dim/4), tokens row-major
-    pe = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), pe]).float()[None]
-
-
-VIT_INITS = ('dino', 'mocov3')
-
-
-class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al. 2021) as used by DINO and MoCo v3: patch embedding, CLS token,
-    pre-norm blocks, final LayerNorm; returns the CLS token (B, D). The position embedding
-    (learned, or fixed 2-D sin-cos) is interpolated for inputs of another size than `image_size`.
-
-    `init` chooses the authors' initialisation (the method file asks for its own):
-      'dino'   (DINO's vision_transformer.py): every Linear trunc-normal std 0.02 with zero bias, the CLS token
-               and a learned position embedding trunc-normal 0.02, the patch projection left at Conv2d's
-               default init (kaiming-uniform weight, random bias).
-      'mocov3' (MoCo v3's vits.py): the q, k and v thirds of the qkv Linear each uniform in +-sqrt(6 / (D + D))
-               (xavier as if they were three D x D layers), every other Linear xavier-uniform, all biases
-               zero, the CLS token N(0, 1e-6), the patch projection xavier-uniform over its flattened
-               fan, +-sqrt(6 / (3 p^2 + D)), with a zero bias. With the patch projection frozen (Sec. 4.2)
-               this init IS the layer used for the whole run."""
-
-    def __init__(self, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0,
-                 drop_path_rate=0.0, pos_embed='learned', freeze_patch_embed=False, init='dino'):
-        super().__init__()
-        if init not in VIT_INITS:
-            raise UsageError(f"unknown ViT init '{init}'; choose one of: {', '.join(VIT_INITS)}")
-        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
-        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        grid = image_size // patch_size
-        if pos_embed == 'sincos':
-            self.register_buffer('pos_embed', sincos_pos_embed(grid, grid, embed_dim))
-        else:
-            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # stochastic depth grows with depth
-        # (device='cpu': released.py builds backbones on the meta device to read their shapes)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        if init == 'dino':
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias)
-        else:
-            nn.init.normal_(self.cls_token, std=1e-6)
-            for name, m in self.named_modules():
-                if isinstance(m, nn.Linear) and name.endswith('qkv'):  # (3D, D): q, k, v are each D x D
-                    bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
-                    nn.init.uniform_(m.weight, -bound, bound)
-                elif isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                if isinstance(m, nn.Linear):
-                    nn.init.zeros_(m.bias)
-            fan = 3 * patch_size * patch_size + embed_dim  # the (D, 3, p, p) kernel seen as a Linear 3 p^2 -> D
-            nn.init.uniform_(self.patch_embed.weight, -math.sqrt(6.0 / fan), math.sqrt(6.0 / fan))
-            nn.init.zeros_(self.patch_embed.bias)
-        if freeze_patch_embed:  # MoCo v3 "random patch projection": weight AND bias stay at init
-            self.patch_embed.weight.requires_grad_(False)
-            self.patch_embed.bias.requires_grad_(False)
-
-    def interpolate_pos_embed(self, grid_h, grid_w):
-        """(1, 1 + grid_h*grid_w, D): the stored embedding resampled (bicubic) to another grid, as DINO's
-        interpolate_pos_encoding does it: F.interpolate with scale_factor (g + 0.1) / N per axis (N the
-        stored side, g the new one; the 0.1 makes floor(N * scale) land on g despite rounding). The scale,
-        not the output size, then sets where the samples fall: output cell i reads the source at
-        (i + 0.5) * N / (g + 0.1) - 0.5, not (i + 0.5) * N / g - 0.5, up to 0.2 cells apart for 14 -> 6.
-        Released DINO weights give the authors' outputs on other input sizes only this way."""
-        n = self.pos_embed.shape[1] - 1
-        side = int(math.sqrt(n))
-        if grid_h == grid_w == side:
-            return self.pos_embed
-        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
-        patches = F.interpolate(patches.float(), scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
-                                mode='bicubic', align_corners=False)    # (1, D, grid_h, grid_w)
-        assert patches.shape[-2:] == (grid_h, grid_w), (patches.shape, grid_h, grid_w)
-        return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(cls.dtype)], dim=1)
-
-    def tokens(self, x):
-        B, _, H, W = x.shape
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
-        return x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
-
-    def forward(self, x):
-        x = self.tokens(x)
-        for block in self.blocks:
-            x, _ = block(x)
-        return self.norm(x)[:, 0]  # CLS token after the final norm, (B, D)
-
-    def get_intermediate_layers(self, x, n=1):
-        """Tokens after each of the last `n` blocks, each through the final norm (DINO's linear
-        protocol reads their CLS tokens): a list of n tensors (B, 1 + N, D), the last block's last."""
-        x = self.tokens(x)
-        outputs = []
-        for i, block in enumerate(self.blocks):
-            x, _ = block(x)
-            if i >= len(self.blocks) - n:
-                outputs.append(self.norm(x))
-        return outputs
-
-    @torch.no_grad()
-    def get_last_selfattention(self, x):
-        """Attention of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS token's."""
-        x = self.tokens(x)
-        for block in self.blocks[:-1]:
-            x, _ = block(x)
-        return self.blocks[-1](x, return_attention=True)[1]
-
-
-VIT_SIZES = {'vit_tiny': (192, 12, 3), 'vit_small': (384, 12, 6), 'vit_base': (768, 12, 12)}  # dim, depth, heads
-
-
-def build_backbone(args):
-    """The backbone named by args.arch (features only; `.embed_dim` is their size)."""
-    if args.arch.startswith('resnet'):
-        block, layers = {'resnet18': (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
-                         'resnet34': (torchvision.models.resnet.BasicBlock, [3, 4, 6, 3]),
-                         'resnet50': (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3])}[args.arch]
-        return ResNet(block, layers, args.width, args.cifar_stem, args.zero_init_residual)
-    dim, depth, heads = VIT_SIZES[args.arch]
-    return VisionTransformer(args.image_size, args.patch_size, dim, depth, args.num_heads or heads,
-                             drop_path_rate=args.drop_path, pos_embed=args.pos_embed,
-                             freeze_patch_embed=args.freeze_patch_embed, init=getattr(args, 'vit_init', 'dino'))
-
-
-# =============================================================================
-# 4. Augmentations and views
-# =============================================================================
-
-def augmentation(size, scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
-                 blur_prob=0.0, solarize_prob=0.0, flip=True, interpolation='bilinear'):
-    """One random view: RandomResizedCrop -> flip -> colour jitter -> grayscale -> blur -> solarize.
-
-    Every probability and strength is the method's to choose (they differ per paper and,
-    for BYOL/MoCo v3/DINO, per view). Blur: Gaussian, sigma in [0.1, 2]. Returns an Augmentation:
-    called on a PIL image (--augment cpu) it gives a uint8 (3, size, size) tensor; Views.batch does
-    the same to batches of uint8 tensors on the device (--augment device). Normalisation happens on
-    the device.
-    """
-    mode = {'bilinear': T.InterpolationMode.BILINEAR, 'bicubic': T.InterpolationMode.BICUBIC}[interpolation]
-    steps = [T.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True)]
-    if flip:
-        steps.append(T.RandomHorizontalFlip())
-    if jitter_prob > 0:
-        steps.append(T.RandomApply([T.ColorJitter(*jitter)], p=jitter_prob))
-    if grayscale_prob > 0:
-        steps.append(T.RandomGrayscale(p=grayscale_prob))
-    if blur_prob > 0:
-        steps.append(T.RandomApply([GaussianBlur(sigma=(0.1, 2.0))], p=blur_prob))
-    if solarize_prob > 0:
-        steps.append(T.RandomSolarize(threshold=128, p=solarize_prob))  # BYOL: invert pixels above 128
-    steps.append(T.PILToTensor())
-    return Augmentation(steps)
-
-
-class GaussianBlur:
-    """Gaussian blur with sigma ~ U(sigma) (SimCLR Appendix A: sigma in [0.1, 2.0]).
-
-    PIL's filter (its `radius` is the standard deviation) as in the PyTorch code of MoCo v2,
-    SwAV, DINO and MoCo v3. SimCLR's TF code truncates the kernel at 10% of the image side,
-    which changes nothing visible at 224 px. torchvision's GaussianBlur on a PIL image is
-    about 10x slower (27 ms vs 1-3 ms for a 224-px crop) and starved the GPU in multi-crop.
-    sigma is drawn from torch's generator, so the view stays a function of (seed, epoch, i)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        sigma = torch.empty(()).uniform_(*self.sigma).item()
-        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
-
-
-def simclr_jitter(strength):
-    """SimCLR's colour distortion strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)."""
-    return (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
-
-
-def eval_transform(image_size, native_size):
-    """Deterministic view for evaluation: small images as they are (resized if needed);
-    large ones resized to 256/224 of the crop, then centre-cropped."""
-    if native_size <= 64:
-        steps = [] if native_size == image_size else [T.Resize(image_size, antialias=True)]
-        return Augmentation(steps + [T.CenterCrop(image_size), T.PILToTensor()])
-    return Augmentation([T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC,
-                                  antialias=True), T.CenterCrop(image_size), T.PILToTensor()])
-
-
-class Views:
-    """Applies a list of transforms to one image and returns the list of views:
-    [t, t] = two symmetric views (SimCLR, MoCo, SimSiam); [t1, t2] = asymmetric views (BYOL,
-    MoCo v3); [global1, global2, local, ..., local] = multi-crop (SwAV, DINO)."""
-
-    def __init__(self, transforms):
-        self.transforms = list(transforms)
-
-    def __call__(self, img):
-        return [t(img) for t in self.transforms]
-
-    def batch(self, groups, indices, heights, widths, epoch, seed):
-        """--augment device: the same list of views for a whole batch, each float (B, 3, S, S) in [0, 1] on
-        the device. `groups` holds the batch's images as [(canvas, members)]: uint8 (b, 3, Hc, Wc) canvases
-        on the device, image k in the top-left heights[k] x widths[k] pixels of its canvas, and members,
-        the (b,) places of these images in the batch (a host tensor; None: the whole batch in one canvas).
-        `indices`, `heights`, `widths` (B,) are host int64 tensors: view number v of dataset image i in
-        epoch e is drawn from the key (seed, e, i, v) alone, so it does not depend on the batch, the rank
-        or a resume. Views of one size and filter are cropped and coloured together, in one batch."""
-        views = [None] * len(self.transforms)
-        shapes = {}
-        for number, t in enumerate(self.transforms):
-            shapes.setdefault((t.size, t.mode, t.threshold), []).append(number)
-        for numbers in shapes.values():
-            drawn = [self.transforms[v].draw(view_keys(seed, epoch, v, indices), heights, widths) for v in numbers]
-            p = {name: torch.cat([d[name] for d in drawn]) for name in drawn[0]}        # view-major, (V*B, ...)
-            x = crop_views(groups, [self.transforms[v] for v in numbers], p, len(indices))
-            x = colour_views(x, p, self.transforms[numbers[0]].threshold)
-            for j, v in enumerate(numbers):
-                views[v] = x[j * len(indices):(j + 1) * len(indices)]
-        return views
-
-
-def forward_by_size(backbone, crops):
-    """Multi-crop forward (SwAV, DINO): crops of one size are consecutive in `crops` (multi_crop_views
-    orders them so); each size goes through the backbone in ONE call, so a batch's BN statistics and
-    the ViT's position-embedding interpolation are per size. Returns (len(crops) * n, D) features."""
-    groups = itertools.groupby(crops, key=lambda crop: crop.shape[-2:])
-    return torch.cat([backbone(torch.cat(list(same_size))) for _, same_size in groups])
-
-
-def multi_crop_views(global_transforms, local_transform, num_local):
-    """Multi-crop (SwAV, DINO): the global views (each its own transform, they may differ) then
-    `num_local` local views. Views of one size come next to each other, so a method can batch
-    them into one backbone call."""
-    return Views(list(global_transforms) + [local_transform] * num_local)
-
-
-# ---- 4b. The same views in batches on the device (--augment device) -------------------------------
-# The PIL path runs one image at a time in DataLoader workers; here a whole batch is augmented at
-# once, by tensor operations on whatever device holds the images (the GPU in training, the CPU in
-# the tests), each sample with its own parameters. Augmentation (below) reads the recipe from the
-# very torchvision steps the PIL path runs, so the two paths cannot drift apart, and draws every
-# parameter as torchvision does (RandomResizedCrop's 10 attempts and its fallback, ColorJitter's
-# random order...). The pixels follow PIL's arithmetic (its resampling filters, its blur) in float:
-# they differ from the PIL path by its uint8 rounding between steps, a level or two (tests/test_augment.py).
-#
-# Randomness without generator state: each parameter of each view is a hash of (seed, epoch, image
-# index, view number, parameter number), computed with int64 tensor operations that give the same
-# bits on every device, so a view is the same whatever the batch, the rank, the world size or a
-# resume (the PIL path seeds torch's generator per image instead; the two paths draw different
-# numbers from the same distributions). The parameters are drawn on the host, from the indices it
-# already has, and sent in one copy; nothing is ever read back from the device (no sync per step),
-# and knowing them on the host lets each colour step run on just the samples that make it.
-
-MASK32 = 0xFFFFFFFF
-
-
-def mul32(x, c):
-    """(x * c) mod 2^32 for 0 <= x < 2^32 (an int64 tensor or a Python int) and a constant c < 2^32. c is split
-    into 16-bit halves so that no product exceeds 2^48: int64 tensors never overflow."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
-
-
-def mix32(x):
-    """A bijective 32-bit integer hash (xor-shift-multiply, the constants of Wellons' 'lowbias32'), the same
-    bits for Python ints and for int64 tensors on any device."""
-    x = x ^ (x >> 16)
-    x = mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def view_keys(seed, epoch, view, indices):
-    """(B,) int64 keys of view number `view` of the images `indices` (an int64 tensor) in `epoch`: all the
-    randomness of those views. The (seed, epoch, view) part is hashed on the host; distinct images of
-    one batch get distinct keys (mix32 is a bijection)."""
-    base = mix32(mix32(mix32(mix32(0x5EED0 ^ (seed & MASK32)) ^ ((seed >> 32) & MASK32)) ^ (epoch & MASK32)) ^ view)
-    return mix32(indices.long() ^ base)
-
-
-def key_uniforms(keys, count):
-    """(B, count) float64 uniforms in [0, 1), 32 random bits each: parameter number c of each key."""
-    salt = mix32(torch.arange(1, count + 1, device=keys.device, dtype=torch.int64) * 0x9E3779B1 & MASK32)  # (count,)
-    return mix32(mix32(keys[:, None] ^ salt) ^ salt).double() * 2.0 ** -32
-
-
-def crop_boxes(u, heights, widths, scale, ratio):
-    """RandomResizedCrop.get_params for a batch: (top, left, height, width), each (B,) float64 integers.
-    u: (B, 22) uniforms; heights, widths: (B,) float64 image sizes. As torchvision: up to 10 attempts of
-    (area ~ U(scale) x image area, log aspect ratio ~ U(log ratio)), w = round(sqrt(area * ratio)),
-    h = round(sqrt(area / ratio)); the first attempt that fits the image is kept, placed uniformly;
-    when none fits, the centre crop of the whole image with its aspect ratio clamped to `ratio`.
-    All 10 attempts are drawn for every sample and the first fitting one is selected (no loop, no sync)."""
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    area = (heights * widths)[:, None]                                                    # (B, 1)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:10])                  # (B, 10) attempts
-    aspect = torch.exp(log_low + (log_high - log_low) * u[:, 10:20])                      # (B, 10)
-    w = torch.round(torch.sqrt(target_area * aspect))                                     # round half to even,
-    h = torch.round(torch.sqrt(target_area / aspect))                                     #   as Python's round
-    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])           # (B, 10)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)                              # (B, 1) first fitting
-    found = fits.any(dim=1)                                                               # (B,)
-    in_ratio = widths / heights  # fallback: the whole image, its aspect ratio clamped to [ratio[0], ratio[1]]
-    fallback_w = torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths)
-    fallback_h = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]), heights)
-    w = torch.where(found, w.gather(1, first)[:, 0], fallback_w)
-    h = torch.where(found, h.gather(1, first)[:, 0], fallback_h)
-    top = torch.where(found, torch.floor(u[:, 20] * (heights - h + 1)), torch.floor((heights - h) / 2))
-    left = torch.where(found, torch.floor(u[:, 21] * (widths - w + 1)), torch.floor((widths - w) / 2))
-    return top, left, h, w
-
-
-def resize_shorter_side(heights, widths, size):
-    """T.Resize(size) with an int size: the shorter side becomes `size`, the longer int(size * long / short)."""
-    short, long = torch.minimum(heights, widths), torch.maximum(heights, widths)
-    new_long = torch.floor(size * long / short)
-    return torch.where(heights <= widths, size, new_long), torch.where(heights <= widths, new_long, size)
-
-
-def centre_offset(resized, crop):
-    """T.CenterCrop's first row (or column) in the resized image: round((resized - crop) / 2), or minus its
-    zero padding when the crop is larger than the image."""
-    return torch.where(resized >= crop, torch.round((resized - crop) / 2), -torch.floor((crop - resized) / 2))
-
-
-def resample_weights(start, length, resized, offset, out_size, in_size, interpolation):
-    """(B, out_size, in_size) float32: PIL's resampling of one axis as a matrix. Each sample's box [start,
-    start + length) of the input (a crop; pixels outside it get weight 0, as PIL crops first) is resized
-    to `resized` pixels, of which pixels offset .. offset + out_size - 1 are kept (a centre crop; rows
-    outside the resized image are 0). Output pixel o takes the input pixels p around its centre
-    c = start + (offset + o + 0.5) * length / resized with the weights filter((p + 0.5 - c) / stretch),
-    normalised to sum 1, where stretch = max(1, length / resized) widens the filter when shrinking
-    (antialiasing, Resample.c's precompute_coeffs). Filters: bilinear = triangle of support 1, bicubic =
-    Keys' cubic with a = -0.5 and support 2, as PIL's BILINEAR and BICUBIC. All arguments (B,) float64."""
-    scale = (length / resized)[:, None]                                                         # (B, 1)
-    position = offset[:, None] + torch.arange(out_size, device=start.device, dtype=torch.float64)  # (B, out)
-    centre = start[:, None] + (position + 0.5) * scale                                          # (B, out)
-    pixel = torch.arange(in_size, device=start.device, dtype=torch.float64)                     # (in,)
-    t = ((pixel + 0.5 - centre[:, :, None]) / scale.clamp(min=1.0)[:, :, None]).float()         # (B, out, in)
-    if interpolation == 'bilinear':
-        weights = (1 - t.abs()).clamp(min=0)
-    else:
-        a, x = -0.5, t.abs()
-        weights = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                              torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
-    inside = (pixel >= start[:, None]) & (pixel < (start + length)[:, None])                    # (B, in) the box
-    kept = (position >= 0) & (position < resized[:, None])                                       # (B, out)
-    weights = weights * (inside[:, None, :] & kept[:, :, None])
-    total = weights.sum(dim=2, keepdim=True)
-    return weights / torch.where(total != 0, total, 1.0)
-
-
-def resample(canvas, rows, columns):
-    """Crop-and-resize of a batch as two batched matrix products: float (B, 3, Hc, Wc) canvas of values in
-    [0, 255], row weights (B, oh, Hc), column weights (B, ow, Wc) -> float (B, 3, oh, ow) in [0, 1].
-    Horizontal pass first and each pass clipped to [0, 255], as PIL (which also rounds each to uint8).
-
-    Why matrices: a crop box of any size and position, resized with PIL's antialiasing filter, is exactly
-    one (oh, Hc) and one (ow, Wc) weight matrix per sample, zero outside the box, so a whole batch of
-    differently sized crops is two batched GEMMs (tensor cores on a GPU). torchvision.ops.roi_align
-    averages a fixed grid of bilinear samples per output pixel (a box filter, not PIL's triangle/cubic;
-    no bicubic), and a batched grid_sample reads 4 (16) input pixels per output pixel, so it aliases
-    when it shrinks (a 400-px crop to 96 px) and would need a pre-blur; both differ from the PIL path by
-    more than its rounding. The cost is the dense product: for ImageNet-sized canvases ~0.4 GFLOP per
-    224-px crop, far below what the GPU does in the training step."""
-    batch, _, height, width = canvas.shape
-    x = torch.bmm(canvas.reshape(batch, 3 * height, width), columns.transpose(1, 2)).clamp_(0, 255)  # (B, 3 Hc, ow)
-    return torch.matmul(rows[:, None], x.view(batch, 3, height, -1)).clamp_(0, 255).div_(255)        # (B, 3, oh, ow)
-
-
-def luma(x):
-    """(B, 1, H, W): PIL's conversion to L (ITU-R 601-2: 0.299 R + 0.587 G + 0.114 B), in float."""
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def adjust_hue(x, hue):
-    """F.adjust_hue for a batch: x (B, 3, H, W) in [0, 1], hue (B,) in [-0.5, 0.5] of a full turn. The hue
-    h (in sixths of a turn, from the largest channel) is rotated and the pixel rebuilt from its value
-    v = max and chroma c = max - min: channel n (5, 3, 1 for R, G, B) = v - c * clamp(min(k, 4 - k), 0, 1),
-    k = (n + h) mod 6 (the closed form of the HSV -> RGB sector table; grey pixels stay grey)."""
-    r, g, b = x.unbind(dim=1)                                                    # (B, H, W) each
-    value, minimum = x.amax(dim=1), x.amin(dim=1)
-    chroma = value - minimum
-    safe = torch.where(chroma > 0, chroma, 1.0)
-    sixths = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
-    sixths = sixths + 6 * hue[:, None, None]
-    channels = []
-    for n in (5, 3, 1):
-        k = torch.remainder(n + sixths, 6)
-        channels.append(value - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
-    return torch.stack(channels, dim=1)                                          # (B, 3, H, W)
-
-
-def pil_blur_radius(sigma):
-    """PIL's ImageFilter.GaussianBlur(radius=sigma) is 3 box blurs of this (fractional) radius, whose
-    variances add up to sigma^2 (BoxBlur.c, _gaussian_blur_radius; Gwosdek et al. 2011). In float32 as
-    PIL computes it (sigma (B,) any float dtype -> (B,) float32), so the box weights below are PIL's own."""
-    sigma = sigma.float()
-    variance = sigma * sigma / 3
-    length = torch.sqrt(12.0 * variance.double() + 1.0).float()
-    whole = torch.floor((length.double() - 1.0) / 2.0).float()
-    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) * (whole + 1)))
-    return whole + fraction
-
-
-def box_blur_pass(x, radius, pad):
-    """One of PIL's box blurs along the last axis of x (B, C, H, L), per-sample radius (B,) float32 R =
-    r + fraction: the 2r + 1 pixels around each pixel weigh ww = 1 / (2R + 1) each, the two next ones
-    (1 - (2r + 1) ww) / 2 each, in PIL's 24-bit fixed point; the image edge is repeated. Sums over the
-    window come from a cumulative sum, so the cost does not grow with the radius. pad >= r + 1."""
-    whole = torch.floor(radius).long()
-    ww = torch.floor(2.0 ** 24 / (radius * 2 + 1)).long()              # float32 division, as PIL's C
-    fw = torch.div(2 ** 24 - (2 * whole + 1) * ww, 2, rounding_mode='floor')
-    ww, fw = ww.float() * 2.0 ** -24, fw.float() * 2.0 ** -24
-    length = x.shape[-1]
-    padded = F.pad(x, (pad, pad, 0, 0), mode='replicate')                          # (B, C, H, L + 2 pad)
-    sums = F.pad(padded.cumsum(dim=-1), (1, 0))                                    # sums[k] = padded[:k].sum()
-    centre = torch.arange(length, device=x.device) + pad                           # (L,) in padded coordinates
-    shape = (x.shape[0], x.shape[1], x.shape[2], length)
-
-    def at(values, where):  # values[..., where[b]] for each sample b
-        return values.gather(-1, where.view(-1, 1, 1, length).expand(shape))
-    near = at(sums, centre + whole[:, None] + 1) - at(sums, centre - whole[:, None])   # the 2r + 1 pixels
-    far = at(padded, centre - whole[:, None] - 1) + at(padded, centre + whole[:, None] + 1)
-    return ww.view(-1, 1, 1, 1) * near + fw.view(-1, 1, 1, 1) * far
-
-
-def gaussian_blur(x, sigma, max_sigma):
-    """common.GaussianBlur for a batch: PIL's Gaussian blur of standard deviation sigma (B,), i.e.
-    3 box blurs along the rows, then 3 along the columns (ImagingBoxBlur). x: (B, 3, H, W) in [0, 1]."""
-    radius = pil_blur_radius(sigma)
-    pad = int(pil_blur_radius(torch.tensor(float(max_sigma), dtype=torch.float64))) + 2  # on the host, no sync
-    for _ in range(3):
-        x = box_blur_pass(x, radius, pad)
-    x = x.transpose(2, 3)
-    for _ in range(3):
-        x = box_blur_pass(x, radius, pad)
-    return x.transpose(2, 3)
-
-
-class Augmentation(T.Compose):
-    """What common.augmentation and common.eval_transform return: a torchvision Compose (called on a PIL
-    image it is the --augment cpu path, unchanged) that also runs on batches of uint8 tensors (the
-    --augment device path): draw() gives each sample its parameters from its key, and Views.batch
-    crops (crop_views) and colours (colour_views) a batch with them. The recipe is read from the
-    Compose's own steps:
-    RandomResizedCrop, or [Resize] + CenterCrop (evaluation); then, in this order, any of the flip,
-    RandomApply([ColorJitter]), RandomGrayscale, RandomApply([GaussianBlur]), RandomSolarize."""
-
-    # which uniforms of a key each parameter uses (key_uniforms): fixed, so that adding a step changes no other
-    CROP, FLIP, JITTER, ORDER, FACTORS, GRAYSCALE, BLUR, SIGMA, SOLARIZE, COUNT = 0, 22, 23, 24, 28, 32, 33, 34, 35, 36
-
-    def __init__(self, transforms):
-        super().__init__(transforms)
-        self.random_crop = self.resize = self.centre_crop = None
-        self.flip_prob = self.jitter_prob = self.grayscale_prob = self.blur_prob = self.solarize_prob = 0.0
-        self.jitter_ranges, self.sigma_range, self.threshold = [None] * 4, (0.0, 0.0), 128
-        for step in transforms:
-            inner = step.transforms[0] if isinstance(step, T.RandomApply) else None
-            if isinstance(step, T.RandomResizedCrop):
-                self.random_crop, self.size, self.interpolation = step, step.size, step.interpolation
-            elif isinstance(step, T.Resize):
-                self.resize, self.interpolation = step, step.interpolation
-            elif isinstance(step, T.CenterCrop):
-                self.centre_crop, self.size = step, step.size
-            elif isinstance(step, T.RandomHorizontalFlip):
-                self.flip_prob = step.p
-            elif isinstance(inner, T.ColorJitter):
-                self.jitter_prob = step.p
-                self.jitter_ranges = [inner.brightness, inner.contrast, inner.saturation, inner.hue]
-            elif isinstance(step, T.RandomGrayscale):
-                self.grayscale_prob = step.p
-            elif isinstance(inner, GaussianBlur):
-                self.blur_prob, self.sigma_range = step.p, inner.sigma
-            elif isinstance(step, T.RandomSolarize):
-                self.solarize_prob, self.threshold = step.p, step.threshold
-            elif not isinstance(step, T.PILToTensor):
-                raise ValueError(f'Augmentation has no batched version of {step}')
-        if self.centre_crop is None and self.random_crop is None:
-            raise ValueError('Augmentation needs a RandomResizedCrop or a CenterCrop')
-        if self.random_crop is None and self.resize is None:
-            self.interpolation = T.InterpolationMode.BILINEAR
-        self.mode = {T.InterpolationMode.BILINEAR: 'bilinear', T.InterpolationMode.BICUBIC: 'bicubic'}[self.interpolation]
-
-    def draw(self, keys, heights, widths):
-        """The parameters of each sample's view, on the host: a dict of CPU tensors (B,) or (B, 4), from the
-        keys (B,) and the image sizes heights, widths (B,) (int64): the box cropped from the image (top,
-        left, height, width), the size it is resized to and the offset of the kept window in it (a centre
-        crop; 0 for RandomResizedCrop), flip; jitter_ops (B, 4): which of brightness, contrast, saturation,
-        hue the sample adjusts (none unless its jitter is applied), with their order and factors;
-        grayscale; blur and its sigma; solarize. A probability p means u < p for the sample's own u."""
-        u = key_uniforms(keys, self.COUNT)                                       # (B, 36) float64
-        heights, widths = heights.double(), widths.double()
-        out_h, out_w = self.size
-        if self.random_crop is not None:
-            top, left, height, width = crop_boxes(u[:, self.CROP:self.FLIP], heights, widths,
-                                                  self.random_crop.scale, self.random_crop.ratio)
-            resized_h, resized_w = torch.full_like(top, out_h), torch.full_like(top, out_w)
-            offset_top, offset_left = torch.zeros_like(top), torch.zeros_like(top)
-        else:
-            top, left, height, width = torch.zeros_like(heights), torch.zeros_like(heights), heights, widths
-            resized_h, resized_w = ((heights, widths) if self.resize is None
-                                    else resize_shorter_side(heights, widths, self.resize.size))
-            offset_top, offset_left = centre_offset(resized_h, out_h), centre_offset(resized_w, out_w)
-        factors = torch.zeros_like(u[:, self.FACTORS:self.GRAYSCALE])
-        enabled = torch.tensor([interval is not None for interval in self.jitter_ranges])
-        for k, interval in enumerate(self.jitter_ranges):
-            if interval is not None:  # ColorJitter's factor ~ U(interval): brightness 0.4 -> [0.6, 1.4]
-                factors[:, k] = interval[0] + (interval[1] - interval[0]) * u[:, self.FACTORS + k]
-        jitter = u[:, self.JITTER] < self.jitter_prob
-        low, high = self.sigma_range
-        return dict(top=top, left=left, height=height, width=width, resized_h=resized_h, resized_w=resized_w,
-                    offset_top=offset_top, offset_left=offset_left, flip=u[:, self.FLIP] < self.flip_prob,
-                    jitter=jitter, jitter_ops=jitter[:, None] & enabled, factors=factors.float(),
-                    order=u[:, self.ORDER:self.FACTORS].argsort(dim=1, stable=True),
-                    grayscale=u[:, self.GRAYSCALE] < self.grayscale_prob, blur=u[:, self.BLUR] < self.blur_prob,
-                    sigma=low + (high - low) * u[:, self.SIGMA], solarize=u[:, self.SOLARIZE] < self.solarize_prob)
-
-
-def send(device, **tensors):
-    """Small host tensors -> `device`, in one pinned, non-blocking copy per dtype (a step's parameters)."""
-    by_dtype, out = {}, {}
-    for name, tensor in tensors.items():
-        by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
-    for items in by_dtype.values():
-        flat = torch.cat([tensor.reshape(-1) for _, tensor in items])
-        flat = (flat.pin_memory() if device.type == 'cuda' else flat).to(device, non_blocking=True)
-        for (name, tensor), piece in zip(items, flat.split([tensor.numel() for _, tensor in items])):
-            out[name] = piece.view(tensor.shape)
-    return out
-
-
-def crop_views(groups, transforms, p, batch):
-    """The crops of V views of a batch of `batch` images: float (V * batch, 3, oh, ow) in [0, 1], view-major.
-    All V transforms crop to the same size with the same filter; p holds their parameters (host, view-
-    major). groups = [(canvas, members)]: uint8 canvases on the device and the batch positions of their
-    images (a host int64 tensor; None: the whole batch)."""
-    canvas = groups[0][0]
-    device, (out_h, out_w), mode, views = canvas.device, transforms[0].size, transforms[0].mode, len(transforms)
-    names = ('top', 'height', 'resized_h', 'offset_top', 'left', 'width', 'resized_w', 'offset_left')
-    geometry = send(device, boxes=torch.stack([p[name] for name in names], dim=1), flip=p['flip'])
-    boxes, flip = geometry['boxes'], geometry['flip']                            # (V*B, 8) float64, (V*B,)
-    out = torch.empty(views * batch, 3, out_h, out_w, device=device)
-    for canvas, members in groups:
-        place = None  # where the crops of this canvas go in `out`: (V*b,) on the device
-        if members is not None:
-            place = send(device, place=(members + batch * torch.arange(views)[:, None]).flatten())['place']
-        box, flipped = (boxes, flip) if members is None else (boxes[place], flip[place])
-        row_weights = resample_weights(*box[:, 0:4].unbind(1), out_h, canvas.shape[2], mode)   # (V*b, oh, Hc)
-        column_weights = resample_weights(*box[:, 4:8].unbind(1), out_w, canvas.shape[3], mode)  # (V*b, ow, Wc)
-        column_weights = torch.where(flipped[:, None, None], column_weights.flip(1), column_weights)  # flip
-        image = canvas.float()                                                    # (b, 3, Hc, Wc)
-        size = len(canvas)
-        for v in range(views):  # the same canvas under each view's weights
-            crops = resample(image, row_weights[v * size:(v + 1) * size], column_weights[v * size:(v + 1) * size])
-            if members is None:
-                out[v * size:(v + 1) * size] = crops
-            else:
-                out.index_copy_(0, place[v * size:(v + 1) * size], crops)
-    return out
-
-
-def colour_views(x, p, threshold):
-    """The photometric steps on float (N, 3, H, W) in [0, 1], in the PIL path's order, each on the samples
-    that make it (subsets known on the host, so the GPU never waits and skips what nobody does).
-
-    Colour jitter in each sample's own order: at each of the 4 positions, the samples whose adjustment
-    there is brightness, contrast or saturation blend with a target, f x + (1 - f) target clamped to
-    [0, 1] (torchvision's _blend): black, the image's mean grey, the grey image; those whose adjustment
-    is hue get adjust_hue. Then grayscale, blur, solarize (v >= threshold -> 255 - v)."""
-    def subset(mask):
-        return mask.nonzero()[:, 0]  # host
-
-    steps = []                                                        # (name, host indices, host values)
-    for position in range(4):
-        op = p['order'][:, position]                                  # (N,) the adjustment made here
-        active = p['jitter_ops'].gather(1, op[:, None])[:, 0]         # (N,) on for this sample?
-        factor = p['factors'].gather(1, op[:, None])[:, 0]            # (N,)
-        blend, hue = subset(active & (op < 3)), subset(active & (op == 3))
-        steps += [('blend', blend, torch.stack([op[blend].float(), factor[blend]], 1)), ('hue', hue, factor[hue])]
-    steps += [('grayscale', subset(p['grayscale']), None), ('blur', subset(p['blur']), p['sigma'][p['blur']]),
-              ('solarize', subset(p['solarize']), None)]
-    steps = [step for step in steps if len(step[1])]
-    if not steps:
-        return x
-    max_sigma = float(p['sigma'][p['blur']].max()) if p['blur'].any() else 0.0   # a host tensor: no sync
-    sent = send(x.device, **{f'i{k}': indices for k, (_, indices, _) in enumerate(steps)},
-                **{f'v{k}': values for k, (_, _, values) in enumerate(steps) if values is not None})
-    for k, (name, _, _) in enumerate(steps):
-        indices, values = sent[f'i{k}'], sent.get(f'v{k}')
-        picked = x.index_select(0, indices)                            # (n, 3, H, W)
-        if name == 'blend':
-            op, factor = values[:, 0, None, None, None], values[:, 1, None, None, None]
-            grey = luma(picked)                                        # (n, 1, H, W)
-            target = torch.where(op == 1, grey.mean(dim=(1, 2, 3), keepdim=True), grey)
-            target = torch.where(op == 0, 0.0, target)
-            picked = (factor * picked + (1 - factor) * target).clamp_(0, 1)
-        elif name == 'hue':
-            picked = adjust_hue(picked, values)
-        elif name == 'grayscale':
-            picked = luma(picked).expand_as(picked)
-        elif name == 'blur':
-            picked = gaussian_blur(picked, values, max_sigma)
-        else:
-            picked = torch.where(picked >= threshold / 255, 1 - picked, picked)
-        x.index_copy_(0, indices, picked)
-    return x
-
-
-# =============================================================================
-# 5. Data
+# B3. Plumbing: datasets, the epoch-seeded sampler, loaders
 # =============================================================================
 
 def inspect_dataset(data, data_dir):
@@ -1491,7 +1399,6 @@ class ClassFolder(torchvision.datasets.ImageFolder):
     def find_classes(self, directory):
         present = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
         return present, {c: self.train_classes.index(c) for c in present}
-
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -1709,7 +1616,6 @@ def quiet_worker(worker_id):
     sys.excepthook = lambda *exc_info: None  # multiprocessing's fd-sharing thread reports through this one
 
 
-# ---- 5b. --augment device: the images on the device, augmented there in batches ---------------------
 # A dataset that fits the memory budget is decoded once (by PIL, as the cpu path decodes it) into one
 # uint8 (N, 3, H, W) tensor on the device; each step gathers a batch of it and Views.batch makes the views.
 # A folder that does not fit (ImageNet) is read file by file in a few DataLoader workers and its JPEGs are
@@ -1728,6 +1634,792 @@ def configure_augment(args):
         return 'augment cpu: PIL transforms, one image at a time, in DataLoader workers'
     return 'augment device: images held (or decoded) on the training device, views made there in batches'
 
+
+def build_train_loader(args, transform, device, split='train'):
+    """The training loader: `transform` (a Views) makes the list of views from one image. --augment cpu:
+    PIL in DataLoader workers (Loader); --augment device: DeviceLoader, or the cpu path with a note when
+    the data does not fit the device's budget (a typed --augment device stops with a one-line error).
+    `split`: 'train', or labelled_split(args) for the labelled images only (a linear probe on STL-10)."""
+    rank, world_size = get_rank(), get_world_size()
+    base = base_dataset(args, split)
+    per_rank = args.batch_size // world_size
+    if len(base) < args.batch_size:
+        raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(base)} training images')
+    sampler = EpochSampler(len(base), per_rank, rank, world_size, args.seed)
+    channels_last = uses_channels_last(args, device)
+    if getattr(args, 'augment', 'cpu') == 'device':
+        source = device_source(args, split, base, sampler, device)
+        if source is not None:
+            loader = DeviceLoader(source, transform, sampler, device, args.seed, channels_last)
+            return show_views(args, base, loader)
+        need = len(base) * 3 * args.dataset_info['image_size'] ** 2 / 1e9
+        budget, budget_note = device_budget(args, device)
+        message = (f'the {len(base)} decoded training images of {args.data} need {need:.2f} GB on {device.type}, '
+                   f'more than the {budget / 1e9:.2f} GB budget ({budget_note})')
+        if args.augment_requested == 'device':
+            raise UsageError(f'--augment device: {message}; raise --device-data-gb or use --augment cpu')
+        print0(f'  note: {message}: --augment cpu instead')
+    dataset = ViewDataset(base, transform, args.seed)
+    loader = Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last)
+    return show_views(args, base, loader)
+
+
+def show_views(args, base, loader):
+    """--show-views PNG: draw what the network sees, then exit (code 0) without training; without the flag,
+    return `loader` as it is. The picture holds the first images (8 at most) of this rank's first batch of
+    epoch 0, exactly as the training loop receives it (the same loader, path and seed): one row per image,
+    the image as stored, then each view un-normalised (x * std + mean) and drawn pixel for pixel, enlarged
+    by a whole factor, at its own size (a multi-crop's local crops are smaller than its global ones).
+    Nothing is trained and no output folder or checkpoint is written."""
+    if not getattr(args, 'show_views', None):
+        return loader
+    seed_epoch(args, 0, get_rank())  # as the training loop does before its first epoch
+    views, labels, indices = next(iter(loader.epoch(0)))
+    shown = indices[:8].tolist()
+    views = [denormalise(view[:len(shown)]) for view in views]  # uint8 (n, 3, S, S) each, on the host
+    originals = [torch.from_numpy(np.asarray(base[i][0].convert('RGB')).copy()).permute(2, 0, 1)
+                 for i in shown]  # uint8 (3, h, w): the images as stored
+    if get_rank() == 0:
+        mosaic, _ = views_mosaic(originals, views)
+        sizes = [view.shape[-1] for view in views]
+        names = ['image'] + [(f'view {v + 1}' if min(sizes) == max(sizes) else
+                              f"{'global' if size == max(sizes) else 'local'} {v + 1}") + f' ({size} px)'
+                             for v, size in enumerate(sizes)]
+        title = f'{args.method}: first batch, --augment {args.augment}, seed {args.seed}'
+        header = text_header(title, names, mosaic.shape[1] // len(names), mosaic.shape[1])
+        save_png(np.concatenate([header, mosaic]), args.show_views)
+        print0(f'  views of {len(shown)} training images ({len(views)} views each) -> {args.show_views}; '
+               'nothing trained')
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # DDP: every rank made its first batch; leave the group together
+        dist.destroy_process_group()
+    raise SystemExit(0)
+
+
+def denormalise(x):
+    """Normalised float views (B, 3, H, W) -> uint8 (B, 3, H, W) on the host: x * std + mean, as stored."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.detach().float().cpu() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def views_mosaic(originals, views, pad=4):
+    """The grid of show_views as an (H, W, 3) uint8 array, and where each view lies in it: {(row, view):
+    (top, left, side)}. originals: uint8 (3, h, w) images, views: uint8 (n, 3, S, S) per view. Every cell
+    is as large as the largest crop times `scale` (a whole number: 96 px or more for small crops) plus a
+    white border; a view is enlarged by `scale` (each pixel repeated) and centred in its cell; the image
+    is fitted into its cell (nearest when enlarged)."""
+    largest = max(view.shape[-1] for view in views)
+    scale = max(1, 96 // largest)
+    inner = largest * scale
+    cell = inner + 2 * pad
+    mosaic = np.full((len(originals) * cell, (1 + len(views)) * cell, 3), 255, dtype=np.uint8)
+    boxes = {}
+    for row, image in enumerate(originals):
+        h, w = image.shape[1:]
+        factor = inner / max(h, w)
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
+            (max(1, round(w * factor)), max(1, round(h * factor))),
+            Image.NEAREST if factor >= 1 else Image.BICUBIC)
+        top, left = row * cell + pad + (inner - picture.height) // 2, pad + (inner - picture.width) // 2
+        mosaic[top:top + picture.height, left:left + picture.width] = np.asarray(picture)
+        for v, view in enumerate(views):
+            side = view.shape[-1] * scale
+            top = row * cell + pad + (inner - side) // 2
+            left = (1 + v) * cell + pad + (inner - side) // 2
+            enlarged = view[row].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, side, side)
+            mosaic[top:top + side, left:left + side] = enlarged.permute(1, 2, 0).numpy()
+            boxes[row, v] = (top, left, side)
+    return mosaic, boxes
+
+
+def text_header(title, names, column_width, width, height=44):
+    """A white (height, width, 3) uint8 strip drawn by matplotlib: `title` on its first line, then each
+    of `names` centred over its column of `column_width` pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    fig.text(4 / width, 1 - 4 / height, title, fontsize=7, va='top', ha='left')
+    for k, name in enumerate(names):
+        fig.text((k + 0.5) * column_width / width, 4 / height, name, fontsize=7, va='bottom', ha='center')
+    canvas.draw()
+    strip = np.asarray(canvas.buffer_rgba())[..., :3]
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    out[:min(height, strip.shape[0]), :min(width, strip.shape[1])] = strip[:height, :width]
+    return out
+
+
+def save_png(array, path):
+    """Write an (H, W, 3) uint8 array as a PNG, atomically (a temporary file renamed over `path`)."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        Image.fromarray(array).save(tmp, format='PNG')
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UsageError(f'cannot write {path} ({e.strerror or e}); choose a writable place') from None
+
+
+def build_eval_loaders(args, device, batch_size=256):
+    """(train, test) loaders with the evaluation transform, each rank a shard, or None when
+    there is no labelled test split (kNN then skipped)."""
+    if getattr(args, 'knn_every', 0) < 0:
+        return None
+    test = base_dataset(args, 'test')
+    if test is None:
+        print0(f'  note: {args.data} has no val/ or test/ split; no kNN evaluation')
+        return None
+    split_train = labelled_split(args)
+    rank, world_size = get_rank(), get_world_size()
+    transform = Views([eval_transform(args.image_size, args.dataset_info['image_size'])])
+    labelled = base_dataset(args, split_train)
+    k = getattr(args, 'knn_k', None)
+    if k is not None and k > len(labelled):
+        raise UsageError(f'--knn-k {k} is more neighbours than the {len(labelled)} labelled training images; '
+                         f'use --knn-k {len(labelled)} or fewer')
+    samplers = [EpochSampler(len(base), batch_size, rank, world_size, args.seed, shuffle=False, drop_last=False)
+                for base in (labelled, test)]
+    if getattr(args, 'augment', 'cpu') == 'device':  # the same eval transform, batched (within ~1 grey level)
+        sources = [device_source(args, split, base, sampler, device)
+                   for split, base, sampler in zip((split_train, 'test'), (labelled, test), samplers)]
+        if all(source is not None for source in sources):
+            return tuple(DeviceLoader(source, transform, sampler, device, args.seed, uses_channels_last(args, device))
+                         for source, sampler in zip(sources, samplers))
+        print0('  note: the kNN splits do not fit the device budget; they are read by the PIL path')
+    return tuple(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
+                        device, channels_last=uses_channels_last(args, device)) for base, sampler in zip((labelled, test), samplers))
+
+
+def labelled_split(args):
+    """The split that holds the labelled training images: STL-10's 'labelled' 5k (its 'train' adds the
+    100k unlabelled ones), 'train' for every other dataset."""
+    return 'labelled' if args.data == 'stl10' else 'train'
+
+
+def uses_channels_last(args, device):
+    return device.type == 'cuda' and args.arch.startswith('resnet')
+
+
+# =============================================================================
+# B4. Plumbing: precision, checkpoints, metrics, plots
+# =============================================================================
+
+def autocast(device, args):
+    """bf16 autocast on GPUs that support it (no loss scaling needed); float32 elsewhere."""
+    if device.type == 'cuda' and args.precision != 'fp32' and torch.cuda.is_bf16_supported():
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    if args.precision == 'bf16' and device.type != 'cuda':
+        return torch.autocast('cpu', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def check_writable_file(path, flag):
+    """One-line error, before any work, when `path` cannot be written: a folder, or a place that
+    refuses new files (a missing or read-only folder). Probes with a file that it removes."""
+    if os.path.isdir(path):
+        raise UsageError(f'{flag} {path} is a folder; give a file name')
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(folder, f'.write-test-{os.getpid()}')
+    try:
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f'{flag} {path}: cannot write in {folder} ({e.strerror}); choose a writable place') from None
+
+
+def write_json(path, record):
+    """Write `record` as JSON to `path` atomically: a temporary file is renamed over the old one;
+    on failure nothing is left behind and the error is one line."""
+    tmp = f'{path}.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise TrainingError(f'could not write {path} ({e.strerror})') from None
+
+
+def checkpoint_path(args):
+    return os.path.join(args.output_dir, 'checkpoint.pth')
+
+LAST_CHECKPOINT = {}  # 'note': where the last good checkpoint is, for the messages of a run that stops
+
+
+def last_checkpoint_note(args):
+    return LAST_CHECKPOINT.get('note', f'No checkpoint was written to {args.output_dir}.')
+
+
+class _RecordedWrites:
+    """A file whose first failed write is kept: torch.save turns the OSError of a full disk into a
+    RuntimeError ('unexpected pos ...') that names no cause."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
+def save_atomically(obj, path):
+    """torch.save to path.tmp, flushed to disk, then renamed over path: a reader sees the old file or the
+    new one, never half of one. On a failed write (e.g. a full disk) the partial .tmp is removed and an
+    OSError raised (the one the write met, also when torch.save reported it as a RuntimeError)."""
+    tmp = f'{path}.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            recorded = _RecordedWrites(f)
+            try:
+                torch.save(obj, recorded)
+            except RuntimeError as e:
+                failed = OSError(errno.EIO, f'torch.save failed: {str(e).strip()[:160]}')
+                raise recorded.error or failed from None
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(args, epoch, backbone, **objects):
+    """Atomically write <output-dir>/checkpoint.pth: method, args, epochs done, `backbone` (the
+    weights the paper evaluates, loadable by eval_knn.py) and the state of every named object
+    (model, optimizer, ...). A temporary file, flushed to disk, is renamed over the old one, so a
+    crash, a full disk or a signal never leaves half a checkpoint (the temporary file is removed).
+    Weights or optimizer state that are not finite are never saved: the run stops instead, and the
+    previous checkpoint stays the last good one."""
+    if get_rank() != 0:
+        return
+    state = dict(method=args.method, args={k: v for k, v in vars(args).items() if k != 'notes'}, epoch=epoch,
+                 backbone=backbone.state_dict(), **{name: obj.state_dict() for name, obj in objects.items()})
+    bad = next((name for name, tensor in named_tensors(state) if tensor.is_floating_point()
+                and not bool(torch.isfinite(tensor).all())), None)
+    if bad is not None:
+        raise TrainingError(f'after epoch {epoch} the tensor {bad} holds NaN or inf; nothing was saved. '
+                            f'{last_checkpoint_note(args)} (try a lower --lr or --precision fp32)')
+    path = checkpoint_path(args)
+    try:
+        save_atomically(state, path)
+    except OSError as e:
+        raise TrainingError(f'could not write the checkpoint of epoch {epoch} to {path} ({e.strerror}). '
+                            f'{last_checkpoint_note(args)}') from None
+    LAST_CHECKPOINT['note'] = (f'The last good checkpoint is {path} ({epoch} epoch(s) done); '
+                               'the same command resumes from it.')
+
+
+def named_tensors(tree, prefix=''):
+    """(dotted name, tensor) of every tensor inside nested dicts / lists (a checkpoint's state)."""
+    if torch.is_tensor(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from named_tensors(value, f'{prefix}.{key}' if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from named_tensors(value, f'{prefix}.{i}')
+
+
+def read_checkpoint(path):
+    """torch.load with a one-line error for missing, corrupt or truncated files."""
+    if os.path.isdir(path):
+        raise UsageError(f'{path} is a folder, not a checkpoint; give the checkpoint file (e.g. '
+                         f'{os.path.join(path, "checkpoint.pth")})')
+    if not os.path.isfile(path):
+        raise UsageError(f'no checkpoint at {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UsageError(f'checkpoint {path} is corrupt or truncated ({type(e).__name__}); '
+                         'delete it to start over, or point --output-dir elsewhere') from None
+
+
+def checkpoint_args(args):
+    """The args saved in <output-dir>/checkpoint.pth (a dict), or None when there is no checkpoint
+    yet. Lets a method refuse, before anything is loaded, a resume with settings it cannot change
+    mid-run (e.g. a queue's length)."""
+    path = checkpoint_path(args)
+    if not os.path.exists(path):
+        return None
+    state = read_checkpoint(path)
+    return state.get('args', {}) if isinstance(state, dict) else {}
+
+
+def resume(args, **objects):
+    """Resume from <output-dir>/checkpoint.pth if it exists: load each named object's state
+    (model, optimizer, ...) and return the number of epochs already done (0 for a fresh run).
+    Refuses a checkpoint written by another method or for another architecture."""
+    path = checkpoint_path(args)
+    if not os.path.exists(path):
+        trim_metrics(args.output_dir, 0)  # a run killed in its first epoch left records but no checkpoint
+        return 0
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or 'method' not in state or 'args' not in state:
+        raise UsageError(f'{path} is not a checkpoint of this project; delete it or use another --output-dir')
+    if state['method'] != args.method:
+        raise UsageError(f"{path} was written by {state['method']}, not {args.method}; use another --output-dir")
+    for key in ('arch', 'width', 'patch_size', 'cifar_stem'):
+        if key in state['args'] and state['args'][key] != getattr(args, key):
+            raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
+                             f"not {getattr(args, key)}; use the same value or another --output-dir")
+    if not same_data(state['args'].get('data'), getattr(args, 'data', None)):
+        raise UsageError(f"{path} was trained on --data {state['args'].get('data')}, not {args.data}; use "
+                         'the same --data to resume, or another --output-dir')
+    changed = changed_settings(state['args'], args)
+    if changed:
+        print0(f'  resuming with settings that differ from the checkpoint\'s: {", ".join(changed)}')
+    done = state.get('epoch')
+    if not isinstance(done, int) or not 0 <= done:
+        raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or '
+                         'use another --output-dir')
+    if done > args.epochs:
+        raise UsageError(f'{path} holds {done} epochs, more than --epochs {args.epochs}; give --epochs {done} '
+                         'or more to go on training, or use another --output-dir')
+    for name, obj in objects.items():
+        if isinstance(obj, nn.Module) and isinstance(state.get(name), dict):
+            check_shapes(path, name, state[name], obj.state_dict())
+        try:
+            obj.load_state_dict(state[name])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # an edited checkpoint
+            problem = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UsageError(f'{path}: its {name} does not load into this run ({problem}); delete it or use '
+                             'another --output-dir') from None
+        if isinstance(obj, LARS):  # load_state_dict restores the saved hyper-parameters: the flags win
+            for group in obj.param_groups:
+                group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip, denominator=args.lars_denominator)
+    trim_metrics(args.output_dir, done)  # the records of a killed, unfinished epoch go: it is trained again
+    LAST_CHECKPOINT['note'] = f'The last good checkpoint is {path} ({done} epoch(s) done); the same command resumes from it.'
+    print0(f'  resumed from {path}: {done} epoch(s) done'
+           + (f'; --epochs is {args.epochs}: nothing left to train (raise --epochs to train longer)'
+              if done == args.epochs else ''))
+    return done
+
+# What resume() names when it differs from the checkpoint's (refused if it cannot change: data, arch, ...):
+# everything but where and how this process runs.
+NOT_SETTINGS = {'output_dir', 'data_dir', 'dataset_info', 'notes', 'workers', 'augment', 'device_data_gb',
+                'epochs', 'stop_after_epoch', 'log_every', 'knn_every', 'dist_timeout', 'compile',
+                'precision'}
+
+
+def same_data(saved, data):
+    """Is --data the data a checkpoint was trained on? A folder given by another path counts as the same."""
+    if saved == data or saved is None or data is None:  # None: not recorded (an older or a test's checkpoint)
+        return True
+    return bool(saved) and os.path.isdir(saved) and os.path.isdir(data) and os.path.samefile(saved, data)
+
+
+def changed_settings(saved, args):
+    """'--lr 0.1 (checkpoint: 0.05)' for every setting of this run that differs from the checkpoint's."""
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+    return [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})"
+            for key, value in sorted(vars(args).items())
+            if key in saved and key not in NOT_SETTINGS and plain(saved[key]) != plain(value)]
+
+
+def check_shapes(path, name, saved, current):
+    """One-line error when a checkpoint's tensor has another shape than the model's (e.g. a memory
+    bank with one row per training image, resumed on another dataset), instead of a traceback."""
+    for key, tensor in current.items():
+        if key in saved and saved[key].shape != tensor.shape:
+            raise UsageError(f'{path}: {name}.{key} has shape {tuple(saved[key].shape)} in the checkpoint but '
+                             f'{tuple(tensor.shape)} in this run (other data or settings?); use the same --data '
+                             'and settings, or another --output-dir')
+
+
+def process_cpu_seconds():
+    """CPU time (user + sys) of this process, its finished children and its live DataLoader workers
+    (Linux /proc); beside the wall-clock it shows how much of the machine the run had."""
+    import resource
+    total = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                for field in ('ru_utime', 'ru_stime'))
+    for stat in glob_proc_stats():
+        fields = stat.rsplit(')', 1)[-1].split()  # after the command name: state, ppid, ... utime (12), stime (13)
+        if int(fields[1]) == os.getpid():
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    return total
+
+
+def glob_proc_stats():
+    """The /proc/<pid>/stat lines of every process (none where there is no /proc)."""
+    for name in os.listdir('/proc') if os.path.isdir('/proc') else []:
+        if name.isdigit():
+            try:
+                with open(f'/proc/{name}/stat') as f:
+                    yield f.read()
+            except OSError:
+                continue
+
+
+class MetricLogger:
+    """Progress lines on the main rank and a JSON-lines file `metrics.jsonl` in the output
+    directory. Values are read from the device (a host sync) only on logging steps; the
+    running loss sum lets every step's loss be checked for NaN/inf at those points.
+
+    Every record has `epoch`, the 1-based epoch it belongs to (so a resume can drop the records
+    of epochs its checkpoint does not hold):
+      step:  step, loss, images_per_s, the method's values (lr, tau, ...): the first and the tenth step this
+             process runs (they estimate the run's duration early), then every --log-every steps
+      epoch: epoch_loss, epoch_seconds (the epoch's loading and training; no kNN, no checkpoint),
+             train_seconds (their sum over the run, resumes included), epoch_images_per_s,
+             epoch_cpu_seconds (the epoch's CPU time, user + sys, workers included: process_cpu_seconds)
+      kNN:   knn_top1, knn_top5 (and knn_top1_k20), knn_seconds -- written by the method file
+    """
+
+    def __init__(self, args, loader):
+        self.args, self.loader, self.steps_per_epoch = args, loader, len(loader)
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.path = os.path.join(args.output_dir, 'metrics.jsonl')
+        self.is_main = get_rank() == 0
+        self.loss_sum, self.count, self.seen, self.tic_step = None, 0, 0, None
+        self.train_seconds = sum(r.get('epoch_seconds', 0.0) for r in read_metrics(self.path))  # kept by resume()
+
+    def log(self, **values):
+        """Append one record (e.g. kNN accuracy) to metrics.jsonl."""
+        if self.is_main:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(values) + '\n')
+
+    def step(self, epoch, step, loss, **values):
+        """Call once per training step. `values` may hold tensors; they are read only when logging."""
+        loss = loss.detach().float()
+        self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
+        self.count, self.seen = self.count + 1, self.seen + 1
+        if self.count == 1:  # the epoch's first step: time from the epoch's start
+            self.tic, self.tic_step = self.loader.epoch_started, step
+        done = step + 1
+        if done % self.args.log_every and done != self.total_steps and self.seen not in (1, 10):
+            return
+        loss_value = loss.item()
+        self.check_finite(float(self.loss_sum), epoch, step)
+        now = time.time()
+        images_per_s = (done - self.tic_step) * self.args.batch_size / max(now - self.tic, 1e-9)
+        self.tic, self.tic_step = now, done
+        eta = (self.total_steps - done) * self.args.batch_size / max(images_per_s, 1e-9)
+        values = {k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in values.items()}
+        record = dict(epoch=epoch + 1, step=done, loss=loss_value, images_per_s=images_per_s, **values)
+        if self.is_main:
+            print(f'epoch {epoch + 1}/{self.args.epochs} step {done}/{self.total_steps} loss {loss_value:.4f} '
+                  + ' '.join(f'{k} {v:.4g}' for k, v in values.items())
+                  + f' | {images_per_s:.0f} img/s eta {datetime.timedelta(seconds=int(eta))}', flush=True)
+        self.log(**record)
+
+    def end_epoch(self, epoch):
+        """Mean loss of the epoch (checked to be finite) and the epoch's time, logged; resets the running sum."""
+        mean = float(self.loss_sum) / max(1, self.count)
+        self.check_finite(mean, epoch, None)
+        seconds = time.time() - self.loader.epoch_started
+        cpu_seconds = process_cpu_seconds() - getattr(self.loader, 'epoch_cpu_started', 0.0)
+        self.train_seconds += seconds
+        self.log(epoch=epoch + 1, epoch_loss=mean, epoch_seconds=seconds, train_seconds=self.train_seconds,
+                 epoch_images_per_s=self.count * self.args.batch_size / max(seconds, 1e-9),
+                 epoch_cpu_seconds=cpu_seconds)
+        self.loss_sum, self.count = None, 0
+        return mean
+
+    def check_finite(self, value, epoch, step):
+        if not math.isfinite(value):
+            where = f'epoch {epoch + 1}' + (f' (by step {step + 1})' if step is not None else '')
+            raise TrainingError(f'the loss became {value} in {where}; stopping. {last_checkpoint_note(self.args)} '
+                                '(try a lower --lr or --precision fp32)')
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl file, skipping a line that is not whole JSON (a run killed
+    while writing it); [] when there is no file."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def trim_metrics(output_dir, epochs_done):
+    """Keep only the records of the epochs a checkpoint holds (a run killed mid-epoch, then resumed,
+    would log its epoch twice); rewrites the file atomically. Main rank only."""
+    path = os.path.join(output_dir, 'metrics.jsonl')
+    if get_rank() != 0 or not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(path) if isinstance(r.get('epoch'), (int, float)) and r['epoch'] <= epochs_done]
+    with open(path) as f:
+        if len(kept) == sum(1 for line in f if line.strip()):  # nothing to drop, no torn line
+            return
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(tmp, path)
+
+# What each per-step scalar a method file logs means, and the levels drawn with it: (title, [(level, label)]).
+# `d` and `K` are read from the run's checkpoint (its args); a level that needs one it lacks is left out.
+PANEL_GUIDES = {
+    'output_std': ('output std of z / ||z|| (collapse: 0)',
+                   [(lambda d, K: d ** -0.5, 'healthy 1/sqrt(d)'), (lambda d, K: 0.0, 'collapsed 0')]),
+    'teacher_entropy': ('teacher entropy (0: one-hot, ln K: uniform)',
+                        [(lambda d, K: math.log(K), 'ln K (uniform)'), (lambda d, K: 0.0, '0 (one-hot)')]),
+    'tau': ('EMA rate tau of the target', [(lambda d, K: 1.0, '1 (target frozen)')]),
+    'm': ('EMA momentum m of the teacher / key encoder', [(lambda d, K: 1.0, '1 (frozen)')]),
+}
+
+STEP_FIELDS = ('epoch', 'step', 'loss', 'images_per_s', 'lr')  # in every step record (lr: its own panel)
+
+
+def metric_panels(records, run_args=None):
+    """The panels of metrics.png beyond loss, lr and kNN: one per scalar the method logs every step
+    (BYOL, SimSiam: output_std; DINO: teacher_entropy; the EMA rates tau, m; any other), in the order
+    they first appear, each a dict(name, title, steps, values, levels=[(value, label)]). The levels are
+    the healthy and collapsed values where they are known: output_std 1/sqrt(d) (d = --proj-dim, the
+    width of z) and 0; teacher_entropy ln K (K = --out-dim) and 0; the EMA rates 1. `run_args`: the run's
+    args (a dict, from its checkpoint), or None when there is none."""
+    run_args = run_args or {}
+    d, K = run_args.get('proj_dim'), run_args.get('out_dim')
+    names = []
+    for record in records:
+        if 'step' in record:
+            names += [k for k, v in record.items() if k not in STEP_FIELDS and k not in names
+                      and isinstance(v, (int, float))]
+    panels = []
+    for name in names:
+        shown = [r for r in records if 'step' in r and isinstance(r.get(name), (int, float))]
+        title, guides = PANEL_GUIDES.get(name, (name, []))
+        levels = []
+        for level, label in guides:
+            try:
+                levels.append((float(level(d, K)), label))
+            except (TypeError, ValueError):  # d or K unknown (no checkpoint)
+                pass
+        panels.append(dict(name=name, title=title, steps=[r['step'] for r in shown],
+                           values=[r[name] for r in shown], levels=levels))
+    return panels
+
+
+def plot_metrics(output_dir, run_args=None):
+    """metrics.jsonl -> metrics.png: loss and lr per step, kNN accuracy per epoch, then a panel for every
+    other scalar logged per step (metric_panels: the collapse indicators and EMA rates, with their levels).
+    `run_args` (a dict): the run's args, read from its checkpoint when not given."""
+    if get_rank() != 0:
+        return
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    path = os.path.join(output_dir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return
+    records = read_metrics(path)
+    steps = [r for r in records if 'step' in r]
+    knn = [r for r in records if 'knn_top1' in r]
+    checkpoint = os.path.join(output_dir, 'checkpoint.pth')
+    if run_args is None and os.path.exists(checkpoint):  # d and K for the levels (mmap: no weights read)
+        try:
+            run_args = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True).get('args')
+        except Exception:
+            run_args = None
+    panels = metric_panels(records, run_args)
+    rows = 1 + -(-len(panels) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4 * rows), squeeze=False)
+    axes = axes.flatten()
+    axes[0].plot([r['step'] for r in steps], [r['loss'] for r in steps])
+    axes[0].set(xlabel='step', ylabel='loss', title='training loss')
+    if steps and 'lr' in steps[0]:
+        axes[1].plot([r['step'] for r in steps], [r['lr'] for r in steps])
+    axes[1].set(xlabel='step', ylabel='lr', title='learning rate')
+    axes[2].plot([r['epoch'] for r in knn], [r['knn_top1'] for r in knn], marker='o')
+    axes[2].set(xlabel='epoch', ylabel='top-1 (%)', title='kNN accuracy')
+    for ax, panel in zip(axes[3:], panels):
+        ax.plot(panel['steps'], panel['values'], label=panel['name'])
+        for (value, label), style in zip(panel['levels'], ('--', ':', '-.')):
+            ax.axhline(value, color='grey', linestyle=style, label=label)
+        ax.set(xlabel='step', ylabel=panel['name'], title=panel['title'])
+        ax.legend(fontsize=8)
+    for ax in axes[3 + len(panels):]:
+        ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, 'metrics.png'), dpi=100)
+    plt.close(fig)
+
+
+def plot_attention_maps(image, maps, path, title=''):
+    """The image, then one panel per head with its CLS attention map upsampled (nearest) to
+    the image and drawn over it. image: uint8 (3, H, W); maps: (heads, h, w)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    picture = image.permute(1, 2, 0).cpu().numpy()
+    upsampled = F.interpolate(maps[None].cpu(), size=picture.shape[:2], mode='nearest')[0]  # (heads, H, W)
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.6), squeeze=False)
+    axes[0, 0].imshow(picture)
+    axes[0, 0].set_title('image')
+    for head, (ax, heat) in enumerate(zip(axes[0, 1:], upsampled)):
+        ax.imshow(picture)
+        ax.imshow(heat.numpy(), cmap='inferno', alpha=0.6)
+        ax.set_title(f'head {head}')
+    for ax in axes[0]:
+        ax.axis('off')
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# =============================================================================
+# B5. Plumbing: what eval_knn.py and eval_linear.py share
+# =============================================================================
+
+# What the backbone is built from: evaluation takes these from the checkpoint unless they are typed.
+BACKBONE_KEYS = ('arch', 'width', 'cifar_stem', 'zero_init_residual', 'patch_size', 'num_heads', 'pos_embed',
+                 'image_size')
+
+
+def get_eval_parser(description, name):
+    """The flags of an evaluation script (eval_knn.py, eval_linear.py): a checkpoint of any method
+    file, --pretrained (an authors' released file, released.py), or --random-init; the data and backbone
+    flags, whose defaults are the checkpoint's."""
+    parser = ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.set_defaults(method=name, freeze_patch_embed=False, drop_path=0.0)
+    parser.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
+    parser.add_argument('--pretrained', default=None, metavar='FILE',
+                        help="instead of a checkpoint: weights released by a method's authors (DINO, MoCo v1/v2/v3, "
+                             'SimSiam, SwAV, InstDisc; see released.py), backbone settings read from the file')
+    parser.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (give --data and --arch)')
+    g = parser.add_argument_group('data (default: the checkpoint\'s)')
+    g.add_argument('--data', default=None, help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with '
+                   'train/ and val/ (or test/)')
+    g.add_argument('--data-dir', default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
+                   help='where torchvision datasets are downloaded / looked for')
+    g.add_argument('--image-size', type=int, default=None, help='evaluation crop size (default: the checkpoint\'s, '
+                   'else follows the dataset)')
+    g.add_argument('--workers', type=int, default=None, help='data-loading processes per GPU (default: CPUs / GPUs - 1, '
+                   'at most 16)')
+    g = parser.add_argument_group('backbone (default: the checkpoint\'s)')
+    g.add_argument('--arch', default='resnet50', help='one of ' + ', '.join(ARCHS))
+    g.add_argument('--width', type=int, default=64, help='ResNet base width')
+    g.add_argument('--cifar-stem', action=argparse.BooleanOptionalAction, default=None,
+                   help='ResNet 3x3 stride-1 conv1 without max-pool (default: on for images <= 64 px)')
+    g.add_argument('--zero-init-residual', action=argparse.BooleanOptionalAction, default=False,
+                   help='ResNet, --random-init: last BN of each residual block starts at zero')
+    g.add_argument('--patch-size', type=int, default=None, help='ViT patch size (default: 16, or 4 for images <= 64 px)')
+    g.add_argument('--num-heads', type=int, default=None, help='ViT attention heads (default: 3 / 6 / 12 for tiny / '
+                   'small / base)')
+    g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'), help='ViT position embedding')
+    g = parser.add_argument_group('running')
+    g.add_argument('--seed', type=int, default=0, help='random seed (data order and augmentation: seed + rank)')
+    g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
+                   help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
+    g.add_argument('--dist-timeout', type=float, default=1800,
+                   help='seconds a collective waits for the other processes before the run stops (torchrun)')
+    return parser
+
+
+def parse_eval_args(parser, argv=None, load_released=None):
+    """Parse an evaluation script's flags. Returns (args, state): the checkpoint's contents (None with
+    --random-init; for --pretrained, `load_released`'s mapping of the file into a checkpoint's form: the
+    evaluation scripts pass tools/released.py's `load`), its data and backbone settings filled in for every
+    flag not typed."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    check_declared_ranges(parser, args)
+    if sum((bool(args.checkpoint), bool(args.pretrained), args.random_init)) != 1:
+        raise UsageError('give one of: a checkpoint to evaluate, --pretrained FILE (the authors\' weights), '
+                         'or --random-init with --data and --arch')
+    state = None
+    if args.pretrained:  # the authors' layout mapped onto our backbone; its settings inferred (tools/released.py)
+        state, args.checkpoint = load_released(args.pretrained), args.pretrained
+    elif args.checkpoint:
+        state = read_checkpoint(args.checkpoint)
+        if not (isinstance(state, dict) and isinstance(state.get('backbone'), dict) and 'args' in state):
+            raise UsageError(f'{args.checkpoint} is not a checkpoint of this project (no backbone / args); '
+                             "the authors' released weights load with --pretrained FILE")
+    if state is not None:
+        typed = explicit_flags(parser, argv)
+        for key in BACKBONE_KEYS + ('data', 'data_dir'):
+            if key in state['args'] and key not in typed:
+                setattr(args, key, state['args'][key])
+    if args.data is None:
+        raise UsageError(f"{'--pretrained' if args.pretrained else '--random-init'} needs --data (the dataset to "
+                         'evaluate on)')
+    args.dataset_info = inspect_dataset(args.data, args.data_dir)
+    apply_size_defaults(args)
+    validate_backbone_args(args)
+    args.output_dir = getattr(args, 'output_dir', None)  # None: writes no run folder
+    args.notes = [data_note(args)] + (state.get('notes', []) if state else [])
+    return args, state
+
+
+def load_eval_backbone(args, state, device):
+    """The backbone of `state` (a checkpoint of this project, or a released file as released.load maps it)
+    or, without one, an untrained backbone;
+    in eval mode on `device`. A checkpoint whose backbone does not fit the architecture is refused
+    in one line. A ViT is built at the size it was trained at (its position embedding's grid) and
+    evaluated at --image-size through the interpolation."""
+    trained_size = state['args'].get('image_size', args.image_size) if state is not None else args.image_size
+    backbone = build_backbone(argparse.Namespace(**{**vars(args), 'image_size': trained_size}))
+    if state is not None:
+        saved, expected = state['backbone'], backbone.state_dict()
+        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        wrong = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            problem = (f'{len(missing)} missing (e.g. {missing[0]})' if missing else
+                       f'{len(unexpected)} unexpected (e.g. {unexpected[0]})' if unexpected else
+                       f'{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(saved[wrong[0]].shape)} saved, '
+                       f'{tuple(expected[wrong[0]].shape)} here)')
+            raise UsageError(f'{args.checkpoint}: its backbone does not fit --arch {args.arch}: {problem} tensors; '
+                             'pass the architecture it was trained with (--arch, --width, --patch-size, ...)')
+        bad = next((key for key, tensor in saved.items() if tensor.is_floating_point()
+                    and not bool(torch.isfinite(tensor).all())), None)
+        if bad is not None:
+            raise UsageError(f'{args.checkpoint}: the backbone tensor {bad} holds NaN or inf; evaluate another checkpoint')
+        backbone.load_state_dict(saved)
+        print0(f"  {state.get('method', '?')} backbone from {args.checkpoint}, epoch {state.get('epoch', '?')}")
+    backbone = backbone.to(device).eval()
+    if uses_channels_last(args, device):
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone
+
+
+def load_untrained_backbone(args, state, device):
+    """--compare-random-init: the untrained network of the same seed, the one the checkpoint's run started
+    from: seeded with that run's --seed (else this --seed), then built as load_eval_backbone builds one (a
+    method file builds its backbone first after common.setup's seeding, and so does this)."""
+    torch.manual_seed((state or {}).get('args', {}).get('seed', args.seed))
+    return load_eval_backbone(args, None, device)
+
+
+def class_names(args, base):
+    """The names of the classes of --data (a folder's class folders, torchvision's names, the textures of the
+    procedural data), by label."""
+    names = args.dataset_info.get('classes') or getattr(base, 'classes', None)
+    return list(names) if names else [str(c) for c in range(args.dataset_info['num_classes'])]
+
+
+# =============================================================================
+# B6. --augment device: images held on (or JPEGs decoded on) the device
+# =============================================================================
+
+# A dataset that fits the memory budget is decoded once (by PIL, as the cpu path decodes it) into one
+# uint8 (N, 3, H, W) tensor on the device; each step gathers a batch of it and Views.batch makes the views.
+# A folder that does not fit (ImageNet) is read file by file in a few DataLoader workers and its JPEGs are
+# decoded on the device in batches (torchvision.io.decode_jpeg). Either way each rank takes its shard of
+# the epoch's permutation from EpochSampler, as the cpu path does: both visit the same images per rank
+# and step, and nothing is read back to the host per step (in memory).
 
 def free_memory(device):
     """Bytes free on `device`: the GPU's free memory, or the host's available memory."""
@@ -1768,7 +2460,7 @@ class DeviceImages:
         """Per step (groups, indices on the host and on the device, heights, widths (host), labels (device)):
         the batch is an index gather on the device; its indices come from the host's copy of the order."""
         order = sampler.order()  # (n_rank,) the rank's shard of the epoch's permutation: one copy per epoch
-        order_on_device = send(self.device, order=order)['order']
+        order_on_device = device_augment.send(self.device, order=order)['order']
         for step in range(sampler.steps()):
             rows = slice(step * sampler.batch_size, (step + 1) * sampler.batch_size)
             indices, on_device = order[rows], order_on_device[rows]
@@ -1950,7 +2642,6 @@ def decode_all(base, workers):
         labels.append(batch_labels)
     return (*stack_canvas(images), torch.cat(labels).long())
 
-
 CACHE_VERSION = 1
 
 
@@ -2030,7 +2721,6 @@ def decoded_split(args, base):
     n, _, h, w = images.shape
     return images, torch.full((n,), h), torch.full((n,), w), labels
 
-
 HELD = {}  # (data, split, device) -> DeviceImages: each split is decoded once per process (train = kNN's labelled)
 
 
@@ -2059,1049 +2749,3 @@ def device_source(args, split, base, sampler, device):
                f'budget: {budget_note})')
         return StreamedFiles(base.samples, sampler, workers, device)
     return None
-
-
-def build_train_loader(args, transform, device, split='train'):
-    """The training loader: `transform` (a Views) makes the list of views from one image. --augment cpu:
-    PIL in DataLoader workers (Loader); --augment device: DeviceLoader, or the cpu path with a note when
-    the data does not fit the device's budget (a typed --augment device stops with a one-line error).
-    `split`: 'train', or labelled_split(args) for the labelled images only (a linear probe on STL-10)."""
-    rank, world_size = get_rank(), get_world_size()
-    base = base_dataset(args, split)
-    per_rank = args.batch_size // world_size
-    if len(base) < args.batch_size:
-        raise UsageError(f'--batch-size {args.batch_size} is larger than the {len(base)} training images')
-    sampler = EpochSampler(len(base), per_rank, rank, world_size, args.seed)
-    channels_last = uses_channels_last(args, device)
-    if getattr(args, 'augment', 'cpu') == 'device':
-        source = device_source(args, split, base, sampler, device)
-        if source is not None:
-            loader = DeviceLoader(source, transform, sampler, device, args.seed, channels_last)
-            return show_views(args, base, loader)
-        need = len(base) * 3 * args.dataset_info['image_size'] ** 2 / 1e9
-        budget, budget_note = device_budget(args, device)
-        message = (f'the {len(base)} decoded training images of {args.data} need {need:.2f} GB on {device.type}, '
-                   f'more than the {budget / 1e9:.2f} GB budget ({budget_note})')
-        if args.augment_requested == 'device':
-            raise UsageError(f'--augment device: {message}; raise --device-data-gb or use --augment cpu')
-        print0(f'  note: {message}: --augment cpu instead')
-    dataset = ViewDataset(base, transform, args.seed)
-    loader = Loader(dataset, per_rank, sampler, args.workers, device, channels_last=channels_last)
-    return show_views(args, base, loader)
-
-
-def show_views(args, base, loader):
-    """--show-views PNG: draw what the network sees, then exit (code 0) without training; without the flag,
-    return `loader` as it is. The picture holds the first images (8 at most) of this rank's first batch of
-    epoch 0, exactly as the training loop receives it (the same loader, path and seed): one row per image,
-    the image as stored, then each view un-normalised (x * std + mean) and drawn pixel for pixel, enlarged
-    by a whole factor, at its own size (a multi-crop's local crops are smaller than its global ones).
-    Nothing is trained and no output folder or checkpoint is written."""
-    if not getattr(args, 'show_views', None):
-        return loader
-    seed_epoch(args, 0, get_rank())  # as the training loop does before its first epoch
-    views, labels, indices = next(iter(loader.epoch(0)))
-    shown = indices[:8].tolist()
-    views = [denormalise(view[:len(shown)]) for view in views]  # uint8 (n, 3, S, S) each, on the host
-    originals = [torch.from_numpy(np.asarray(base[i][0].convert('RGB')).copy()).permute(2, 0, 1)
-                 for i in shown]  # uint8 (3, h, w): the images as stored
-    if get_rank() == 0:
-        mosaic, _ = views_mosaic(originals, views)
-        sizes = [view.shape[-1] for view in views]
-        names = ['image'] + [(f'view {v + 1}' if min(sizes) == max(sizes) else
-                              f"{'global' if size == max(sizes) else 'local'} {v + 1}") + f' ({size} px)'
-                             for v, size in enumerate(sizes)]
-        title = f'{args.method}: first batch, --augment {args.augment}, seed {args.seed}'
-        header = text_header(title, names, mosaic.shape[1] // len(names), mosaic.shape[1])
-        save_png(np.concatenate([header, mosaic]), args.show_views)
-        print0(f'  views of {len(shown)} training images ({len(views)} views each) -> {args.show_views}; '
-               'nothing trained')
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # DDP: every rank made its first batch; leave the group together
-        dist.destroy_process_group()
-    raise SystemExit(0)
-
-
-def denormalise(x):
-    """Normalised float views (B, 3, H, W) -> uint8 (B, 3, H, W) on the host: x * std + mean, as stored."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x.detach().float().cpu() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
-
-
-def views_mosaic(originals, views, pad=4):
-    """The grid of show_views as an (H, W, 3) uint8 array, and where each view lies in it: {(row, view):
-    (top, left, side)}. originals: uint8 (3, h, w) images, views: uint8 (n, 3, S, S) per view. Every cell
-    is as large as the largest crop times `scale` (a whole number: 96 px or more for small crops) plus a
-    white border; a view is enlarged by `scale` (each pixel repeated) and centred in its cell; the image
-    is fitted into its cell (nearest when enlarged)."""
-    largest = max(view.shape[-1] for view in views)
-    scale = max(1, 96 // largest)
-    inner = largest * scale
-    cell = inner + 2 * pad
-    mosaic = np.full((len(originals) * cell, (1 + len(views)) * cell, 3), 255, dtype=np.uint8)
-    boxes = {}
-    for row, image in enumerate(originals):
-        h, w = image.shape[1:]
-        factor = inner / max(h, w)
-        picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
-            (max(1, round(w * factor)), max(1, round(h * factor))),
-            Image.NEAREST if factor >= 1 else Image.BICUBIC)
-        top, left = row * cell + pad + (inner - picture.height) // 2, pad + (inner - picture.width) // 2
-        mosaic[top:top + picture.height, left:left + picture.width] = np.asarray(picture)
-        for v, view in enumerate(views):
-            side = view.shape[-1] * scale
-            top = row * cell + pad + (inner - side) // 2
-            left = (1 + v) * cell + pad + (inner - side) // 2
-            enlarged = view[row].repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # (3, side, side)
-            mosaic[top:top + side, left:left + side] = enlarged.permute(1, 2, 0).numpy()
-            boxes[row, v] = (top, left, side)
-    return mosaic, boxes
-
-
-def text_header(title, names, column_width, width, height=44):
-    """A white (height, width, 3) uint8 strip drawn by matplotlib: `title` on its first line, then each
-    of `names` centred over its column of `column_width` pixels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    fig.text(4 / width, 1 - 4 / height, title, fontsize=7, va='top', ha='left')
-    for k, name in enumerate(names):
-        fig.text((k + 0.5) * column_width / width, 4 / height, name, fontsize=7, va='bottom', ha='center')
-    canvas.draw()
-    strip = np.asarray(canvas.buffer_rgba())[..., :3]
-    out = np.full((height, width, 3), 255, dtype=np.uint8)
-    out[:min(height, strip.shape[0]), :min(width, strip.shape[1])] = strip[:height, :width]
-    return out
-
-
-def save_png(array, path):
-    """Write an (H, W, 3) uint8 array as a PNG, atomically (a temporary file renamed over `path`)."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        Image.fromarray(array).save(tmp, format='PNG')
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UsageError(f'cannot write {path} ({e.strerror or e}); choose a writable place') from None
-
-
-def build_eval_loaders(args, device, batch_size=256):
-    """(train, test) loaders with the evaluation transform, each rank a shard, or None when
-    there is no labelled test split (kNN then skipped)."""
-    if getattr(args, 'knn_every', 0) < 0:
-        return None
-    test = base_dataset(args, 'test')
-    if test is None:
-        print0(f'  note: {args.data} has no val/ or test/ split; no kNN evaluation')
-        return None
-    split_train = labelled_split(args)
-    rank, world_size = get_rank(), get_world_size()
-    transform = Views([eval_transform(args.image_size, args.dataset_info['image_size'])])
-    labelled = base_dataset(args, split_train)
-    k = getattr(args, 'knn_k', None)
-    if k is not None and k > len(labelled):
-        raise UsageError(f'--knn-k {k} is more neighbours than the {len(labelled)} labelled training images; '
-                         f'use --knn-k {len(labelled)} or fewer')
-    samplers = [EpochSampler(len(base), batch_size, rank, world_size, args.seed, shuffle=False, drop_last=False)
-                for base in (labelled, test)]
-    if getattr(args, 'augment', 'cpu') == 'device':  # the same eval transform, batched (within ~1 grey level)
-        sources = [device_source(args, split, base, sampler, device)
-                   for split, base, sampler in zip((split_train, 'test'), (labelled, test), samplers)]
-        if all(source is not None for source in sources):
-            return tuple(DeviceLoader(source, transform, sampler, device, args.seed, uses_channels_last(args, device))
-                         for source, sampler in zip(sources, samplers))
-        print0('  note: the kNN splits do not fit the device budget; they are read by the PIL path')
-    return tuple(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
-                        device, channels_last=uses_channels_last(args, device)) for base, sampler in zip((labelled, test), samplers))
-
-
-def labelled_split(args):
-    """The split that holds the labelled training images: STL-10's 'labelled' 5k (its 'train' adds the
-    100k unlabelled ones), 'train' for every other dataset."""
-    return 'labelled' if args.data == 'stl10' else 'train'
-
-
-def uses_channels_last(args, device):
-    return device.type == 'cuda' and args.arch.startswith('resnet')
-
-
-# =============================================================================
-# 6. Optimisation
-# =============================================================================
-
-def scale_lr(base_lr, batch_size):
-    """The linear scaling rule, applied once: lr = base_lr * batch_size / 256."""
-    lr = base_lr * batch_size / 256
-    print0(f'  lr = {base_lr} x {batch_size} / 256 = {lr:.6g}')
-    return lr
-
-
-def param_groups(module, weight_decay, exclude_bias_and_norm=True):
-    """Two groups: weights with weight decay, and biases / norm parameters (1-d tensors)
-    without it, marked `bias_and_norm` so LARS skips its trust ratio for them too.
-    Parameters that do not require gradients are left out."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay, bias_and_norm=False)]
-    if no_decay:
-        groups.append(dict(params=no_decay, weight_decay=0.0, bias_and_norm=True))
-    return groups
-
-
-LARS_DENOMINATORS = ('update', 'larc')
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017): for each parameter w with gradient g and weight decay wd,
-        g' = g + wd * w;  g' *= trust * ||w|| / denominator  (when ||w|| = 0: g' = g, a plain SGD step);
-        buf = momentum * buf + g';  w -= lr * buf.
-    The authors' optimizers differ in two details, both chosen by `denominator`:
-      'update': the trust ratio's denominator is ||g + wd * w||, the norm of the decayed update, as in
-                SimCLR's LARSOptimizer, BYOL's LARS (optax chain: decay, then the ratio), MoCo v3's and
-                DINO's LARS (their ResNet-50 recipes). A tensor whose gradient is exactly zero still gets
-                g' = wd * w rescaled to eta * w, a shrinking step of lr * eta (all four codes do this).
-      'larc':   ||g|| + wd * ||w|| (+ 1e-8), as NVIDIA apex's LARC, which SwAV wraps around SGD (and
-                solo-learn's LARS). A tensor whose gradient is exactly zero gets no step of its own (LARC
-                then leaves the gradient, zero, undecayed); its momentum buffer still moves it, as torch's SGD.
-    clip (LARC's clip mode, used by solo-learn's CIFAR recipes): the factor becomes
-    min(trust * ||w|| / denominator, lr) / lr, so no parameter moves faster than plain SGD at lr.
-    Groups marked `bias_and_norm` get plain SGD with momentum and no decay."""
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False,
-                 denominator='update'):
-        if denominator not in LARS_DENOMINATORS:
-            raise UsageError(f"unknown LARS denominator '{denominator}'; choose one of: {', '.join(LARS_DENOMINATORS)}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, clip=clip, denominator=denominator,
-                                      bias_and_norm=False))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if not group['bias_and_norm']:
-                    wd = group['weight_decay']
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
-                    update = update.add(p, alpha=wd)
-                    if group.get('denominator', 'update') == 'larc':
-                        denominator = g_norm + wd * w_norm + 1e-8
-                    else:
-                        denominator = torch.linalg.vector_norm(update)
-                    ratio = group['trust_coefficient'] * w_norm / denominator
-                    if group.get('clip') and group['lr'] > 0:
-                        ratio = torch.clamp(ratio / group['lr'], max=1.0)
-                    trust = torch.where((w_norm > 0) & (denominator > 0), ratio, torch.ones_like(ratio))
-                    update = update * trust
-                    if group.get('denominator', 'update') == 'larc':
-                        update = update * (g_norm > 0)  # a zero gradient: no decay-only step (LARC)
-                state = self.state[p]
-                if 'momentum_buffer' not in state:
-                    state['momentum_buffer'] = torch.zeros_like(p)
-                buf = state['momentum_buffer']
-                buf.mul_(group['momentum']).add_(update)
-                p.add_(buf, alpha=-group['lr'])
-
-
-def build_optimizer(args, groups, lr):
-    """SGD (momentum), LARS or AdamW (args.optimizer) over param groups that carry their own weight decay."""
-    if args.optimizer == 'sgd':
-        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
-    if args.optimizer == 'lars':
-        return LARS(groups, lr=lr, momentum=args.momentum, trust_coefficient=args.lars_eta, clip=args.lars_clip,
-                    denominator=args.lars_denominator)
-    if args.optimizer == 'adamw':
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-    raise UsageError(f"unknown optimizer '{args.optimizer}'; choose sgd, lars or adamw")
-
-
-def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0,
-                    warmup_reaches_base=False):
-    """One value per iteration: linear warm-up from `warmup_start` to `base` over
-    `warmup_epochs`, then half a cosine from `base` to `final`. Used for lr, weight decay
-    and EMA momentum (base 0.996 -> final 1). Step i < W of a W-step warm-up is
-      warmup_reaches_base=False: warmup_start + (base - warmup_start) * i / W: `base` first at the cosine's
-                                 first step (MoCo v3's, SimCLR's and BYOL's lr * t / W);
-      warmup_reaches_base=True:  warmup_start + (base - warmup_start) * i / (W - 1): `base` at the last
-                                 warm-up step, and again at the cosine's first (DINO's cosine_scheduler,
-                                 SwAV's schedule: np.linspace with both ends)."""
-    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
-    warm = np.linspace(warmup_start, base, warmup, endpoint=warmup_reaches_base)
-    t = np.arange(total - warmup)
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(1, len(t))))
-    return np.concatenate([warm, cosine])
-
-
-def step_schedule(base, epochs, steps_per_epoch, milestones, gamma=0.1):
-    """One value per iteration: `base`, multiplied by `gamma` at each milestone epoch."""
-    epoch = np.arange(epochs * steps_per_epoch) / steps_per_epoch
-    return base * gamma ** np.searchsorted(np.asarray(milestones), epoch, side='right')
-
-
-def set_lr(optimizer, lr):
-    """Set every group's lr, except groups marked `fixed_lr` (SimSiam's predictor)."""
-    for group in optimizer.param_groups:
-        if not group.get('fixed_lr', False):
-            group['lr'] = float(lr)
-
-
-def set_weight_decay(optimizer, weight_decay):
-    """Set the weight decay of every group except the biases and norms (DINO's schedule)."""
-    for group in optimizer.param_groups:
-        if not group.get('bias_and_norm', False):
-            group['weight_decay'] = float(weight_decay)
-
-
-@torch.no_grad()
-def ema_update(target, online, momentum):
-    """target <- momentum * target + (1 - momentum) * online, parameters only (buffers such as
-    BN statistics are the target's own). The target gets no gradient and no optimizer."""
-    target_params = [p for p in target.parameters()]
-    online_params = [p.detach() for p in online.parameters()]
-    torch._foreach_mul_(target_params, momentum)
-    torch._foreach_add_(target_params, online_params, alpha=1 - momentum)
-
-
-@torch.no_grad()
-def clip_gradients(module, max_norm):
-    """Per-parameter gradient clipping (DINO): each parameter's gradient whose L2 norm exceeds
-    `max_norm` is rescaled to that norm, independently of the others (unlike
-    torch.nn.utils.clip_grad_norm_, which uses one global norm). 0 = off."""
-    if max_norm <= 0:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            norm = torch.linalg.vector_norm(p.grad)
-            p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-
-
-# =============================================================================
-# 7. Running: precision, checkpoints, logging
-# =============================================================================
-
-def autocast(device, args):
-    """bf16 autocast on GPUs that support it (no loss scaling needed); float32 elsewhere."""
-    if device.type == 'cuda' and args.precision != 'fp32' and torch.cuda.is_bf16_supported():
-        return torch.autocast('cuda', dtype=torch.bfloat16)
-    if args.precision == 'bf16' and device.type != 'cuda':
-        return torch.autocast('cpu', dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def check_writable_file(path, flag):
-    """One-line error, before any work, when `path` cannot be written: a folder, or a place that
-    refuses new files (a missing or read-only folder). Probes with a file that it removes."""
-    if os.path.isdir(path):
-        raise UsageError(f'{flag} {path} is a folder; give a file name')
-    folder = os.path.dirname(os.path.abspath(path))
-    probe = os.path.join(folder, f'.write-test-{os.getpid()}')
-    try:
-        with open(probe, 'w'):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f'{flag} {path}: cannot write in {folder} ({e.strerror}); choose a writable place') from None
-
-
-def write_json(path, record):
-    """Write `record` as JSON to `path` atomically: a temporary file is renamed over the old one;
-    on failure nothing is left behind and the error is one line."""
-    tmp = f'{path}.tmp'
-    try:
-        with open(tmp, 'w') as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise TrainingError(f'could not write {path} ({e.strerror})') from None
-
-
-def checkpoint_path(args):
-    return os.path.join(args.output_dir, 'checkpoint.pth')
-
-
-LAST_CHECKPOINT = {}  # 'note': where the last good checkpoint is, for the messages of a run that stops
-
-
-def last_checkpoint_note(args):
-    return LAST_CHECKPOINT.get('note', f'No checkpoint was written to {args.output_dir}.')
-
-
-class _RecordedWrites:
-    """A file whose first failed write is kept: torch.save turns the OSError of a full disk into a
-    RuntimeError ('unexpected pos ...') that names no cause."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data):
-        try:
-            return self.file.write(data)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-
-    def flush(self):
-        return self.file.flush()
-
-
-def save_atomically(obj, path):
-    """torch.save to path.tmp, flushed to disk, then renamed over path: a reader sees the old file or the
-    new one, never half of one. On a failed write (e.g. a full disk) the partial .tmp is removed and an
-    OSError raised (the one the write met, also when torch.save reported it as a RuntimeError)."""
-    tmp = f'{path}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            recorded = _RecordedWrites(f)
-            try:
-                torch.save(obj, recorded)
-            except RuntimeError as e:
-                failed = OSError(errno.EIO, f'torch.save failed: {str(e).strip()[:160]}')
-                raise recorded.error or failed from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(args, epoch, backbone, **objects):
-    """Atomically write <output-dir>/checkpoint.pth: method, args, epochs done, `backbone` (the
-    weights the paper evaluates, loadable by eval_knn.py) and the state of every named object
-    (model, optimizer, ...). A temporary file, flushed to disk, is renamed over the old one, so a
-    crash, a full disk or a signal never leaves half a checkpoint (the temporary file is removed).
-    Weights or optimizer state that are not finite are never saved: the run stops instead, and the
-    previous checkpoint stays the last good one."""
-    if get_rank() != 0:
-        return
-    state = dict(method=args.method, args={k: v for k, v in vars(args).items() if k != 'notes'}, epoch=epoch,
-                 backbone=backbone.state_dict(), **{name: obj.state_dict() for name, obj in objects.items()})
-    bad = next((name for name, tensor in named_tensors(state) if tensor.is_floating_point()
-                and not bool(torch.isfinite(tensor).all())), None)
-    if bad is not None:
-        raise TrainingError(f'after epoch {epoch} the tensor {bad} holds NaN or inf; nothing was saved. '
-                            f'{last_checkpoint_note(args)} (try a lower --lr or --precision fp32)')
-    path = checkpoint_path(args)
-    try:
-        save_atomically(state, path)
-    except OSError as e:
-        raise TrainingError(f'could not write the checkpoint of epoch {epoch} to {path} ({e.strerror}). '
-                            f'{last_checkpoint_note(args)}') from None
-    LAST_CHECKPOINT['note'] = (f'The last good checkpoint is {path} ({epoch} epoch(s) done); '
-                               'the same command resumes from it.')
-
-
-def named_tensors(tree, prefix=''):
-    """(dotted name, tensor) of every tensor inside nested dicts / lists (a checkpoint's state)."""
-    if torch.is_tensor(tree):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from named_tensors(value, f'{prefix}.{key}' if prefix else str(key))
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            yield from named_tensors(value, f'{prefix}.{i}')
-
-
-def read_checkpoint(path):
-    """torch.load with a one-line error for missing, corrupt or truncated files."""
-    if os.path.isdir(path):
-        raise UsageError(f'{path} is a folder, not a checkpoint; give the checkpoint file (e.g. '
-                         f'{os.path.join(path, "checkpoint.pth")})')
-    if not os.path.isfile(path):
-        raise UsageError(f'no checkpoint at {path}')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UsageError(f'checkpoint {path} is corrupt or truncated ({type(e).__name__}); '
-                         'delete it to start over, or point --output-dir elsewhere') from None
-
-
-def checkpoint_args(args):
-    """The args saved in <output-dir>/checkpoint.pth (a dict), or None when there is no checkpoint
-    yet. Lets a method refuse, before anything is loaded, a resume with settings it cannot change
-    mid-run (e.g. a queue's length)."""
-    path = checkpoint_path(args)
-    if not os.path.exists(path):
-        return None
-    state = read_checkpoint(path)
-    return state.get('args', {}) if isinstance(state, dict) else {}
-
-
-def resume(args, **objects):
-    """Resume from <output-dir>/checkpoint.pth if it exists: load each named object's state
-    (model, optimizer, ...) and return the number of epochs already done (0 for a fresh run).
-    Refuses a checkpoint written by another method or for another architecture."""
-    path = checkpoint_path(args)
-    if not os.path.exists(path):
-        trim_metrics(args.output_dir, 0)  # a run killed in its first epoch left records but no checkpoint
-        return 0
-    state = read_checkpoint(path)
-    if not isinstance(state, dict) or 'method' not in state or 'args' not in state:
-        raise UsageError(f'{path} is not a checkpoint of this project; delete it or use another --output-dir')
-    if state['method'] != args.method:
-        raise UsageError(f"{path} was written by {state['method']}, not {args.method}; use another --output-dir")
-    for key in ('arch', 'width', 'patch_size', 'cifar_stem'):
-        if key in state['args'] and state['args'][key] != getattr(args, key):
-            raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
-                             f"not {getattr(args, key)}; use the same value or another --output-dir")
-    if not same_data(state['args'].get('data'), getattr(args, 'data', None)):
-        raise UsageError(f"{path} was trained on --data {state['args'].get('data')}, not {args.data}; use "
-                         'the same --data to resume, or another --output-dir')
-    changed = changed_settings(state['args'], args)
-    if changed:
-        print0(f'  resuming with settings that differ from the checkpoint\'s: {", ".join(changed)}')
-    done = state.get('epoch')
-    if not isinstance(done, int) or not 0 <= done:
-        raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or '
-                         'use another --output-dir')
-    if done > args.epochs:
-        raise UsageError(f'{path} holds {done} epochs, more than --epochs {args.epochs}; give --epochs {done} '
-                         'or more to go on training, or use another --output-dir')
-    for name, obj in objects.items():
-        if isinstance(obj, nn.Module) and isinstance(state.get(name), dict):
-            check_shapes(path, name, state[name], obj.state_dict())
-        try:
-            obj.load_state_dict(state[name])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:  # an edited checkpoint
-            problem = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise UsageError(f'{path}: its {name} does not load into this run ({problem}); delete it or use '
-                             'another --output-dir') from None
-        if isinstance(obj, LARS):  # load_state_dict restores the saved hyper-parameters: the flags win
-            for group in obj.param_groups:
-                group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip, denominator=args.lars_denominator)
-    trim_metrics(args.output_dir, done)  # the records of a killed, unfinished epoch go: it is trained again
-    LAST_CHECKPOINT['note'] = f'The last good checkpoint is {path} ({done} epoch(s) done); the same command resumes from it.'
-    print0(f'  resumed from {path}: {done} epoch(s) done'
-           + (f'; --epochs is {args.epochs}: nothing left to train (raise --epochs to train longer)'
-              if done == args.epochs else ''))
-    return done
-
-
-# What resume() names when it differs from the checkpoint's (refused if it cannot change: data, arch, ...):
-# everything but where and how this process runs.
-NOT_SETTINGS = {'output_dir', 'data_dir', 'dataset_info', 'notes', 'workers', 'augment', 'device_data_gb',
-                'epochs', 'stop_after_epoch', 'log_every', 'knn_every', 'dist_timeout', 'compile',
-                'precision'}
-
-
-def same_data(saved, data):
-    """Is --data the data a checkpoint was trained on? A folder given by another path counts as the same."""
-    if saved == data or saved is None or data is None:  # None: not recorded (an older or a test's checkpoint)
-        return True
-    return bool(saved) and os.path.isdir(saved) and os.path.isdir(data) and os.path.samefile(saved, data)
-
-
-def changed_settings(saved, args):
-    """'--lr 0.1 (checkpoint: 0.05)' for every setting of this run that differs from the checkpoint's."""
-    def plain(value):
-        return list(value) if isinstance(value, tuple) else value
-    return [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})"
-            for key, value in sorted(vars(args).items())
-            if key in saved and key not in NOT_SETTINGS and plain(saved[key]) != plain(value)]
-
-
-def check_shapes(path, name, saved, current):
-    """One-line error when a checkpoint's tensor has another shape than the model's (e.g. a memory
-    bank with one row per training image, resumed on another dataset), instead of a traceback."""
-    for key, tensor in current.items():
-        if key in saved and saved[key].shape != tensor.shape:
-            raise UsageError(f'{path}: {name}.{key} has shape {tuple(saved[key].shape)} in the checkpoint but '
-                             f'{tuple(tensor.shape)} in this run (other data or settings?); use the same --data '
-                             'and settings, or another --output-dir')
-
-
-@torch.no_grad()
-def normalized_output_std(z):
-    """Collapse indicator (SimSiam, Sec. 4.1 and Fig. 2): the standard deviation over the batch of
-    each channel of z / ||z||, averaged over the channels. About 1/sqrt(d) when the (n, d) outputs
-    spread over the unit sphere, 0 when they collapse to one point. Returns a tensor, so that
-    MetricLogger reads it (a host sync) only on logging steps."""
-    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
-
-
-def process_cpu_seconds():
-    """CPU time (user + sys) of this process, its finished children and its live DataLoader workers
-    (Linux /proc); beside the wall-clock it shows how much of the machine the run had."""
-    import resource
-    total = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                for field in ('ru_utime', 'ru_stime'))
-    for stat in glob_proc_stats():
-        fields = stat.rsplit(')', 1)[-1].split()  # after the command name: state, ppid, ... utime (12), stime (13)
-        if int(fields[1]) == os.getpid():
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-    return total
-
-
-def glob_proc_stats():
-    """The /proc/<pid>/stat lines of every process (none where there is no /proc)."""
-    for name in os.listdir('/proc') if os.path.isdir('/proc') else []:
-        if name.isdigit():
-            try:
-                with open(f'/proc/{name}/stat') as f:
-                    yield f.read()
-            except OSError:
-                continue
-
-
-class MetricLogger:
-    """Progress lines on the main rank and a JSON-lines file `metrics.jsonl` in the output
-    directory. Values are read from the device (a host sync) only on logging steps; the
-    running loss sum lets every step's loss be checked for NaN/inf at those points.
-
-    Every record has `epoch`, the 1-based epoch it belongs to (so a resume can drop the records
-    of epochs its checkpoint does not hold):
-      step:  step, loss, images_per_s, the method's values (lr, tau, ...): the first and the tenth step this
-             process runs (they estimate the run's duration early), then every --log-every steps
-      epoch: epoch_loss, epoch_seconds (the epoch's loading and training; no kNN, no checkpoint),
-             train_seconds (their sum over the run, resumes included), epoch_images_per_s,
-             epoch_cpu_seconds (the epoch's CPU time, user + sys, workers included: process_cpu_seconds)
-      kNN:   knn_top1, knn_top5 (and knn_top1_k20), knn_seconds -- written by the method file
-    """
-
-    def __init__(self, args, loader):
-        self.args, self.loader, self.steps_per_epoch = args, loader, len(loader)
-        self.total_steps = args.epochs * self.steps_per_epoch
-        self.path = os.path.join(args.output_dir, 'metrics.jsonl')
-        self.is_main = get_rank() == 0
-        self.loss_sum, self.count, self.seen, self.tic_step = None, 0, 0, None
-        self.train_seconds = sum(r.get('epoch_seconds', 0.0) for r in read_metrics(self.path))  # kept by resume()
-
-    def log(self, **values):
-        """Append one record (e.g. kNN accuracy) to metrics.jsonl."""
-        if self.is_main:
-            with open(self.path, 'a') as f:
-                f.write(json.dumps(values) + '\n')
-
-    def step(self, epoch, step, loss, **values):
-        """Call once per training step. `values` may hold tensors; they are read only when logging."""
-        loss = loss.detach().float()
-        self.loss_sum = loss.clone() if self.loss_sum is None else self.loss_sum + loss
-        self.count, self.seen = self.count + 1, self.seen + 1
-        if self.count == 1:  # the epoch's first step: time from the epoch's start
-            self.tic, self.tic_step = self.loader.epoch_started, step
-        done = step + 1
-        if done % self.args.log_every and done != self.total_steps and self.seen not in (1, 10):
-            return
-        loss_value = loss.item()
-        self.check_finite(float(self.loss_sum), epoch, step)
-        now = time.time()
-        images_per_s = (done - self.tic_step) * self.args.batch_size / max(now - self.tic, 1e-9)
-        self.tic, self.tic_step = now, done
-        eta = (self.total_steps - done) * self.args.batch_size / max(images_per_s, 1e-9)
-        values = {k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in values.items()}
-        record = dict(epoch=epoch + 1, step=done, loss=loss_value, images_per_s=images_per_s, **values)
-        if self.is_main:
-            print(f'epoch {epoch + 1}/{self.args.epochs} step {done}/{self.total_steps} loss {loss_value:.4f} '
-                  + ' '.join(f'{k} {v:.4g}' for k, v in values.items())
-                  + f' | {images_per_s:.0f} img/s eta {datetime.timedelta(seconds=int(eta))}', flush=True)
-        self.log(**record)
-
-    def end_epoch(self, epoch):
-        """Mean loss of the epoch (checked to be finite) and the epoch's time, logged; resets the running sum."""
-        mean = float(self.loss_sum) / max(1, self.count)
-        self.check_finite(mean, epoch, None)
-        seconds = time.time() - self.loader.epoch_started
-        cpu_seconds = process_cpu_seconds() - getattr(self.loader, 'epoch_cpu_started', 0.0)
-        self.train_seconds += seconds
-        self.log(epoch=epoch + 1, epoch_loss=mean, epoch_seconds=seconds, train_seconds=self.train_seconds,
-                 epoch_images_per_s=self.count * self.args.batch_size / max(seconds, 1e-9),
-                 epoch_cpu_seconds=cpu_seconds)
-        self.loss_sum, self.count = None, 0
-        return mean
-
-    def check_finite(self, value, epoch, step):
-        if not math.isfinite(value):
-            where = f'epoch {epoch + 1}' + (f' (by step {step + 1})' if step is not None else '')
-            raise TrainingError(f'the loss became {value} in {where}; stopping. {last_checkpoint_note(self.args)} '
-                                '(try a lower --lr or --precision fp32)')
-
-
-def read_metrics(path):
-    """The records of a metrics.jsonl file, skipping a line that is not whole JSON (a run killed
-    while writing it); [] when there is no file."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
-def trim_metrics(output_dir, epochs_done):
-    """Keep only the records of the epochs a checkpoint holds (a run killed mid-epoch, then resumed,
-    would log its epoch twice); rewrites the file atomically. Main rank only."""
-    path = os.path.join(output_dir, 'metrics.jsonl')
-    if get_rank() != 0 or not os.path.exists(path):
-        return
-    kept = [r for r in read_metrics(path) if isinstance(r.get('epoch'), (int, float)) and r['epoch'] <= epochs_done]
-    with open(path) as f:
-        if len(kept) == sum(1 for line in f if line.strip()):  # nothing to drop, no torn line
-            return
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
-    os.replace(tmp, path)
-
-
-# What each per-step scalar a method file logs means, and the levels drawn with it: (title, [(level, label)]).
-# `d` and `K` are read from the run's checkpoint (its args); a level that needs one it lacks is left out.
-PANEL_GUIDES = {
-    'output_std': ('output std of z / ||z|| (collapse: 0)',
-                   [(lambda d, K: d ** -0.5, 'healthy 1/sqrt(d)'), (lambda d, K: 0.0, 'collapsed 0')]),
-    'teacher_entropy': ('teacher entropy (0: one-hot, ln K: uniform)',
-                        [(lambda d, K: math.log(K), 'ln K (uniform)'), (lambda d, K: 0.0, '0 (one-hot)')]),
-    'tau': ('EMA rate tau of the target', [(lambda d, K: 1.0, '1 (target frozen)')]),
-    'm': ('EMA momentum m of the teacher / key encoder', [(lambda d, K: 1.0, '1 (frozen)')]),
-}
-STEP_FIELDS = ('epoch', 'step', 'loss', 'images_per_s', 'lr')  # in every step record (lr: its own panel)
-
-
-def metric_panels(records, run_args=None):
-    """The panels of metrics.png beyond loss, lr and kNN: one per scalar the method logs every step
-    (BYOL, SimSiam: output_std; DINO: teacher_entropy; the EMA rates tau, m; any other), in the order
-    they first appear, each a dict(name, title, steps, values, levels=[(value, label)]). The levels are
-    the healthy and collapsed values where they are known: output_std 1/sqrt(d) (d = --proj-dim, the
-    width of z) and 0; teacher_entropy ln K (K = --out-dim) and 0; the EMA rates 1. `run_args`: the run's
-    args (a dict, from its checkpoint), or None when there is none."""
-    run_args = run_args or {}
-    d, K = run_args.get('proj_dim'), run_args.get('out_dim')
-    names = []
-    for record in records:
-        if 'step' in record:
-            names += [k for k, v in record.items() if k not in STEP_FIELDS and k not in names
-                      and isinstance(v, (int, float))]
-    panels = []
-    for name in names:
-        shown = [r for r in records if 'step' in r and isinstance(r.get(name), (int, float))]
-        title, guides = PANEL_GUIDES.get(name, (name, []))
-        levels = []
-        for level, label in guides:
-            try:
-                levels.append((float(level(d, K)), label))
-            except (TypeError, ValueError):  # d or K unknown (no checkpoint)
-                pass
-        panels.append(dict(name=name, title=title, steps=[r['step'] for r in shown],
-                           values=[r[name] for r in shown], levels=levels))
-    return panels
-
-
-def plot_metrics(output_dir, run_args=None):
-    """metrics.jsonl -> metrics.png: loss and lr per step, kNN accuracy per epoch, then a panel for every
-    other scalar logged per step (metric_panels: the collapse indicators and EMA rates, with their levels).
-    `run_args` (a dict): the run's args, read from its checkpoint when not given."""
-    if get_rank() != 0:
-        return
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    path = os.path.join(output_dir, 'metrics.jsonl')
-    if not os.path.exists(path):
-        return
-    records = read_metrics(path)
-    steps = [r for r in records if 'step' in r]
-    knn = [r for r in records if 'knn_top1' in r]
-    checkpoint = os.path.join(output_dir, 'checkpoint.pth')
-    if run_args is None and os.path.exists(checkpoint):  # d and K for the levels (mmap: no weights read)
-        try:
-            run_args = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True).get('args')
-        except Exception:
-            run_args = None
-    panels = metric_panels(records, run_args)
-    rows = 1 + -(-len(panels) // 3)
-    fig, axes = plt.subplots(rows, 3, figsize=(15, 4 * rows), squeeze=False)
-    axes = axes.flatten()
-    axes[0].plot([r['step'] for r in steps], [r['loss'] for r in steps])
-    axes[0].set(xlabel='step', ylabel='loss', title='training loss')
-    if steps and 'lr' in steps[0]:
-        axes[1].plot([r['step'] for r in steps], [r['lr'] for r in steps])
-    axes[1].set(xlabel='step', ylabel='lr', title='learning rate')
-    axes[2].plot([r['epoch'] for r in knn], [r['knn_top1'] for r in knn], marker='o')
-    axes[2].set(xlabel='epoch', ylabel='top-1 (%)', title='kNN accuracy')
-    for ax, panel in zip(axes[3:], panels):
-        ax.plot(panel['steps'], panel['values'], label=panel['name'])
-        for (value, label), style in zip(panel['levels'], ('--', ':', '-.')):
-            ax.axhline(value, color='grey', linestyle=style, label=label)
-        ax.set(xlabel='step', ylabel=panel['name'], title=panel['title'])
-        ax.legend(fontsize=8)
-    for ax in axes[3 + len(panels):]:
-        ax.axis('off')
-    fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, 'metrics.png'), dpi=100)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def attention_maps(backbone, image):
-    """The last block's attention from the CLS token to every patch, per head, as DINO's
-    figures show it: image (3, H, W) normalised, H and W multiples of the patch size ->
-    (heads, H / patch, W / patch); each map is a probability over patches minus the CLS's own share."""
-    if not isinstance(backbone, VisionTransformer):
-        raise UsageError('attention maps need a ViT backbone (--arch vit_*); this one is a ResNet')
-    was_training = backbone.training
-    backbone.eval()
-    attention = backbone.get_last_selfattention(image[None])  # (1, heads, 1 + N, 1 + N)
-    backbone.train(was_training)
-    grid_h, grid_w = image.shape[1] // backbone.patch_size, image.shape[2] // backbone.patch_size
-    return attention[0, :, 0, 1:].reshape(-1, grid_h, grid_w).float()  # (heads, grid_h, grid_w)
-
-
-def plot_attention_maps(image, maps, path, title=''):
-    """The image, then one panel per head with its CLS attention map upsampled (nearest) to
-    the image and drawn over it. image: uint8 (3, H, W); maps: (heads, h, w)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    picture = image.permute(1, 2, 0).cpu().numpy()
-    upsampled = F.interpolate(maps[None].cpu(), size=picture.shape[:2], mode='nearest')[0]  # (heads, H, W)
-    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.6), squeeze=False)
-    axes[0, 0].imshow(picture)
-    axes[0, 0].set_title('image')
-    for head, (ax, heat) in enumerate(zip(axes[0, 1:], upsampled)):
-        ax.imshow(picture)
-        ax.imshow(heat.numpy(), cmap='inferno', alpha=0.6)
-        ax.set_title(f'head {head}')
-    for ax in axes[0]:
-        ax.axis('off')
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# =============================================================================
-# 8. Evaluation: features and weighted kNN
-# =============================================================================
-
-# What the backbone is built from: evaluation takes these from the checkpoint unless they are typed.
-BACKBONE_KEYS = ('arch', 'width', 'cifar_stem', 'zero_init_residual', 'patch_size', 'num_heads', 'pos_embed',
-                 'image_size')
-
-
-def get_eval_parser(description, name):
-    """The flags of an evaluation script (eval_knn.py, eval_linear.py): a checkpoint of any method
-    file, --pretrained (an authors' released file, released.py), or --random-init; the data and backbone
-    flags, whose defaults are the checkpoint's."""
-    parser = ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.set_defaults(method=name, freeze_patch_embed=False, drop_path=0.0)
-    parser.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
-    parser.add_argument('--pretrained', default=None, metavar='FILE',
-                        help="instead of a checkpoint: weights released by a method's authors (DINO, MoCo v1/v2/v3, "
-                             'SimSiam, SwAV, InstDisc; see released.py), backbone settings read from the file')
-    parser.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (give --data and --arch)')
-    g = parser.add_argument_group('data (default: the checkpoint\'s)')
-    g.add_argument('--data', default=None, help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with '
-                   'train/ and val/ (or test/)')
-    g.add_argument('--data-dir', default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
-                   help='where torchvision datasets are downloaded / looked for')
-    g.add_argument('--image-size', type=int, default=None, help='evaluation crop size (default: the checkpoint\'s, '
-                   'else follows the dataset)')
-    g.add_argument('--workers', type=int, default=None, help='data-loading processes per GPU (default: CPUs / GPUs - 1, '
-                   'at most 16)')
-    g = parser.add_argument_group('backbone (default: the checkpoint\'s)')
-    g.add_argument('--arch', default='resnet50', help='one of ' + ', '.join(ARCHS))
-    g.add_argument('--width', type=int, default=64, help='ResNet base width')
-    g.add_argument('--cifar-stem', action=argparse.BooleanOptionalAction, default=None,
-                   help='ResNet 3x3 stride-1 conv1 without max-pool (default: on for images <= 64 px)')
-    g.add_argument('--zero-init-residual', action=argparse.BooleanOptionalAction, default=False,
-                   help='ResNet, --random-init: last BN of each residual block starts at zero')
-    g.add_argument('--patch-size', type=int, default=None, help='ViT patch size (default: 16, or 4 for images <= 64 px)')
-    g.add_argument('--num-heads', type=int, default=None, help='ViT attention heads (default: 3 / 6 / 12 for tiny / '
-                   'small / base)')
-    g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'), help='ViT position embedding')
-    g = parser.add_argument_group('running')
-    g.add_argument('--seed', type=int, default=0, help='random seed (data order and augmentation: seed + rank)')
-    g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
-                   help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
-    g.add_argument('--dist-timeout', type=float, default=1800,
-                   help='seconds a collective waits for the other processes before the run stops (torchrun)')
-    return parser
-
-
-def parse_eval_args(parser, argv=None, load_released=None):
-    """Parse an evaluation script's flags. Returns (args, state): the checkpoint's contents (None with
-    --random-init; for --pretrained, `load_released`'s mapping of the file into a checkpoint's form: the
-    evaluation scripts pass tools/released.py's `load`), its data and backbone settings filled in for every
-    flag not typed."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    check_declared_ranges(parser, args)
-    if sum((bool(args.checkpoint), bool(args.pretrained), args.random_init)) != 1:
-        raise UsageError('give one of: a checkpoint to evaluate, --pretrained FILE (the authors\' weights), '
-                         'or --random-init with --data and --arch')
-    state = None
-    if args.pretrained:  # the authors' layout mapped onto our backbone; its settings inferred (tools/released.py)
-        state, args.checkpoint = load_released(args.pretrained), args.pretrained
-    elif args.checkpoint:
-        state = read_checkpoint(args.checkpoint)
-        if not (isinstance(state, dict) and isinstance(state.get('backbone'), dict) and 'args' in state):
-            raise UsageError(f'{args.checkpoint} is not a checkpoint of this project (no backbone / args); '
-                             "the authors' released weights load with --pretrained FILE")
-    if state is not None:
-        typed = explicit_flags(parser, argv)
-        for key in BACKBONE_KEYS + ('data', 'data_dir'):
-            if key in state['args'] and key not in typed:
-                setattr(args, key, state['args'][key])
-    if args.data is None:
-        raise UsageError(f"{'--pretrained' if args.pretrained else '--random-init'} needs --data (the dataset to "
-                         'evaluate on)')
-    args.dataset_info = inspect_dataset(args.data, args.data_dir)
-    apply_size_defaults(args)
-    validate_backbone_args(args)
-    args.output_dir = getattr(args, 'output_dir', None)  # None: writes no run folder
-    args.notes = [data_note(args)] + (state.get('notes', []) if state else [])
-    return args, state
-
-
-def load_eval_backbone(args, state, device):
-    """The backbone of `state` (a checkpoint of this project, or a released file as released.load maps it)
-    or, without one, an untrained backbone;
-    in eval mode on `device`. A checkpoint whose backbone does not fit the architecture is refused
-    in one line. A ViT is built at the size it was trained at (its position embedding's grid) and
-    evaluated at --image-size through the interpolation."""
-    trained_size = state['args'].get('image_size', args.image_size) if state is not None else args.image_size
-    backbone = build_backbone(argparse.Namespace(**{**vars(args), 'image_size': trained_size}))
-    if state is not None:
-        saved, expected = state['backbone'], backbone.state_dict()
-        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        wrong = sorted(k for k in set(saved) & set(expected) if saved[k].shape != expected[k].shape)
-        if missing or unexpected or wrong:
-            problem = (f'{len(missing)} missing (e.g. {missing[0]})' if missing else
-                       f'{len(unexpected)} unexpected (e.g. {unexpected[0]})' if unexpected else
-                       f'{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(saved[wrong[0]].shape)} saved, '
-                       f'{tuple(expected[wrong[0]].shape)} here)')
-            raise UsageError(f'{args.checkpoint}: its backbone does not fit --arch {args.arch}: {problem} tensors; '
-                             'pass the architecture it was trained with (--arch, --width, --patch-size, ...)')
-        bad = next((key for key, tensor in saved.items() if tensor.is_floating_point()
-                    and not bool(torch.isfinite(tensor).all())), None)
-        if bad is not None:
-            raise UsageError(f'{args.checkpoint}: the backbone tensor {bad} holds NaN or inf; evaluate another checkpoint')
-        backbone.load_state_dict(saved)
-        print0(f"  {state.get('method', '?')} backbone from {args.checkpoint}, epoch {state.get('epoch', '?')}")
-    backbone = backbone.to(device).eval()
-    if uses_channels_last(args, device):
-        backbone = backbone.to(memory_format=torch.channels_last)
-    return backbone
-
-
-def load_untrained_backbone(args, state, device):
-    """--compare-random-init: the untrained network of the same seed, the one the checkpoint's run started
-    from: seeded with that run's --seed (else this --seed), then built as load_eval_backbone builds one (a
-    method file builds its backbone first after common.setup's seeding, and so does this)."""
-    torch.manual_seed((state or {}).get('args', {}).get('seed', args.seed))
-    return load_eval_backbone(args, None, device)
-
-
-def class_names(args, base):
-    """The names of the classes of --data (a folder's class folders, torchvision's names, the textures of the
-    procedural data), by label."""
-    names = args.dataset_info.get('classes') or getattr(base, 'classes', None)
-    return list(names) if names else [str(c) for c in range(args.dataset_info['num_classes'])]
-
-
-@torch.no_grad()
-def extract_features(backbone, loader, device, args, normalize=True):
-    """L2-normalised (or, normalize=False, raw float32) backbone features and labels of a whole
-    (sharded) dataset, gathered from all ranks and put back in dataset order: ((N, D), (N,)).
-    Runs in eval mode (BN frozen)."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels, indices = [], [], []
-    for views, y, i in loader.epoch(0):
-        with autocast(device, args):
-            output = backbone(views[0]).float()  # (B, D)
-        features.append(F.normalize(output, dim=1) if normalize else output)
-        labels.append(y)
-        indices.append(i)
-    backbone.train(was_training)
-    features, labels, indices = torch.cat(features), torch.cat(labels), torch.cat(indices)
-    bad = int((~torch.isfinite(features).all(dim=1)).sum())
-    if bad:  # a NaN feature is most similar to nothing: the kNN would silently score 0%
-        raise TrainingError(f'the backbone gives non-finite features for {bad} of {len(features)} images '
-                            '(NaN/inf weights, or an overflow in bf16: try --precision fp32)')
-    if get_world_size() > 1:  # DDP: shards have different lengths; pad to the longest, gather, drop the padding
-        n = torch.tensor([len(indices)], device=device)
-        longest = int(all_gather_no_grad(n).max())
-        pad = longest - len(indices)
-        features = F.pad(features, (0, 0, 0, pad))
-        labels, indices = F.pad(labels, (0, pad), value=-1), F.pad(indices, (0, pad), value=-1)
-        features, labels, indices = all_gather_no_grad(features), all_gather_no_grad(labels), all_gather_no_grad(indices)
-        keep = indices >= 0
-        features, labels, indices = features[keep], labels[keep], indices[keep]
-    order = torch.argsort(indices)
-    return features[order], labels[order]
-
-
-@torch.no_grad()
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, ks, temperature, chunk=512):
-    """Weighted kNN classifier (Wu et al. 2018): each test feature's k most cosine-similar
-    training features vote for their class with weight exp(similarity / T). Features must be
-    L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks` (1 <= k <= N_train).
-    The votes are summed in log space (log sum_j exp(s_j / T) per class): at a small T, exp(s / T)
-    overflows even float64 (T = 0.001: e^1000), and every class would tie at inf."""
-    if not all(1 <= k <= len(train_features) for k in ks) or not temperature > 0:
-        raise ValueError(f'kNN needs 1 <= k <= {len(train_features)} and T > 0, not k={ks}, T={temperature}')
-    k_max = max(ks)
-    correct = {k: torch.zeros(2, device=test_features.device) for k in ks}
-    for start in range(0, len(test_features), chunk):
-        similarity = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
-        top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
-        logits, neighbour_labels = top_sim.double() / temperature, train_labels[top_idx]  # (c, k_max) log w
-        labels = test_labels[start:start + chunk, None]
-        for k in ks:
-            votes = torch.full((len(top_sim), num_classes), -math.inf, device=top_sim.device,
-                               dtype=torch.float64)
-            peak = votes.scatter_reduce(1, neighbour_labels[:, :k], logits[:, :k], 'amax')  # (c, classes)
-            shifted = (logits[:, :k] - peak.gather(1, neighbour_labels[:, :k])).exp()      # <= 1: no overflow
-            sums = torch.zeros_like(votes).scatter_add_(1, neighbour_labels[:, :k], shifted)
-            votes = peak + sums.log()  # log of the summed weights; -inf for a class without votes
-            top_votes, ranked = votes.topk(min(5, num_classes), dim=1)
-            hit = (ranked == labels) & (top_votes > -math.inf)  # a class without votes is no prediction
-            correct[k] += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
-    return {k: tuple((100 * c / len(test_features)).tolist()) for k, c in correct.items()}
-
-
-def extract_train_test_features(backbone, eval_loaders, device, args, normalize=True):
-    """Features and labels of the labelled train split and of the test split."""
-    return (*extract_features(backbone, eval_loaders[0], device, args, normalize),
-            *extract_features(backbone, eval_loaders[1], device, args, normalize))
-
-
-def knn_due(args, epoch):
-    """Is the kNN monitor due after `epoch`? Every --knn-every epochs and after the last."""
-    if args.knn_every < 0:
-        return False
-    return epoch + 1 == args.epochs or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0)
-
-
-def knn_monitor(backbone, eval_loaders, device, args):
-    """kNN top-1/top-5 of `backbone` with the monitor's k and T (and top-1 at k=20, the ImageNet
-    convention, for comparison): a dict to log, {} if there is no test split."""
-    if eval_loaders is None:
-        return {}
-    start = time.time()
-    features = extract_train_test_features(backbone, eval_loaders, device, args)
-    k20 = min(20, len(features[0]))
-    results = knn_accuracy(*features, args.dataset_info['num_classes'], sorted({args.knn_k, k20}), args.knn_t)
-    top1, top5 = results[args.knn_k]
-    seconds = time.time() - start
-    print0(f'  kNN (k={args.knn_k}, T={args.knn_t}): top-1 {top1:.2f}  top-5 {top5:.2f}  ({seconds:.0f} s)')
-    return dict(knn_top1=top1, knn_top5=top5, knn_top1_k20=results[k20][0], knn_seconds=seconds)

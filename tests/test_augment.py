@@ -20,6 +20,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
 import common
+import device_augment
 from conftest import TINY, learning_run, run_script
 from test_simclr import LEARNING as SIMCLR_LEARNING
 from test_cli import expect_error
@@ -49,8 +50,8 @@ def views_of(transform, images, indices=None, epoch=0, seed=0, view=0):
     """The batched view (float (B, 3, S, S) in 0-255) of `images` and the parameters it was drawn with."""
     canvas, heights, widths = batch_of(images)
     indices = torch.arange(len(images)) if indices is None else torch.as_tensor(indices)
-    p = transform.draw(common.view_keys(seed, epoch, view, indices), heights, widths)
-    x = common.colour_views(common.crop_views([(canvas, None)], [transform], p, len(images)), p, 128)
+    p = transform.draw(device_augment.view_keys(seed, epoch, view, indices), heights, widths)
+    x = device_augment.colour_views(device_augment.crop_views([(canvas, None)], [transform], p, len(images)), p, 128)
     return x * 255, p
 
 
@@ -67,15 +68,15 @@ def colour_params(n, **values):
 
 def test_hash_is_the_same_on_tensors_as_on_python_integers():
     values = [0, 1, 2, 12345, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1] + [int(v) for v in np.random.default_rng(0).integers(0, 2 ** 32, 200)]
-    hashed = common.mix32(torch.tensor(values, dtype=torch.int64))
-    assert hashed.tolist() == [common.mix32(v) for v in values]  # Python ints are exact: no int64 overflow
+    hashed = device_augment.mix32(torch.tensor(values, dtype=torch.int64))
+    assert hashed.tolist() == [device_augment.mix32(v) for v in values]  # Python ints are exact: no int64 overflow
     assert ((hashed >= 0) & (hashed < 2 ** 32)).all()
     assert len(set(hashed.tolist())) == len(set(values))  # a bijection
     for v in values[:20]:  # the split multiplication is the true product mod 2^32
-        assert common.mul32(v, 0x846CA68B) == v * 0x846CA68B % 2 ** 32
-    keys = common.view_keys(3, 7, 1, torch.arange(10000))
+        assert device_augment.mul32(v, 0x846CA68B) == v * 0x846CA68B % 2 ** 32
+    keys = device_augment.view_keys(3, 7, 1, torch.arange(10000))
     assert len(set(keys.tolist())) == 10000  # distinct images of one (seed, epoch, view): distinct keys
-    u = common.key_uniforms(keys, 36)
+    u = device_augment.key_uniforms(keys, 36)
     assert u.shape == (10000, 36) and (u >= 0).all() and (u < 1).all()
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(torch.corrcoef(u[:, :6].T)[0, 1:].abs().max())) < 0.05
 
@@ -90,9 +91,9 @@ def test_crop_and_resize_match_torchvision_resized_crop(interpolation):
     f64 = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
     for top, left, height, width, size in [(3, 5, 20, 30, 24), (0, 0, 40, 53, 16), (10, 2, 9, 7, 32), (0, 0, 40, 53, 64),
                                            (39, 52, 1, 1, 8)]:
-        rows = common.resample_weights(f64(top), f64(height), f64(size), f64(0), size, 40, interpolation)
-        columns = common.resample_weights(f64(left), f64(width), f64(size), f64(0), size, 53, interpolation)
-        mine = common.resample(x, rows, columns)[0] * 255
+        rows = device_augment.resample_weights(f64(top), f64(height), f64(size), f64(0), size, 40, interpolation)
+        columns = device_augment.resample_weights(f64(left), f64(width), f64(size), f64(0), size, 53, interpolation)
+        mine = device_augment.resample(x, rows, columns)[0] * 255
         pil = as_tensor(TF.resized_crop(image, top, left, height, width, [size, size], mode)).float()
         # PIL rounds its horizontal pass and its output: <= 0.5 + 0.5 x (sum |w|, 1 bilinear, < 1.25 bicubic)
         assert (mine - pil).abs().max() <= (1.01 if interpolation == 'bilinear' else 1.25), (top, left, height, width)
@@ -100,7 +101,7 @@ def test_crop_and_resize_match_torchvision_resized_crop(interpolation):
         if interpolation == 'bilinear':  # torchvision's float antialiased kernel is PIL's filter without rounding
             tensor = TF.resized_crop(x[0], top, left, height, width, [size, size], mode, antialias=True)
             assert torch.allclose(mine, tensor, atol=1e-3)
-        flipped = common.resample(x, rows, columns.flip(1))[0] * 255  # a flip is the reversed column weights
+        flipped = device_augment.resample(x, rows, columns.flip(1))[0] * 255  # a flip is the reversed column weights
         assert torch.allclose(flipped, TF.hflip(mine), atol=1e-4)
 
 
@@ -116,7 +117,7 @@ def test_brightness_contrast_saturation_and_hue_match_torchvision():
             values = torch.zeros(len(images), 4)
             values[:, op] = factor
             p = colour_params(len(images), order=order, jitter_ops=switched, factors=values)
-            mine = common.colour_views(x.clone(), p, 128) * 255
+            mine = device_augment.colour_views(x.clone(), p, 128) * 255
             tensor = functions[op](x, factor) * 255  # torchvision on float tensors: the same formula, unrounded
             assert (mine - tensor).abs().max() < 0.05, (op, factor)  # (grey: PIL's 0.299 R, torchvision's 0.2989 R)
             pil = torch.stack([as_tensor(functions[op](image, factor)) for image in images]).float()
@@ -131,15 +132,15 @@ def test_grayscale_solarize_and_blur_match_torchvision_and_pil():
     uint8 = torch.stack([as_tensor(image) for image in images])
     x = uint8.float() / 255
     on = torch.ones(len(images), dtype=torch.bool)
-    grey = common.colour_views(x.clone(), colour_params(len(images), grayscale=on), 128) * 255
+    grey = device_augment.colour_views(x.clone(), colour_params(len(images), grayscale=on), 128) * 255
     assert torch.allclose(grey, TF.rgb_to_grayscale(x, 3) * 255, atol=0.05)
     pil_grey = torch.stack([as_tensor(TF.rgb_to_grayscale(image, 3)) for image in images]).float()
     assert (grey - pil_grey).abs().max() <= 0.51  # PIL rounds L
-    solarized = common.colour_views(x.clone(), colour_params(len(images), solarize=on), 128) * 255
+    solarized = device_augment.colour_views(x.clone(), colour_params(len(images), solarize=on), 128) * 255
     assert torch.allclose(solarized, TF.solarize(uint8, 128).float(), atol=1e-3)  # v >= 128 -> 255 - v, exactly
     for sigma in (0.1, 0.5, 1.0, 1.7, 2.0):
         p = colour_params(len(images), blur=on, sigma=torch.full((len(images),), sigma, dtype=torch.float64))
-        blurred = common.colour_views(x.clone(), p, 128) * 255
+        blurred = device_augment.colour_views(x.clone(), p, 128) * 255
         pil = torch.stack([as_tensor(image.filter(ImageFilter.GaussianBlur(radius=sigma))) for image in images]).float()
         # 6 box passes, each an average (no gain) and a rounding of <= 0.5 in PIL: <= 3 levels
         assert (blurred - pil).abs().max() <= 3.01 and (blurred - pil).abs().mean() < 1.0, sigma
@@ -201,7 +202,7 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(height, width, scale)
     image = torch.zeros(1, height, width)
     theirs = np.array([T.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(n)])
     transform = common.augmentation(16, scale)
-    p = transform.draw(common.view_keys(1, 2, 0, torch.arange(n)), torch.full((n,), height), torch.full((n,), width))
+    p = transform.draw(device_augment.view_keys(1, 2, 0, torch.arange(n)), torch.full((n,), height), torch.full((n,), width))
     ours = torch.stack([p['top'], p['left'], p['height'], p['width']], 1).numpy()
     for name, a, b in [('area', ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3]),
                        ('log ratio', np.log(ours[:, 3] / ours[:, 2]), np.log(theirs[:, 3] / theirs[:, 2])),
@@ -221,7 +222,7 @@ def test_application_rates_factors_and_order_follow_torchvision():
     n = 20000
     transform = common.augmentation(16, (0.2, 1.0), (0.4, 0.3, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
                                     blur_prob=0.5, solarize_prob=0.2)
-    p = transform.draw(common.view_keys(0, 0, 0, torch.arange(n)), torch.full((n,), 32), torch.full((n,), 32))
+    p = transform.draw(device_augment.view_keys(0, 0, 0, torch.arange(n)), torch.full((n,), 32), torch.full((n,), 32))
     margin = 5 * math.sqrt(0.25 / n)  # five standard deviations of a rate
     for name, rate in [('flip', 0.5), ('jitter', 0.8), ('grayscale', 0.2), ('blur', 0.5), ('solarize', 0.2)]:
         assert abs(float(p[name].float().mean()) - rate) < margin, name
@@ -238,7 +239,7 @@ def test_application_rates_factors_and_order_follow_torchvision():
     counts = np.array([orders.count(o) for o in set(orders)])
     assert len(counts) == 24 and counts.min() > 0.8 * n / 24 and counts.max() < 1.2 * n / 24
     assert (p['jitter_ops'] == p['jitter'][:, None]).all()  # every adjustment is on here (none is 0)
-    off = common.augmentation(16, (0.2, 1.0), (0.4, 0.0, 0.4, 0.0)).draw(common.view_keys(0, 0, 0, torch.arange(50)),
+    off = common.augmentation(16, (0.2, 1.0), (0.4, 0.0, 0.4, 0.0)).draw(device_augment.view_keys(0, 0, 0, torch.arange(50)),
                                                                            torch.full((50,), 32), torch.full((50,), 32))
     assert not off['jitter_ops'][:, 1].any() and not off['jitter_ops'][:, 3].any()  # a 0 strength: no adjustment
 
@@ -375,7 +376,7 @@ def test_cuda_gives_the_views_of_the_cpu(tmp_path):
     """The same code on CUDA: the same keys (integer hash), the same views to float rounding, held in memory
     and (JPEGs decoded by nvJPEG) streamed."""
     indices = torch.randint(0, 2 ** 31, (1000,))
-    assert torch.equal(common.view_keys(5, 3, 2, indices.cuda()).cpu(), common.view_keys(5, 3, 2, indices))
+    assert torch.equal(device_augment.view_keys(5, 3, 2, indices.cuda()).cpu(), device_augment.view_keys(5, 3, 2, indices))
     view = common.augmentation(24, (0.08, 1.0), common.simclr_jitter(1.0), blur_prob=0.5, solarize_prob=0.2,
                                interpolation='bicubic')
     images = [photo(seed, 40, 52) for seed in range(16)]
