@@ -37,8 +37,8 @@ MASK32 = 0xFFFFFFFF
 
 
 def mul32(x, c):
-    """(x * c) mod 2^32 for 0 <= x < 2^32 (an int64 tensor or a Python int) and a constant c < 2^32. c is split
-    into 16-bit halves so that no product exceeds 2^48: int64 tensors never overflow."""
+    """(x * c) mod 2^32 for 0 <= x < 2^32 (an int64 tensor or a Python int) and a constant c < 2^32.
+    c is split into 16-bit halves so that no product exceeds 2^48: int64 tensors never overflow."""
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
 
 
@@ -56,13 +56,15 @@ def view_keys(seed, epoch, view, indices):
     """(B,) int64 keys of view number `view` of the images `indices` (an int64 tensor) in `epoch`: all the
     randomness of those views. The (seed, epoch, view) part is hashed on the host; distinct images of
     one batch get distinct keys (mix32 is a bijection)."""
-    base = mix32(mix32(mix32(mix32(0x5EED0 ^ (seed & MASK32)) ^ ((seed >> 32) & MASK32)) ^ (epoch & MASK32)) ^ view)
+    base = mix32(mix32(0x5EED0 ^ (seed & MASK32)) ^ ((seed >> 32) & MASK32))
+    base = mix32(mix32(base ^ (epoch & MASK32)) ^ view)
     return mix32(indices.long() ^ base)
 
 
 def key_uniforms(keys, count):
     """(B, count) float64 uniforms in [0, 1), 32 random bits each: parameter number c of each key."""
-    salt = mix32(torch.arange(1, count + 1, device=keys.device, dtype=torch.int64) * 0x9E3779B1 & MASK32)  # (count,)
+    # (count,)
+    salt = mix32(torch.arange(1, count + 1, device=keys.device, dtype=torch.int64) * 0x9E3779B1 & MASK32)
     return mix32(mix32(keys[:, None] ^ salt) ^ salt).double() * 2.0 ** -32
 
 
@@ -77,10 +79,13 @@ def crop_boxes(u, heights, widths, scale, ratio):
     area = (heights * widths)[:, None]                                                    # (B, 1)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:10])                  # (B, 10) attempts
     aspect = torch.exp(log_low + (log_high - log_low) * u[:, 10:20])                      # (B, 10)
-    w = torch.round(torch.sqrt(target_area * aspect))                                     # round half to even,
-    h = torch.round(torch.sqrt(target_area / aspect))                                     #   as Python's round
+    # round half to even,
+    w = torch.round(torch.sqrt(target_area * aspect))
+    #   as Python's round
+    h = torch.round(torch.sqrt(target_area / aspect))
     fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])           # (B, 10)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)                              # (B, 1) first fitting
+    # (B, 1) first fitting
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
     found = fits.any(dim=1)                                                               # (B,)
     in_ratio = widths / heights  # fallback: the whole image, its aspect ratio clamped to [ratio[0], ratio[1]]
     fallback_w = torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths)
@@ -93,7 +98,8 @@ def crop_boxes(u, heights, widths, scale, ratio):
 
 
 def resize_shorter_side(heights, widths, size):
-    """T.Resize(size) with an int size: the shorter side becomes `size`, the longer int(size * long / short)."""
+    """T.Resize(size) with an int size: the shorter side becomes `size`, the longer
+    int(size * long / short)."""
     short, long = torch.minimum(heights, widths), torch.maximum(heights, widths)
     new_long = torch.floor(size * long / short)
     return torch.where(heights <= widths, size, new_long), torch.where(heights <= widths, new_long, size)
@@ -125,7 +131,8 @@ def resample_weights(start, length, resized, offset, out_size, in_size, interpol
         a, x = -0.5, t.abs()
         weights = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
                               torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
-    inside = (pixel >= start[:, None]) & (pixel < (start + length)[:, None])                    # (B, in) the box
+    # (B, in) the box
+    inside = (pixel >= start[:, None]) & (pixel < (start + length)[:, None])
     kept = (position >= 0) & (position < resized[:, None])                                       # (B, out)
     weights = weights * (inside[:, None, :] & kept[:, :, None])
     total = weights.sum(dim=2, keepdim=True)
@@ -146,8 +153,10 @@ def resample(canvas, rows, columns):
     more than its rounding. The cost is the dense product: for ImageNet-sized canvases ~0.4 GFLOP per
     224-px crop, far below what the GPU does in the training step."""
     batch, _, height, width = canvas.shape
-    x = torch.bmm(canvas.reshape(batch, 3 * height, width), columns.transpose(1, 2)).clamp_(0, 255)  # (B, 3 Hc, ow)
-    return torch.matmul(rows[:, None], x.view(batch, 3, height, -1)).clamp_(0, 255).div_(255)        # (B, 3, oh, ow)
+    # (B, 3 Hc, ow)
+    x = torch.bmm(canvas.reshape(batch, 3 * height, width), columns.transpose(1, 2)).clamp_(0, 255)
+    # (B, 3, oh, ow)
+    return torch.matmul(rows[:, None], x.view(batch, 3, height, -1)).clamp_(0, 255).div_(255)
 
 
 def luma(x):
@@ -164,7 +173,8 @@ def adjust_hue(x, hue):
     value, minimum = x.amax(dim=1), x.amin(dim=1)
     chroma = value - minimum
     safe = torch.where(chroma > 0, chroma, 1.0)
-    sixths = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    sixths = torch.where(value == r, (g - b) / safe,
+                         torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
     sixths = sixths + 6 * hue[:, None, None]
     channels = []
     for n in (5, 3, 1):
@@ -181,7 +191,8 @@ def pil_blur_radius(sigma):
     variance = sigma * sigma / 3
     length = torch.sqrt(12.0 * variance.double() + 1.0).float()
     whole = torch.floor((length.double() - 1.0) / 2.0).float()
-    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) * (whole + 1)))
+    fraction = ((2 * whole + 1) * (whole * (whole + 1) - 3 * variance)
+                / (6 * (variance - (whole + 1) * (whole + 1))))
     return whole + fraction
 
 
@@ -196,8 +207,10 @@ def box_blur_pass(x, radius, pad):
     ww, fw = ww.float() * 2.0 ** -24, fw.float() * 2.0 ** -24
     length = x.shape[-1]
     padded = F.pad(x, (pad, pad, 0, 0), mode='replicate')                          # (B, C, H, L + 2 pad)
-    sums = F.pad(padded.cumsum(dim=-1), (1, 0))                                    # sums[k] = padded[:k].sum()
-    centre = torch.arange(length, device=x.device) + pad                           # (L,) in padded coordinates
+    # sums[k] = padded[:k].sum()
+    sums = F.pad(padded.cumsum(dim=-1), (1, 0))
+    # (L,) in padded coordinates
+    centre = torch.arange(length, device=x.device) + pad
     shape = (x.shape[0], x.shape[1], x.shape[2], length)
 
     def at(values, where):  # values[..., where[b]] for each sample b
@@ -211,7 +224,8 @@ def gaussian_blur(x, sigma, max_sigma):
     """common.GaussianBlur for a batch: PIL's Gaussian blur of standard deviation sigma (B,), i.e.
     3 box blurs along the rows, then 3 along the columns (ImagingBoxBlur). x: (B, 3, H, W) in [0, 1]."""
     radius = pil_blur_radius(sigma)
-    pad = int(pil_blur_radius(torch.tensor(float(max_sigma), dtype=torch.float64))) + 2  # on the host, no sync
+    # on the host, no sync
+    pad = int(pil_blur_radius(torch.tensor(float(max_sigma), dtype=torch.float64))) + 2
     for _ in range(3):
         x = box_blur_pass(x, radius, pad)
     x = x.transpose(2, 3)
@@ -229,8 +243,9 @@ class Augmentation(T.Compose):
     RandomResizedCrop, or [Resize] + CenterCrop (evaluation); then, in this order, any of the flip,
     RandomApply([ColorJitter]), RandomGrayscale, RandomApply([GaussianBlur]), RandomSolarize."""
 
-    # which uniforms of a key each parameter uses (key_uniforms): fixed, so that adding a step changes no other
-    CROP, FLIP, JITTER, ORDER, FACTORS, GRAYSCALE, BLUR, SIGMA, SOLARIZE, COUNT = 0, 22, 23, 24, 28, 32, 33, 34, 35, 36
+    # which uniforms of a key each parameter uses (key_uniforms): fixed, so adding a step changes no other
+    CROP, FLIP, JITTER, ORDER, FACTORS = 0, 22, 23, 24, 28
+    GRAYSCALE, BLUR, SIGMA, SOLARIZE, COUNT = 32, 33, 34, 35, 36
 
     def __init__(self, transforms):
         super().__init__(transforms)
@@ -262,7 +277,8 @@ class Augmentation(T.Compose):
             raise ValueError('Augmentation needs a RandomResizedCrop or a CenterCrop')
         if self.random_crop is None and self.resize is None:
             self.interpolation = T.InterpolationMode.BILINEAR
-        self.mode = {T.InterpolationMode.BILINEAR: 'bilinear', T.InterpolationMode.BICUBIC: 'bicubic'}[self.interpolation]
+        names = {T.InterpolationMode.BILINEAR: 'bilinear', T.InterpolationMode.BICUBIC: 'bicubic'}
+        self.mode = names[self.interpolation]
 
     def draw(self, keys, heights, widths):
         """The parameters of each sample's view, on the host: a dict of CPU tensors (B,) or (B, 4), from the
@@ -295,8 +311,9 @@ class Augmentation(T.Compose):
                     offset_top=offset_top, offset_left=offset_left, flip=u[:, self.FLIP] < self.flip_prob,
                     jitter=jitter, jitter_ops=jitter[:, None] & enabled, factors=factors.float(),
                     order=u[:, self.ORDER:self.FACTORS].argsort(dim=1, stable=True),
-                    grayscale=u[:, self.GRAYSCALE] < self.grayscale_prob, blur=u[:, self.BLUR] < self.blur_prob,
-                    sigma=low + (high - low) * u[:, self.SIGMA], solarize=u[:, self.SOLARIZE] < self.solarize_prob)
+                    grayscale=u[:, self.GRAYSCALE] < self.grayscale_prob,
+                    blur=u[:, self.BLUR] < self.blur_prob, sigma=low + (high - low) * u[:, self.SIGMA],
+                    solarize=u[:, self.SOLARIZE] < self.solarize_prob)
 
 
 def send(device, **tensors):
@@ -318,7 +335,8 @@ def crop_views(groups, transforms, p, batch):
     major). groups = [(canvas, members)]: uint8 canvases on the device and the batch positions of their
     images (a host int64 tensor; None: the whole batch)."""
     canvas = groups[0][0]
-    device, (out_h, out_w), mode, views = canvas.device, transforms[0].size, transforms[0].mode, len(transforms)
+    device, (out_h, out_w), mode = canvas.device, transforms[0].size, transforms[0].mode
+    views = len(transforms)
     names = ('top', 'height', 'resized_h', 'offset_top', 'left', 'width', 'resized_w', 'offset_left')
     geometry = send(device, boxes=torch.stack([p[name] for name in names], dim=1), flip=p['flip'])
     boxes, flip = geometry['boxes'], geometry['flip']                            # (V*B, 8) float64, (V*B,)
@@ -329,12 +347,14 @@ def crop_views(groups, transforms, p, batch):
             place = send(device, place=(members + batch * torch.arange(views)[:, None]).flatten())['place']
         box, flipped = (boxes, flip) if members is None else (boxes[place], flip[place])
         row_weights = resample_weights(*box[:, 0:4].unbind(1), out_h, canvas.shape[2], mode)   # (V*b, oh, Hc)
-        column_weights = resample_weights(*box[:, 4:8].unbind(1), out_w, canvas.shape[3], mode)  # (V*b, ow, Wc)
+        # (V*b, ow, Wc)
+        column_weights = resample_weights(*box[:, 4:8].unbind(1), out_w, canvas.shape[3], mode)
         column_weights = torch.where(flipped[:, None, None], column_weights.flip(1), column_weights)  # flip
         image = canvas.float()                                                    # (b, 3, Hc, Wc)
         size = len(canvas)
         for v in range(views):  # the same canvas under each view's weights
-            crops = resample(image, row_weights[v * size:(v + 1) * size], column_weights[v * size:(v + 1) * size])
+            mine = slice(v * size, (v + 1) * size)
+            crops = resample(image, row_weights[mine], column_weights[mine])
             if members is None:
                 out[v * size:(v + 1) * size] = crops
             else:
@@ -359,7 +379,8 @@ def colour_views(x, p, threshold):
         active = p['jitter_ops'].gather(1, op[:, None])[:, 0]         # (N,) on for this sample?
         factor = p['factors'].gather(1, op[:, None])[:, 0]            # (N,)
         blend, hue = subset(active & (op < 3)), subset(active & (op == 3))
-        steps += [('blend', blend, torch.stack([op[blend].float(), factor[blend]], 1)), ('hue', hue, factor[hue])]
+        steps += [('blend', blend, torch.stack([op[blend].float(), factor[blend]], 1)),
+                  ('hue', hue, factor[hue])]
     steps += [('grayscale', subset(p['grayscale']), None), ('blur', subset(p['blur']), p['sigma'][p['blur']]),
               ('solarize', subset(p['solarize']), None)]
     steps = [step for step in steps if len(step[1])]

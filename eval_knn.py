@@ -11,16 +11,18 @@ CIFAR (InstDisc, MoCo's CIFAR demo) k=200, T=0.1 -- `--temperature 0.1` and read
 Run:
   python eval_knn.py runs/simclr-cifar10-resnet18/checkpoint.pth --temperature 0.1
   python eval_knn.py --random-init --arch resnet18 --data cifar10          # the untrained baseline
-  python eval_knn.py --pretrained dino_deitsmall16_pretrain.pth --data /imagenet   # the authors' weights (released.py)
+  python eval_knn.py --pretrained dino_deitsmall16_pretrain.pth --data /imagenet   # the authors' weights
   torchrun --nproc_per_node=8 eval_knn.py runs/dino-imagenet-vit_small/checkpoint.pth --json knn.json
-  python eval_knn.py runs/dino-cifar10-vit_tiny/checkpoint.pth --attention-image img.jpg --attention-out maps.png
+  python eval_knn.py runs/dino-cifar10-vit_tiny/checkpoint.pth --attention-image img.jpg \
+      --attention-out maps.png
 
 Pictures (docs/gallery.md), drawn from the features the kNN uses, next to the evaluation:
   python eval_knn.py CKPT --neighbours neighbours.png --compare-random-init   # test images, their top-k
   python eval_knn.py CKPT --feature-map map.png --compare-random-init         # PCA map, class similarities
 
-ViT checkpoints (ours or --pretrained): `--attention-image` draws, instead of evaluating, the last block's attention from the
-CLS token to every patch, one panel per head, over the image (as in the DINO paper's figures).
+ViT checkpoints (ours or --pretrained): `--attention-image` draws, instead of evaluating, the last block's
+attention from the CLS token to every patch, one panel per head, over the image (as in the DINO paper's
+figures).
 """
 import torch
 import torchvision.transforms as T
@@ -33,9 +35,11 @@ evaluation = parser.add_argument_group('kNN evaluation')
 evaluation.add_argument('--k', type=int, nargs='+', default=[10, 20, 100, 200], help='numbers of neighbours')
 evaluation.add_argument('--temperature', type=float, default=0.07, help='T of the vote weights exp(sim / T)')
 evaluation.add_argument('--json', default=None, help='also write the results to this JSON file')
-evaluation.add_argument('--attention-image', default=None, help='ViT: draw the CLS attention maps over this image '
-                        '(resized to --image-size) instead of evaluating')
-evaluation.add_argument('--attention-out', default='attention.png', help='where to write the attention figure')
+evaluation.add_argument('--attention-image', default=None,
+                        help='ViT: draw the CLS attention maps over this image (resized to --image-size) '
+                        'instead of evaluating')
+evaluation.add_argument('--attention-out', default='attention.png',
+                        help='where to write the attention figure')
 pictures = parser.add_argument_group('pictures (drawn as well as the kNN evaluation)')
 pictures.add_argument('--neighbours', default=None, metavar='PNG',
                       help='draw test images (--queries) and their --neighbours-k most cosine-similar '
@@ -237,11 +241,14 @@ def main():
 
     if args.attention_image:
         if not isinstance(backbone, common.VisionTransformer):
-            raise common.UsageError('--attention-image needs a ViT checkpoint (--arch vit_*); this backbone is a ResNet')
-        resize = T.Compose([T.Resize(args.image_size, antialias=True), T.CenterCrop(args.image_size), T.PILToTensor()])
+            raise common.UsageError('--attention-image needs a ViT checkpoint (--arch vit_*); '
+                                    'this backbone is a ResNet')
+        resize = T.Compose([T.Resize(args.image_size, antialias=True), T.CenterCrop(args.image_size),
+                            T.PILToTensor()])
         image = resize(common.load_image(args.attention_image))  # uint8 (3, H, W)
-        x = (image.float().to(device) - 255 * torch.tensor(common.IMAGENET_MEAN, device=device)[:, None, None]) \
-            / (255 * torch.tensor(common.IMAGENET_STD, device=device)[:, None, None])  # (3, H, W) as in training
+        mean = 255 * torch.tensor(common.IMAGENET_MEAN, device=device)[:, None, None]
+        std = 255 * torch.tensor(common.IMAGENET_STD, device=device)[:, None, None]
+        x = (image.float().to(device) - mean) / std  # (3, H, W), normalised as in training
         maps = common.attention_maps(backbone, x)  # (heads, H / patch, W / patch)
         if is_main:
             common.plot_attention_maps(image, maps, args.attention_out,

@@ -22,10 +22,12 @@ horizontal flip views passed through the frozen backbone, then scored on the cen
 images, with the recipe of one paper's linear-classification script (--recipe; --epochs, --lr,
 --batch-size override it; lr is per 256 images, scaled linearly):
   moco     MoCo v1/v2 (He et al. 2020; facebookresearch/moco main_lincls.py): SGD lr 30, momentum 0.9,
-           weight decay 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80 (the same fractions of --epochs).
+           weight decay 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80 (the same fractions of
+           --epochs).
   simsiam  SimSiam (Chen & He 2021; facebookresearch/simsiam main_lincls.py --lars): LARS (trust
            coefficient 0.001, on the bias too, as apex's LARC), lr 0.1 per 256, momentum 0.9, weight
-           decay 0, batch 4096, 90 epochs, cosine. (The paper's appendix gives lr 0.02; the code's 0.1 is used.)
+           decay 0, batch 4096, 90 epochs, cosine. (The paper's appendix gives lr 0.02; the code's 0.1 is
+           used.)
   dino     DINO (Caron et al. 2021; facebookresearch/dino eval_linear.py): SGD lr 0.001 per 256,
            momentum 0.9, weight decay 0, batch 1024 (8 GPUs x 128), 100 epochs, cosine; on a ViT the
            features are the CLS tokens of the last 4 blocks, concatenated (ViT-B: the last block's CLS
@@ -39,7 +41,8 @@ Run:
   python eval_linear.py runs/simclr-cifar10-resnet18/checkpoint.pth                 # fast protocol
   python eval_linear.py --random-init --arch resnet18 --data cifar10                 # the untrained baseline
   python eval_linear.py runs/simsiam-imagenet-resnet50/checkpoint.pth --augment --recipe simsiam
-  torchrun --nproc_per_node=8 eval_linear.py runs/dino-imagenet-vit_small/checkpoint.pth --augment --json linear.json
+  torchrun --nproc_per_node=8 eval_linear.py runs/dino-imagenet-vit_small/checkpoint.pth --augment \
+      --json linear.json
 
 Label efficiency (fast protocol): `--labels-per-class 1 10 100 all --plot curve.png` fits the fast probe on
 that many labelled training images per class (nested subsets drawn from --seed), scores each on the whole
@@ -63,15 +66,18 @@ parser.set_defaults(sync_bn=False, compile=False)  # common.prepare_model reads 
 probe = parser.add_argument_group('linear probe')
 probe.add_argument('--json', default=None, help='also write the results to this JSON file')
 probe.add_argument('--n-last-blocks', type=int, default=None,
-                   help="ViT: concatenate the CLS tokens of the last n blocks; None: 1, or with --recipe dino "
-                   "DINO's 4 (ViT-B: 1)")
+                   help="ViT: concatenate the CLS tokens of the last n blocks; None: 1, or with --recipe "
+                   "dino DINO's 4 (ViT-B: 1)")
 probe.add_argument('--avgpool-patchtokens', action=argparse.BooleanOptionalAction,
-                   default=None, help="ViT: append the last block's average patch token; None: off, or with --recipe "
+                   default=None,
+                   help="ViT: append the last block's average patch token; None: off, or with --recipe "
                    'dino on for ViT-B')
-fast = parser.add_argument_group('fast protocol (default): L-BFGS logistic regression on non-augmented features')
+fast = parser.add_argument_group(
+    'fast protocol (default): L-BFGS logistic regression on non-augmented features')
 fast.add_argument('--weight-decays', type=float, nargs='+', default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
                   help='the L2 strengths tried on the held-out part of the training set')
-fast.add_argument('--val-fraction', type=float, default=0.1, help='training images held out to choose the weight decay')
+fast.add_argument('--val-fraction', type=float, default=0.1,
+                  help='training images held out to choose the weight decay')
 fast.add_argument('--max-iter', type=int, default=1000, help='L-BFGS iterations at most, per fit')
 curve = parser.add_argument_group('label efficiency (fast protocol)')
 curve.add_argument('--labels-per-class', nargs='+', default=None, metavar='N',
@@ -82,14 +88,18 @@ curve.add_argument('--compare-random-init', action='store_true',
                    help='the same curve for the untrained network of the same seed (the one the run '
                         'started from)')
 papers = parser.add_argument_group("papers' protocol (--augment): SGD on augmented views, one paper's recipe")
-papers.add_argument('--augment', action='store_true', help="train on RandomResizedCrop + flip views (the papers' protocol)")
-papers.add_argument('--recipe', default=None, help='moco | simsiam | dino; None: dino for ViTs, moco for ResNets')
+papers.add_argument('--augment', action='store_true',
+                    help="train on RandomResizedCrop + flip views (the papers' protocol)")
+papers.add_argument('--recipe', default=None,
+                    help='moco | simsiam | dino; None: dino for ViTs, moco for ResNets')
 papers.add_argument('--epochs', type=int, default=None, help="None: the recipe's")
-papers.add_argument('--lr', type=float, default=None, help="base learning rate per 256 images; None: the recipe's")
+papers.add_argument('--lr', type=float, default=None,
+                    help="base learning rate per 256 images; None: the recipe's")
 papers.add_argument('--batch-size', type=int, default=None, help="GLOBAL batch size; None: the recipe's")
 papers.add_argument('--output-dir', default=None, help='classifier checkpoints and metrics.jsonl; None: '
                     'linear-<recipe>/ beside the checkpoint. Rerunning the same command resumes from it')
-papers.add_argument('--stop-after-epoch', type=int, default=None, help='exit after this epoch; rerun to resume')
+papers.add_argument('--stop-after-epoch', type=int, default=None,
+                    help='exit after this epoch; rerun to resume')
 papers.add_argument('--log-every', type=int, default=50, help='steps between progress lines')
 
 # The three papers' linear-classification recipes (their scripts' defaults and README commands).
@@ -98,8 +108,8 @@ RECIPES = {
                  lr=30.0, batch_size=256, epochs=100, schedule='step', milestones=(0.6, 0.8)),
     'simsiam': dict(paper='SimSiam (Chen & He, CVPR 2021; facebookresearch/simsiam main_lincls.py --lars)',
                     optimizer='lars', lr=0.1, batch_size=4096, epochs=90, schedule='cosine'),
-    'dino': dict(paper='DINO (Caron et al., ICCV 2021; facebookresearch/dino eval_linear.py)', optimizer='sgd',
-                 lr=0.001, batch_size=1024, epochs=100, schedule='cosine'),
+    'dino': dict(paper='DINO (Caron et al., ICCV 2021; facebookresearch/dino eval_linear.py)',
+                 optimizer='sgd', lr=0.001, batch_size=1024, epochs=100, schedule='cosine'),
 }
 AUGMENT_ONLY = ('recipe', 'epochs', 'lr', 'batch_size', 'output_dir', 'stop_after_epoch')
 FAST_ONLY = ('weight_decays', 'val_fraction', 'max_iter')
@@ -110,12 +120,13 @@ def check_linear_args(args):
     if not args.augment:
         typed = [name for name in AUGMENT_ONLY if getattr(args, name) is not None]
         if typed:
-            raise common.UsageError(f"--{typed[0].replace('_', '-')} belongs to the papers' protocol; add --augment "
-                                    '(the default fast protocol has no epochs, lr or batches)')
+            raise common.UsageError(f"--{typed[0].replace('_', '-')} belongs to the papers' protocol; add "
+                                    '--augment (the default fast protocol has no epochs, lr or batches)')
     else:
         changed = [name for name in FAST_ONLY if getattr(args, name) != parser.get_default(name)]
         if changed:
-            raise common.UsageError(f"--{changed[0].replace('_', '-')} belongs to the fast protocol; drop it or --augment")
+            raise common.UsageError(f"--{changed[0].replace('_', '-')} belongs to the fast protocol; "
+                                    'drop it or --augment')
     if not args.weight_decays or not all(math.isfinite(wd) and wd >= 0 for wd in args.weight_decays):
         raise common.UsageError(f'--weight-decays must be finite numbers >= 0, not {args.weight_decays}')
     if not 0 < args.val_fraction < 1:
@@ -123,7 +134,8 @@ def check_linear_args(args):
     common.check_ranges(args, positive=('max_iter', 'log_every'))
     vit = args.arch.startswith('vit')
     if not vit and ((args.n_last_blocks or 1) != 1 or args.avgpool_patchtokens):
-        raise common.UsageError('--n-last-blocks and --avgpool-patchtokens read ViT blocks; this backbone is a ResNet')
+        raise common.UsageError('--n-last-blocks and --avgpool-patchtokens read ViT blocks; '
+                                'this backbone is a ResNet')
     depth = common.VIT_SIZES[args.arch][1] if vit else 1
     if args.n_last_blocks is not None and not 1 <= args.n_last_blocks <= depth:
         raise common.UsageError(f'--n-last-blocks must be between 1 and the {depth} blocks of {args.arch}, '
@@ -144,16 +156,17 @@ def check_linear_args(args):
             raise common.UsageError(f'--stop-after-epoch must be at least 1, not {args.stop_after_epoch}')
         # what common.build_optimizer / prepare_model / resume read: the recipe's optimiser
         args.optimizer, args.momentum, args.lars_eta, args.lars_clip = recipe['optimizer'], 0.9, 0.001, False
-        args.lars_denominator = 'larc'  # SimSiam's main_lincls wraps SGD in apex's LARC (the same as 'update' at wd 0)
+        # SimSiam's main_lincls wraps SGD in apex's LARC (the same as 'update' at wd 0)
+        args.lars_denominator = 'larc'
         if args.recipe == 'dino' and vit:  # DINO: n=4 for ViT-S (and smaller), n=1 + avgpool for ViT-B
             if args.n_last_blocks is None:
                 args.n_last_blocks = 1 if args.arch == 'vit_base' else 4
             if args.avgpool_patchtokens is None:
                 args.avgpool_patchtokens = args.arch == 'vit_base'
         if args.output_dir is None:
+            data_name = os.path.basename(os.path.normpath(args.data)).replace(':', '')
             folder = (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else
-                      os.path.join('runs', f"random-init-{os.path.basename(os.path.normpath(args.data)).replace(':', '')}"
-                                           f'-{args.arch}'))
+                      os.path.join('runs', f'random-init-{data_name}-{args.arch}'))
             args.output_dir = os.path.join(folder, f'linear-{args.recipe}')
     args.n_last_blocks = args.n_last_blocks or 1
     args.avgpool_patchtokens = bool(args.avgpool_patchtokens)
@@ -275,7 +288,8 @@ class ProbeFeatures(nn.Module):
     def describe(self):
         if self.n_last_blocks == 1 and not self.avgpool:
             return 'backbone output'
-        return (f'CLS tokens of the last {self.n_last_blocks} blocks' + (' + average patch token' if self.avgpool else ''))
+        return (f'CLS tokens of the last {self.n_last_blocks} blocks'
+                + (' + average patch token' if self.avgpool else ''))
 
     def forward(self, x):
         if self.n_last_blocks == 1 and not self.avgpool:
@@ -305,7 +319,8 @@ def fit_logistic_regression(features, labels, num_classes, weight_decay, max_ite
     Returns (weight (C, D), bias (C,)) acting on the raw features x: the standardisation folded in."""
     z, y = features.to(torch.float64, copy=True), labels  # (N, D), standardised in place below
     mean, std = z.mean(dim=0), z.std(dim=0)
-    std = torch.where(std > 1e-8 * std.max(), std, torch.full_like(std, math.inf))  # constant feature -> z = 0
+    # constant feature -> z = 0
+    std = torch.where(std > 1e-8 * std.max(), std, torch.full_like(std, math.inf))
     z.sub_(mean).div_(std)
     weight = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, device=z.device, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=z.dtype, device=z.device, requires_grad=True)
@@ -345,13 +360,15 @@ def fast_linear_probe(train_features, train_labels, test_features, test_labels, 
     fit, val = (i.to(device) for i in split_train_val(len(train_features), val_fraction, seed))
     sweep = {}
     for wd in weight_decays:
-        weight, bias = fit_logistic_regression(train_features[fit], train_labels[fit], num_classes, wd, max_iter)
+        weight, bias = fit_logistic_regression(train_features[fit], train_labels[fit], num_classes, wd,
+                                               max_iter)
         sweep[wd] = topk_accuracy(train_features[val].double() @ weight.T + bias, train_labels[val])[0]
         common.print0(f'  weight decay {wd:g}: top-1 {sweep[wd]:6.2f} on {len(val)} held-out training images')
     best = max(sweep.values())
     chosen = max(wd for wd in weight_decays if sweep[wd] == best)
     weight, bias = fit_logistic_regression(train_features, train_labels, num_classes, chosen, max_iter)
-    weight, bias = common.broadcast(weight), common.broadcast(bias)  # DDP: every rank reports rank 0's classifier
+    # DDP: every rank reports rank 0's classifier
+    weight, bias = common.broadcast(weight), common.broadcast(bias)
     top1, top5 = topk_accuracy(test_features.double() @ weight.T + bias, test_labels)
     return dict(weight=weight, bias=bias, weight_decay=chosen, sweep=sweep, top1=top1, top5=top5)
 
@@ -370,7 +387,8 @@ def train_on_augmented_views(args, features, backbone, eval_loaders, device):
                   + ('lr x0.1 at epochs ' + ' and '.join(str(m) for m in milestones(args))
                      if recipe['schedule'] == 'step' else 'cosine') + f'; features: {features.describe()}')
     train_views = common.Views([common.augmentation(args.image_size, scale=(0.08, 1.0), jitter_prob=0.0,
-                                                    grayscale_prob=0.0, flip=True)])  # RandomResizedCrop + flip
+                                                    # RandomResizedCrop + flip
+                                                    grayscale_prob=0.0, flip=True)])
     loader = common.build_train_loader(args, train_views, device, split=common.labelled_split(args))
 
     classifier = nn.Linear(features.embed_dim, num_classes)
@@ -378,7 +396,8 @@ def train_on_augmented_views(args, features, backbone, eval_loaders, device):
     nn.init.zeros_(classifier.bias)
     model, classifier = common.prepare_model(classifier, args, device)  # DDP: gradients averaged over ranks
     lr = common.scale_lr(args.lr, args.batch_size)
-    groups = common.param_groups(classifier, 0.0, exclude_bias_and_norm=False)  # wd 0; LARC scales the bias too
+    # wd 0; LARC scales the bias too
+    groups = common.param_groups(classifier, 0.0, exclude_bias_and_norm=False)
     optimizer = common.build_optimizer(args, groups, lr)
     if recipe['schedule'] == 'step':  # one value per epoch, as the authors set it
         lr_schedule = common.step_schedule(lr, args.epochs, 1, milestones(args))
@@ -401,10 +420,12 @@ def train_on_augmented_views(args, features, backbone, eval_loaders, device):
         logger.end_epoch(epoch)
         common.save_checkpoint(args, epoch + 1, backbone, classifier=classifier, optimizer=optimizer)
         if args.stop_after_epoch == epoch + 1 and epoch + 1 < args.epochs:
-            common.print0(f'  stopped after epoch {epoch + 1}; the same command resumes from {common.checkpoint_path(args)}')
+            common.print0(f'  stopped after epoch {epoch + 1}; the same command resumes from '
+                          f'{common.checkpoint_path(args)}')
             return None
 
-    test_features, test_labels = common.extract_features(features, eval_loaders[1], device, args, normalize=False)
+    test_features, test_labels = common.extract_features(features, eval_loaders[1], device, args,
+                                                         normalize=False)
     with torch.no_grad():
         top1, top5 = topk_accuracy(classifier(test_features), test_labels)
     logger.log(epoch=args.epochs, linear_top1=top1, linear_top5=top5)
@@ -426,8 +447,9 @@ def check_resume_source(args):
         if key == 'checkpoint' and ours and theirs:  # the same file, however it is spelled
             ours, theirs = os.path.abspath(ours), os.path.abspath(theirs)
         if ours != theirs:
-            raise common.UsageError(f"{common.checkpoint_path(args)} was trained with {key.replace('_', '-')} "
-                                    f'{saved[key]}, not {getattr(args, key)}; use another --output-dir')
+            raise common.UsageError(f"{common.checkpoint_path(args)} was trained with "
+                                    f"{key.replace('_', '-')} {saved[key]}, not {getattr(args, key)}; "
+                                    'use another --output-dir')
 
 
 def main():
@@ -455,19 +477,20 @@ def main():
     else:
         num_train = eval_loaders[0].dataset_size
         if num_train - max(1, round(args.val_fraction * num_train)) < 2:
-            raise common.UsageError(f'--val-fraction {args.val_fraction} leaves fewer than 2 of the {num_train} '
-                                    'training images to fit; use a smaller fraction')
+            raise common.UsageError(f'--val-fraction {args.val_fraction} leaves fewer than 2 of the '
+                                    f'{num_train} training images to fit; use a smaller fraction')
         if round(args.val_fraction * num_train) < 5:  # the weight decay would be picked on a coin toss
             held_out = round(args.val_fraction * num_train)
             raise common.UsageError(f'--val-fraction {args.val_fraction} holds out {held_out} of the '
                                     f'{num_train} training images, too few to choose the weight decay on; '
                                     f'use at least {5 / num_train:.3g}')
-        common.print0(f'  fast linear probe: L-BFGS logistic regression on the standardised {features.describe()} '
-                      f'({features.embed_dim}-d), weight decay chosen on held-out training images (seed {args.seed})')
+        common.print0(f'  fast linear probe: L-BFGS logistic regression on the standardised '
+                      f'{features.describe()} ({features.embed_dim}-d), weight decay chosen on held-out '
+                      f'training images (seed {args.seed})')
         if args.labels_per_class:
             check_subsets(args, labelled_labels(args))
-        train_x, train_y, test_x, test_y = common.extract_train_test_features(features, eval_loaders, device, args,
-                                                                              normalize=False)
+        train_x, train_y, test_x, test_y = common.extract_train_test_features(
+            features, eval_loaders, device, args, normalize=False)
         curves = {}
         if args.labels_per_class:
             subsets = nested_subsets(train_y, args.labels_per_class, args.seed)
@@ -502,13 +525,14 @@ def main():
                       val_images=max(1, round(args.val_fraction * num_train)), max_iter=args.max_iter)
     seconds = time.time() - start
     common.print0(f"linear probe ({record['protocol']}{', ' + args.recipe if args.augment else ''}): "
-                  f"top-1 {results['top1']:6.2f}  top-5 {results['top5']:6.2f}  (weight decay {record['weight_decay']:g}, "
-                  f'{seconds:.0f} s)')
+                  f"top-1 {results['top1']:6.2f}  top-5 {results['top5']:6.2f}  "
+                  f"(weight decay {record['weight_decay']:g}, {seconds:.0f} s)")
     if args.json and is_main:
         common.write_json(args.json, dict(
             checkpoint=args.checkpoint, method=state['method'] if state else 'random-init',
-            epoch=state['epoch'] if state else 0, data=args.data, arch=args.arch, features=features.describe(),
-            feature_dim=features.embed_dim, **record, top1=results['top1'], top5=results['top5'], seconds=seconds))
+            epoch=state['epoch'] if state else 0, data=args.data, arch=args.arch,
+            features=features.describe(), feature_dim=features.embed_dim, **record, top1=results['top1'],
+            top5=results['top5'], seconds=seconds))
 
 
 if __name__ == '__main__':
