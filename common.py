@@ -92,7 +92,8 @@ def drop_path(x, rate, training):
     """Stochastic depth: drop a residual branch for whole samples, rescale the kept ones."""
     if rate == 0.0 or not training:
         return x
-    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - rate)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # (B, 1, ..., 1): one draw per sample
+    keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1 - rate)
     return x * keep / (1 - rate)
 
 
@@ -105,7 +106,8 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attention=False):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        # (B, h, N, d)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         if return_attention:  # explicit softmax, to look at it
             attention = (q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
             x = attention @ v
@@ -121,7 +123,8 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x, return_attention=False):
@@ -138,9 +141,11 @@ def sincos_pos_embed(grid_h, grid_w, dim, temperature=10000.0):
     coordinate `grid_w`: the row frequencies come first). The order is arbitrary for training from scratch,
     but a released MoCo v3 checkpoint was trained with this one. (They only ever build square grids.)"""
     assert dim % 4 == 0, 'sin-cos position embedding needs a dim divisible by 4'
-    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing='ij')
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                          torch.arange(grid_w, dtype=torch.float64), indexing='ij')
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    out_y, out_x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega  # (h*w, dim/4), tokens row-major
+    # (h*w, dim/4), tokens row-major
+    out_y, out_x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
     pe = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), pe]).float()[None]
 
@@ -153,14 +158,14 @@ class VisionTransformer(nn.Module):
     (learned, or fixed 2-D sin-cos) is interpolated for inputs of another size than `image_size`.
 
     `init` chooses the authors' initialisation (the method file asks for its own):
-      'dino'   (DINO's vision_transformer.py): every Linear trunc-normal std 0.02 with zero bias, the CLS token
-               and a learned position embedding trunc-normal 0.02, the patch projection left at Conv2d's
-               default init (kaiming-uniform weight, random bias).
-      'mocov3' (MoCo v3's vits.py): the q, k and v thirds of the qkv Linear each uniform in +-sqrt(6 / (D + D))
-               (xavier as if they were three D x D layers), every other Linear xavier-uniform, all biases
-               zero, the CLS token N(0, 1e-6), the patch projection xavier-uniform over its flattened
-               fan, +-sqrt(6 / (3 p^2 + D)), with a zero bias. With the patch projection frozen (Sec. 4.2)
-               this init IS the layer used for the whole run."""
+      'dino'   (DINO's vision_transformer.py): every Linear trunc-normal std 0.02 with zero bias, the CLS
+               token and a learned position embedding trunc-normal 0.02, the patch projection left at
+               Conv2d's default init (kaiming-uniform weight, random bias).
+      'mocov3' (MoCo v3's vits.py): the q, k and v thirds of the qkv Linear each uniform in
+               +-sqrt(6 / (D + D)) (xavier as if they were three D x D layers), every other Linear
+               xavier-uniform, all biases zero, the CLS token N(0, 1e-6), the patch projection
+               xavier-uniform over its flattened fan, +-sqrt(6 / (3 p^2 + D)), with a zero bias. With the
+               patch projection frozen (Sec. 4.2) this init IS the layer used for the whole run."""
 
     def __init__(self, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0,
                  drop_path_rate=0.0, pos_embed='learned', freeze_patch_embed=False, init='dino'):
@@ -176,7 +181,8 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # stochastic depth grows with depth
+        # stochastic depth grows with depth
+        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         # (device='cpu': released.py builds backbones on the meta device to read their shapes)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -196,7 +202,8 @@ class VisionTransformer(nn.Module):
                     nn.init.xavier_uniform_(m.weight)
                 if isinstance(m, nn.Linear):
                     nn.init.zeros_(m.bias)
-            fan = 3 * patch_size * patch_size + embed_dim  # the (D, 3, p, p) kernel seen as a Linear 3 p^2 -> D
+            # the (D, 3, p, p) kernel seen as a Linear 3 p^2 -> D
+            fan = 3 * patch_size * patch_size + embed_dim
             nn.init.uniform_(self.patch_embed.weight, -math.sqrt(6.0 / fan), math.sqrt(6.0 / fan))
             nn.init.zeros_(self.patch_embed.bias)
         if freeze_patch_embed:  # MoCo v3 "random patch projection": weight AND bias stay at init
@@ -219,7 +226,8 @@ class VisionTransformer(nn.Module):
         patches = F.interpolate(patches.float(), scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
                                 mode='bicubic', align_corners=False)    # (1, D, grid_h, grid_w)
         assert patches.shape[-2:] == (grid_h, grid_w), (patches.shape, grid_h, grid_w)
-        return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(cls.dtype)], dim=1)
+        patches = patches.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)  # (1, grid_h * grid_w, D)
+        return torch.cat([cls, patches.to(cls.dtype)], dim=1)
 
     def tokens(self, x):
         B, _, H, W = x.shape
@@ -252,7 +260,8 @@ class VisionTransformer(nn.Module):
             x, _ = block(x)
         return self.blocks[-1](x, return_attention=True)[1]
 
-VIT_SIZES = {'vit_tiny': (192, 12, 3), 'vit_small': (384, 12, 6), 'vit_base': (768, 12, 12)}  # dim, depth, heads
+# dim, depth, heads
+VIT_SIZES = {'vit_tiny': (192, 12, 3), 'vit_small': (384, 12, 6), 'vit_base': (768, 12, 12)}
 
 
 def build_backbone(args):
@@ -265,7 +274,8 @@ def build_backbone(args):
     dim, depth, heads = VIT_SIZES[args.arch]
     return VisionTransformer(args.image_size, args.patch_size, dim, depth, args.num_heads or heads,
                              drop_path_rate=args.drop_path, pos_embed=args.pos_embed,
-                             freeze_patch_embed=args.freeze_patch_embed, init=getattr(args, 'vit_init', 'dino'))
+                             freeze_patch_embed=args.freeze_patch_embed,
+                             init=getattr(args, 'vit_init', 'dino'))
 
 
 # =============================================================================
@@ -307,7 +317,8 @@ class GaussianBlur:
     about 10x slower (27 ms vs 1-3 ms for a 224-px crop) and starved the GPU in multi-crop.
     sigma is drawn from torch's generator, so the view stays a function of (seed, epoch, i)."""
 
-    batched_blur = True  # device_augment.Augmentation draws this blur in batches (device_augment.gaussian_blur)
+    # device_augment.Augmentation draws this blur in batches (device_augment.gaussian_blur)
+    batched_blur = True
 
     def __init__(self, sigma=(0.1, 2.0)):
         self.sigma = sigma
@@ -328,8 +339,9 @@ def eval_transform(image_size, native_size):
     if native_size <= 64:
         steps = [] if native_size == image_size else [T.Resize(image_size, antialias=True)]
         return device_augment.Augmentation(steps + [T.CenterCrop(image_size), T.PILToTensor()])
-    return device_augment.Augmentation([T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC,
-                                  antialias=True), T.CenterCrop(image_size), T.PILToTensor()])
+    resize = T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC,
+                      antialias=True)
+    return device_augment.Augmentation([resize, T.CenterCrop(image_size), T.PILToTensor()])
 
 
 class Views:
@@ -356,8 +368,10 @@ class Views:
         for number, t in enumerate(self.transforms):
             shapes.setdefault((t.size, t.mode, t.threshold), []).append(number)
         for numbers in shapes.values():
-            drawn = [self.transforms[v].draw(device_augment.view_keys(seed, epoch, v, indices), heights, widths) for v in numbers]
-            p = {name: torch.cat([d[name] for d in drawn]) for name in drawn[0]}        # view-major, (V*B, ...)
+            drawn = [self.transforms[v].draw(device_augment.view_keys(seed, epoch, v, indices),
+                                             heights, widths) for v in numbers]
+            # view-major, (V*B, ...)
+            p = {name: torch.cat([d[name] for d in drawn]) for name in drawn[0]}
             x = device_augment.crop_views(groups, [self.transforms[v] for v in numbers], p, len(indices))
             x = device_augment.colour_views(x, p, self.transforms[numbers[0]].threshold)
             for j, v in enumerate(numbers):
@@ -417,8 +431,9 @@ class LARS(torch.optim.Optimizer):
                 DINO's LARS (their ResNet-50 recipes). A tensor whose gradient is exactly zero still gets
                 g' = wd * w rescaled to eta * w, a shrinking step of lr * eta (all four codes do this).
       'larc':   ||g|| + wd * ||w|| (+ 1e-8), as NVIDIA apex's LARC, which SwAV wraps around SGD (and
-                solo-learn's LARS). A tensor whose gradient is exactly zero gets no step of its own (LARC
-                then leaves the gradient, zero, undecayed); its momentum buffer still moves it, as torch's SGD.
+                solo-learn's LARS). A tensor whose gradient is exactly zero gets no step of its own
+                (LARC then leaves the gradient, zero, undecayed); its momentum buffer still moves it, as
+                torch's SGD.
     clip (LARC's clip mode, used by solo-learn's CIFAR recipes): the factor becomes
     min(trust * ||w|| / denominator, lr) / lr, so no parameter moves faster than plain SGD at lr.
     Groups marked `bias_and_norm` get plain SGD with momentum and no decay."""
@@ -426,7 +441,8 @@ class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False,
                  denominator='update'):
         if denominator not in LARS_DENOMINATORS:
-            raise UsageError(f"unknown LARS denominator '{denominator}'; choose one of: {', '.join(LARS_DENOMINATORS)}")
+            raise UsageError(f"unknown LARS denominator '{denominator}'; choose one of: "
+                             f"{', '.join(LARS_DENOMINATORS)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       trust_coefficient=trust_coefficient, clip=clip, denominator=denominator,
                                       bias_and_norm=False))
@@ -466,8 +482,8 @@ def build_optimizer(args, groups, lr):
     if args.optimizer == 'sgd':
         return torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
     if args.optimizer == 'lars':
-        return LARS(groups, lr=lr, momentum=args.momentum, trust_coefficient=args.lars_eta, clip=args.lars_clip,
-                    denominator=args.lars_denominator)
+        return LARS(groups, lr=lr, momentum=args.momentum, trust_coefficient=args.lars_eta,
+                    clip=args.lars_clip, denominator=args.lars_denominator)
     if args.optimizer == 'adamw':
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     raise UsageError(f"unknown optimizer '{args.optimizer}'; choose sgd, lars or adamw")
@@ -636,13 +652,15 @@ def extract_features(backbone, loader, device, args, normalize=True):
     if bad:  # a NaN feature is most similar to nothing: the kNN would silently score 0%
         raise TrainingError(f'the backbone gives non-finite features for {bad} of {len(features)} images '
                             '(NaN/inf weights, or an overflow in bf16: try --precision fp32)')
-    if get_world_size() > 1:  # DDP: shards have different lengths; pad to the longest, gather, drop the padding
+    # DDP: shards have different lengths; pad to the longest, gather, drop the padding
+    if get_world_size() > 1:
         n = torch.tensor([len(indices)], device=device)
         longest = int(all_gather_no_grad(n).max())
         pad = longest - len(indices)
         features = F.pad(features, (0, 0, 0, pad))
         labels, indices = F.pad(labels, (0, pad), value=-1), F.pad(indices, (0, pad), value=-1)
-        features, labels, indices = all_gather_no_grad(features), all_gather_no_grad(labels), all_gather_no_grad(indices)
+        features, labels, indices = (all_gather_no_grad(features), all_gather_no_grad(labels),
+                                     all_gather_no_grad(indices))
         keep = indices >= 0
         features, labels, indices = features[keep], labels[keep], indices[keep]
     order = torch.argsort(indices)
@@ -650,7 +668,8 @@ def extract_features(backbone, loader, device, args, normalize=True):
 
 
 @torch.no_grad()
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, ks, temperature, chunk=512):
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, ks, temperature,
+                 chunk=512):
     """Weighted kNN classifier (Wu et al. 2018): each test feature's k most cosine-similar
     training features vote for their class with weight exp(similarity / T). Features must be
     L2-normalised. Returns {k: (top-1, top-5)} in percent, for every k in `ks` (1 <= k <= N_train).
@@ -749,7 +768,8 @@ def run(main):
     called without an active exception"). After an error, the rank exits at once: tearing down a
     group whose other ranks may be stuck in a collective can block until NCCL's watchdog fires."""
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the caller chose to ignore Ctrl-C
+    # not when the caller chose to ignore Ctrl-C
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         main()
@@ -767,8 +787,9 @@ def run(main):
                 message = message.splitlines()[-1].split('Error: ', 1)[-1]
             code = 2 if isinstance(e, UsageError) else 1
         elif isinstance(e, RuntimeError):
-            message, code = (f'a collective operation timed out {where_in_repo(e)}({str(e).strip().splitlines()[0][:160]}): '
-                             f'another process is stuck or gone. {LAST_CHECKPOINT.get("note", "")}').strip(), 1
+            message, code = (f'a collective operation timed out {where_in_repo(e)}'
+                             f'({str(e).strip().splitlines()[0][:160]}): another process is stuck or gone. '
+                             f'{LAST_CHECKPOINT.get("note", "")}').strip(), 1
         else:
             name = 'Ctrl-C' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'
             message = f'stopped by {name}. ' + LAST_CHECKPOINT.get('note', 'No checkpoint was written.')
@@ -777,9 +798,11 @@ def run(main):
         if rank == 0 or joined:
             prefix = f'rank {rank}: ' if joined and int(os.environ.get('WORLD_SIZE', 1)) > 1 and rank else ''
             print(f'error: {prefix}{message}', file=sys.stderr, flush=True)
-        threading.excepthook = lambda hook_args: None  # shutting down: loader threads talking to stopped workers
+        # shutting down: loader threads talking to stopped workers
+        threading.excepthook = lambda hook_args: None
         sys.excepthook = lambda *exc_info: None
-        if hasattr(signal, 'SIGCHLD'):  # DataLoader's handler would raise as the exit stops its workers: 15 lines
+        # DataLoader's handler would raise as the exit stops its workers: 15 lines
+        if hasattr(signal, 'SIGCHLD'):
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         remove_empty_output_dirs()
         if joined:
@@ -836,7 +859,8 @@ def where_in_repo(error):
     error's traceback that lie in this repository, to say which collective (and which step of the method)
     was waiting."""
     root = os.path.dirname(os.path.abspath(__file__))
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.dirname(os.path.abspath(f.filename)) == root]
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if os.path.dirname(os.path.abspath(f.filename)) == root]
     names = [f'{os.path.basename(f.filename)}:{f.lineno} {f.name}' for f in frames[-2:]][::-1]
     return ('in ' + ', called from '.join(names) + ' ') if names else ''
 
@@ -854,62 +878,83 @@ def get_args_parser(description, method):
     parser.set_defaults(method=method)
     g = parser.add_argument_group('data')
     g.add_argument('--data', required=True,
-                   help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with train/ and val/ (or test/)')
-    g.add_argument('--data-dir', default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
+                   help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with train/ and val/ '
+                   '(or test/)')
+    g.add_argument('--data-dir',
+                   default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
                    help='where torchvision datasets are downloaded / looked for')
-    g.add_argument('--image-size', type=int, default=None, help='training crop size (default: follows the dataset)')
-    g.add_argument('--workers', type=int, default=None, help='data-loading processes per GPU (default: CPUs / GPUs - 1, at most 16)')
+    g.add_argument('--image-size', type=int, default=None,
+                   help='training crop size (default: follows the dataset)')
+    g.add_argument('--workers', type=int, default=None,
+                   help='data-loading processes per GPU (default: CPUs / GPUs - 1, at most 16)')
     g.add_argument('--augment', default='auto', choices=('auto', 'cpu', 'device'),
-                   help='where the views are made: cpu = PIL in DataLoader workers; device = images held (or JPEGs '
-                   'decoded) on the training device, augmented there in batches; auto = device on a GPU, else cpu')
+                   help='where the views are made: cpu = PIL in DataLoader workers; device = images held '
+                   '(or JPEGs decoded) on the training device, augmented there in batches; auto = device on '
+                   'a GPU, else cpu')
     g.add_argument('--device-data-gb', type=float, default=None,
-                   help='--augment device: at most this many GB of decoded images on the device (default: 40%% of '
-                   'its free memory); a larger folder is decoded from its files every step')
+                   help='--augment device: at most this many GB of decoded images on the device (default: '
+                   '40%% of its free memory); a larger folder is decoded from its files every step')
     g = parser.add_argument_group('model')
     g.add_argument('--arch', default='resnet50', help='one of ' + ', '.join(ARCHS))
-    g.add_argument('--width', type=int, default=64, help='ResNet base width (64 = standard; smaller only for smoke runs)')
+    g.add_argument('--width', type=int, default=64,
+                   help='ResNet base width (64 = standard; smaller only for smoke runs)')
     g.add_argument('--cifar-stem', action=argparse.BooleanOptionalAction, default=None,
                    help='ResNet 3x3 stride-1 conv1 without max-pool (default: on for images <= 64 px)')
     g.add_argument('--zero-init-residual', action=argparse.BooleanOptionalAction, default=False,
                    help='ResNet: last BN of each residual block starts at zero')
-    g.add_argument('--patch-size', type=int, default=None, help='ViT patch size (default: 16, or 4 for images <= 64 px)')
-    g.add_argument('--num-heads', type=int, default=None, help='ViT attention heads (default: 3 / 6 / 12 for tiny / small / base)')
+    g.add_argument('--patch-size', type=int, default=None,
+                   help='ViT patch size (default: 16, or 4 for images <= 64 px)')
+    g.add_argument('--num-heads', type=int, default=None,
+                   help='ViT attention heads (default: 3 / 6 / 12 for tiny / small / base)')
     g.add_argument('--drop-path', type=float, default=0.0, help='ViT stochastic depth rate')
-    g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'), help='ViT position embedding')
+    g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'),
+                   help='ViT position embedding')
     g.add_argument('--freeze-patch-embed', action=argparse.BooleanOptionalAction, default=False,
                    help='ViT: keep the patch projection at its random init (MoCo v3)')
     g.add_argument('--vit-init', default='dino', choices=VIT_INITS,
-                   help="ViT initialisation: DINO's (trunc-normal 0.02) or MoCo v3's (xavier-uniform, q/k/v apart)")
+                   help="ViT initialisation: DINO's (trunc-normal 0.02) or MoCo v3's (xavier-uniform, "
+                   'q/k/v apart)')
     g.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=True,
                    help='convert BatchNorm to SyncBatchNorm when training on several GPUs')
     g = parser.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=100, help='training epochs (the schedules span them)')
     g.add_argument('--batch-size', type=int, default=256, help='GLOBAL batch size, all processes together')
-    g.add_argument('--optimizer', default='sgd', choices=('sgd', 'lars', 'adamw'), help='SGD with momentum, LARS or AdamW')
-    g.add_argument('--lr', type=float, default=0.05, help='base learning rate per 256 images (scaled linearly by batch/256)')
-    g.add_argument('--min-lr', type=float, default=0.0, help='final learning rate of the cosine schedule (absolute)')
+    g.add_argument('--optimizer', default='sgd', choices=('sgd', 'lars', 'adamw'),
+                   help='SGD with momentum, LARS or AdamW')
+    g.add_argument('--lr', type=float, default=0.05,
+                   help='base learning rate per 256 images (scaled linearly by batch/256)')
+    g.add_argument('--min-lr', type=float, default=0.0,
+                   help='final learning rate of the cosine schedule (absolute)')
     g.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up, in epochs')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD / LARS momentum')
     g.add_argument('--lars-eta', type=float, default=0.001, help='LARS trust coefficient eta')
     g.add_argument('--lars-clip', action=argparse.BooleanOptionalAction, default=False,
                    help="LARS: cap each parameter's adaptive lr at the global lr (LARC's clip mode)")
     g.add_argument('--lars-denominator', default='update', choices=LARS_DENOMINATORS,
-                   help='LARS trust ratio eta ||w|| / denominator: update = ||g + wd w|| (SimCLR, BYOL, MoCo v3), '
-                        "larc = ||g|| + wd ||w|| (apex's LARC, SwAV)")
-    g.add_argument('--weight-decay', type=float, default=1e-4, help='weight decay (L2), excluded from biases and norms where the method says so')
+                   help='LARS trust ratio eta ||w|| / denominator: update = ||g + wd w|| (SimCLR, BYOL, '
+                        "MoCo v3), larc = ||g|| + wd ||w|| (apex's LARC, SwAV)")
+    g.add_argument('--weight-decay', type=float, default=1e-4,
+                   help='weight decay (L2), excluded from biases and norms where the method says so')
     g = parser.add_argument_group('running')
-    g.add_argument('--output-dir', default=None, help='checkpoints and logs (default: runs/<method>-<data>-<arch>); '
+    g.add_argument('--output-dir', default=None,
+                   help='checkpoints and logs (default: runs/<method>-<data>-<arch>); '
                    'rerunning the same command resumes from it')
-    g.add_argument('--seed', type=int, default=0, help='random seed (data order and augmentation: seed + rank)')
+    g.add_argument('--seed', type=int, default=0,
+                   help='random seed (data order and augmentation: seed + rank)')
     g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
                    help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
-    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
+                   help='torch.compile the model')
     g.add_argument('--log-every', type=int, default=50, help='steps between progress lines')
-    g.add_argument('--knn-every', type=int, default=10, help='epochs between kNN evaluations (0 = only at the end, -1 = never)')
-    g.add_argument('--knn-k', type=int, default=None, help='kNN monitor neighbours (default: 200 small images, 20 else)')
-    g.add_argument('--knn-t', type=float, default=None, help='kNN monitor temperature (default: 0.1 small images, 0.07 else)')
+    g.add_argument('--knn-every', type=int, default=10,
+                   help='epochs between kNN evaluations (0 = only at the end, -1 = never)')
+    g.add_argument('--knn-k', type=int, default=None,
+                   help='kNN monitor neighbours (default: 200 small images, 20 else)')
+    g.add_argument('--knn-t', type=float, default=None,
+                   help='kNN monitor temperature (default: 0.1 small images, 0.07 else)')
     g.add_argument('--stop-after-epoch', type=int, default=None,
-                   help='exit after this epoch, e.g. to fit a job time limit; rerun the same command to resume')
+                   help='exit after this epoch, e.g. to fit a job time limit; '
+                   'rerun the same command to resume')
     g.add_argument('--dist-timeout', type=float, default=1800,
                    help='seconds a collective waits for the other processes before the run stops (torchrun)')
     g.add_argument('--show-views', default=None, metavar='PNG',
@@ -936,10 +981,12 @@ def parse_args(parser, small_image_preset, argv=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     if small_image_preset:  # --help says that the defaults shown are replaced for small images
-        shown = {k: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in small_image_preset.items()}
-        parser.epilog = ('The defaults above are the paper\'s ImageNet recipe. For small images (<= 64 px, e.g. '
-                         'CIFAR and the procedural data) the method\'s small-image preset replaces them for every '
-                         'flag you do not type: ' + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in shown.items()))
+        shown = {k: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v
+                 for k, v in small_image_preset.items()}
+        parser.epilog = ('The defaults above are the paper\'s ImageNet recipe. For small images (<= 64 px, '
+                         'e.g. CIFAR and the procedural data) the method\'s small-image preset replaces them '
+                         'for every flag you do not type: '
+                         + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in shown.items()))
     args = parser.parse_args(argv)
     check_declared_ranges(parser, args)
     if args.output_dir == '':
@@ -1029,8 +1076,8 @@ def validate_args(args):
         raise UsageError(f'--knn-t must be a positive temperature, not {args.knn_t}')
     min_scale = getattr(args, 'min_scale', None)  # the RandomResizedCrop bound that most method files define
     if min_scale is not None and not 0 < min_scale <= 1:
-        raise UsageError(f'--min-scale {min_scale} is outside (0, 1]: it is the smallest crop area, as a fraction '
-                         'of the image')
+        raise UsageError(f'--min-scale {min_scale} is outside (0, 1]: it is the smallest crop area, '
+                         'as a fraction of the image')
 
 
 def validate_backbone_args(args):
@@ -1049,8 +1096,8 @@ def validate_backbone_args(args):
         if args.patch_size <= 0:
             raise UsageError(f'--patch-size must be a positive number of pixels, not {args.patch_size}')
         if args.image_size % args.patch_size:
-            raise UsageError(f'--patch-size {args.patch_size} does not divide --image-size {args.image_size}; '
-                             'pick a patch size that divides the crop size')
+            raise UsageError(f'--patch-size {args.patch_size} does not divide '
+                             f'--image-size {args.image_size}; pick a patch size that divides the crop size')
         dim, _, heads = VIT_SIZES[args.arch]
         if args.num_heads is not None and (args.num_heads <= 0 or dim % args.num_heads):
             raise UsageError(f'--num-heads {args.num_heads} does not divide the width {dim} of {args.arch}; '
@@ -1112,7 +1159,7 @@ RANGES = dict(
     nmb_crops='[0, 64]', size_crops=PIXELS, num_local_crops='[0, 64]', local_crop_size=PIXELS,
     # evaluation
     k='[1, 1e12]', n_last_blocks='[1, 64]', weight_decays='[0, 1e6]', val_fraction='(0, 1)',
-    max_iter='[1, 1e7]',
+    max_iter='[1, 1e7]', neighbours_k='[1, 1000]', queries='[1, 1000]',
 )
 
 
@@ -1215,7 +1262,8 @@ def setup(args):
         prepare_output_dir(args.output_dir)
     if distributed:
         local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        timeout = datetime.timedelta(seconds=args.dist_timeout)  # a stuck rank fails the others after this long
+        # a stuck rank fails the others after this long
+        timeout = datetime.timedelta(seconds=args.dist_timeout)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             device = torch.device('cuda', local_rank)
@@ -1258,7 +1306,8 @@ def prepare_output_dir(path):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UsageError(f'--output-dir {path}: cannot write there ({e.strerror}); choose a writable folder') from None
+        raise UsageError(f'--output-dir {path}: cannot write there ({e.strerror}); '
+                         'choose a writable folder') from None
     if created:
         _CREATED_OUTPUT_DIRS.extend(made)
 
@@ -1287,9 +1336,9 @@ def prepare_model(model, args, device):
     world_size = get_world_size()
     per_process = (getattr(args, 'batch_size', None) or 2) // world_size
     if per_process < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-        raise UsageError(f'--batch-size {args.batch_size} leaves {per_process} image per process, and the heads '
-                         f'of this model use BatchNorm, which needs 2 or more; use --batch-size {2 * world_size} or '
-                         'more')
+        raise UsageError(f'--batch-size {args.batch_size} leaves {per_process} image per process, and the '
+                         'heads of this model use BatchNorm, which needs 2 or more; use --batch-size '
+                         f'{2 * world_size} or more')
     if world_size > 1 and args.sync_bn:
         if device.type == 'cuda':
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP: BN statistics over the global batch
@@ -1299,11 +1348,12 @@ def prepare_model(model, args, device):
     if device.type == 'cuda' and args.arch.startswith('resnet'):
         model = model.to(memory_format=torch.channels_last)
     raw_model = model
-    if args.compile:  # the whole method model's forward, backbone and heads: one graph per set of input shapes
-        # (torch._dynamo.explain: 1 graph, no break, for every method file on one process; DDP splits it at its
-        # gradient buckets). The loss, the optimizer step and the EMA / queue / bank updates stay eager: small,
-        # and some hold collectives. The --augment device views are made eagerly too: their per-step subsets
-        # change size every step, which would recompile.
+    # the whole method model's forward, backbone and heads: one graph per set of input shapes
+    if args.compile:
+        # (torch._dynamo.explain: 1 graph, no break, for every method file on one process; DDP splits it at
+        # its gradient buckets). The loss, the optimizer step and the EMA / queue / bank updates stay eager:
+        # small, and some hold collectives. The --augment device views are made eagerly too: their per-step
+        # subsets change size every step, which would recompile.
         model = torch.compile(model)
     if world_size > 1:  # DDP: averages gradients over processes during backward. Buffers (BN statistics,
         # queues, memory banks) are not re-broadcast from rank 0 every step: each rank keeps its own,
@@ -1324,20 +1374,26 @@ def inspect_dataset(data, data_dir):
     if data == 'procedural' or data.startswith('procedural:'):
         n = ProceduralTextures.parse(data)
         return dict(kind='procedural', num_train=n, num_test=max(1000, n // 5), num_classes=10, image_size=32)
-    known = {'cifar10': (50000, 10000, 10, 32), 'cifar100': (50000, 10000, 100, 32), 'stl10': (105000, 8000, 10, 96)}
+    known = {'cifar10': (50000, 10000, 10, 32), 'cifar100': (50000, 10000, 100, 32),
+             'stl10': (105000, 8000, 10, 96)}
     if data in known:
         n_train, n_test, classes, size = known[data]
-        return dict(kind='torchvision', num_train=n_train, num_test=n_test, num_classes=classes, image_size=size)
+        return dict(kind='torchvision', num_train=n_train, num_test=n_test, num_classes=classes,
+                    image_size=size)
     if not os.path.isdir(data):
-        raise UsageError(f"--data '{data}' is neither a dataset name ({', '.join(DATASETS)}) nor an existing folder")
+        raise UsageError(f"--data '{data}' is neither a dataset name ({', '.join(DATASETS)}) "
+                         'nor an existing folder')
     train = os.path.join(data, 'train')
     if not os.path.isdir(train):
-        raise UsageError(f"--data '{data}' has no train/ folder; expected train/<class>/*.jpg and val/ (or test/) alike")
-    test = next((os.path.join(data, s) for s in ('val', 'test') if os.path.isdir(os.path.join(data, s))), None)
+        raise UsageError(f"--data '{data}' has no train/ folder; "
+                         'expected train/<class>/*.jpg and val/ (or test/) alike')
+    test = next((os.path.join(data, s) for s in ('val', 'test')
+                 if os.path.isdir(os.path.join(data, s))), None)
     classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
     num_train, sample = count_images(train, classes, sample=64)
     if not num_train:
-        raise UsageError(f"--data '{data}': no images in {train}/<class>/ (expected {', '.join(IMAGE_EXTENSIONS)})")
+        raise UsageError(f"--data '{data}': no images in {train}/<class>/ "
+                         f"(expected {', '.join(IMAGE_EXTENSIONS)})")
     sizes = sorted(max(image_size(path)) for path in sample)  # not the first file alone: it may be an odd one
     size = sizes[(len(sizes) - 1) // 2]
     if size < 8:
@@ -1413,7 +1469,8 @@ def load_image(path):
                 image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
             return image.convert('RGB')
     except Exception as e:
-        raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
+        raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); '
+                         'remove or replace the file') from None
 
 
 class ProceduralTextures(torch.utils.data.Dataset):
@@ -1441,7 +1498,8 @@ class ProceduralTextures(torch.utils.data.Dataset):
         except ValueError:
             n = 0
         if n < 10:
-            raise UsageError(f"--data '{data}': write procedural or procedural:N with N >= 10 training images")
+            raise UsageError(f"--data '{data}': write procedural or procedural:N "
+                             'with N >= 10 training images')
         return n
 
     def __len__(self):
@@ -1496,8 +1554,8 @@ def base_dataset(args, split):
             raise UsageError(f"--data '{data}': {e}") from None
     cls = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100,
            'stl10': torchvision.datasets.STL10}[data]
-    kwargs = (dict(split={'train': 'train+unlabeled', 'labelled': 'train', 'test': 'test'}[split]) if data == 'stl10'
-              else dict(train=split != 'test'))
+    kwargs = (dict(split={'train': 'train+unlabeled', 'labelled': 'train', 'test': 'test'}[split])
+              if data == 'stl10' else dict(train=split != 'test'))
     root = os.path.join(args.data_dir, data)
     try:
         return cls(root, download=False, **kwargs)
@@ -1511,8 +1569,9 @@ def base_dataset(args, split):
             dist.barrier()
         return cls(root, download=False, **kwargs)
     except Exception as e:
-        raise UsageError(f"could not find or download {data} ({type(e).__name__}); without network, put torchvision's "
-                         f"{data} files in {root} (or pass --data-dir), or give --data an image folder") from None
+        raise UsageError(f"could not find or download {data} ({type(e).__name__}); without network, put "
+                         f"torchvision's {data} files in {root} (or pass --data-dir), or give --data an "
+                         'image folder') from None
 
 
 class ViewDataset(torch.utils.data.Dataset):
@@ -1548,7 +1607,8 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def order(self):
-        """This rank's indices of the current epoch, in the order its batches take them: (n_rank,) int64, CPU."""
+        """This rank's indices of the current epoch, in the order its batches take them: (n_rank,) int64,
+        CPU."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=g)
@@ -1566,7 +1626,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(self.epoch, i) for i in self.order().tolist()])
 
     def __len__(self):
-        used = self.n // (self.world * self.batch_size) * self.world * self.batch_size if self.drop_last else self.n
+        global_batch = self.world * self.batch_size
+        used = self.n // global_batch * global_batch if self.drop_last else self.n
         return len(range(self.rank, used, self.world))
 
 
@@ -1624,8 +1685,10 @@ def quiet_worker(worker_id):
 # and step, and nothing is read back to the host per step (in memory).
 
 def configure_augment(args):
-    """Resolve --augment auto (device on a GPU, cpu otherwise) and check --device-data-gb; the start-up note."""
-    if args.device_data_gb is not None and not (math.isfinite(args.device_data_gb) and args.device_data_gb >= 0):
+    """Resolve --augment auto (device on a GPU, cpu otherwise) and check --device-data-gb; the start-up
+    note."""
+    if args.device_data_gb is not None and not (math.isfinite(args.device_data_gb)
+                                                 and args.device_data_gb >= 0):
         raise UsageError(f'--device-data-gb must be a number of GB >= 0, not {args.device_data_gb}')
     args.augment_requested = args.augment
     if args.augment == 'auto':
@@ -1654,8 +1717,8 @@ def build_train_loader(args, transform, device, split='train'):
             return show_views(args, base, loader)
         need = len(base) * 3 * args.dataset_info['image_size'] ** 2 / 1e9
         budget, budget_note = device_budget(args, device)
-        message = (f'the {len(base)} decoded training images of {args.data} need {need:.2f} GB on {device.type}, '
-                   f'more than the {budget / 1e9:.2f} GB budget ({budget_note})')
+        message = (f'the {len(base)} decoded training images of {args.data} need {need:.2f} GB '
+                   f'on {device.type}, more than the {budget / 1e9:.2f} GB budget ({budget_note})')
         if args.augment_requested == 'device':
             raise UsageError(f'--augment device: {message}; raise --device-data-gb or use --augment cpu')
         print0(f'  note: {message}: --augment cpu instead')
@@ -1779,17 +1842,19 @@ def build_eval_loaders(args, device, batch_size=256):
     if k is not None and k > len(labelled):
         raise UsageError(f'--knn-k {k} is more neighbours than the {len(labelled)} labelled training images; '
                          f'use --knn-k {len(labelled)} or fewer')
-    samplers = [EpochSampler(len(base), batch_size, rank, world_size, args.seed, shuffle=False, drop_last=False)
-                for base in (labelled, test)]
+    samplers = [EpochSampler(len(base), batch_size, rank, world_size, args.seed, shuffle=False,
+                             drop_last=False) for base in (labelled, test)]
     if getattr(args, 'augment', 'cpu') == 'device':  # the same eval transform, batched (within ~1 grey level)
         sources = [device_source(args, split, base, sampler, device)
                    for split, base, sampler in zip((split_train, 'test'), (labelled, test), samplers)]
         if all(source is not None for source in sources):
-            return tuple(DeviceLoader(source, transform, sampler, device, args.seed, uses_channels_last(args, device))
+            return tuple(DeviceLoader(source, transform, sampler, device, args.seed,
+                                      uses_channels_last(args, device))
                          for source, sampler in zip(sources, samplers))
         print0('  note: the kNN splits do not fit the device budget; they are read by the PIL path')
     return tuple(Loader(ViewDataset(base, transform, args.seed), batch_size, sampler, min(args.workers, 4),
-                        device, channels_last=uses_channels_last(args, device)) for base, sampler in zip((labelled, test), samplers))
+                        device, channels_last=uses_channels_last(args, device))
+                 for base, sampler in zip((labelled, test), samplers))
 
 
 def labelled_split(args):
@@ -1827,7 +1892,8 @@ def check_writable_file(path, flag):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UsageError(f'{flag} {path}: cannot write in {folder} ({e.strerror}); choose a writable place') from None
+        raise UsageError(f'{flag} {path}: cannot write in {folder} ({e.strerror}); '
+                         'choose a writable place') from None
 
 
 def write_json(path, record):
@@ -1968,7 +2034,8 @@ def resume(args, **objects):
     if not isinstance(state, dict) or 'method' not in state or 'args' not in state:
         raise UsageError(f'{path} is not a checkpoint of this project; delete it or use another --output-dir')
     if state['method'] != args.method:
-        raise UsageError(f"{path} was written by {state['method']}, not {args.method}; use another --output-dir")
+        raise UsageError(f"{path} was written by {state['method']}, not {args.method}; "
+                         'use another --output-dir')
     for key in ('arch', 'width', 'patch_size', 'cifar_stem'):
         if key in state['args'] and state['args'][key] != getattr(args, key):
             raise UsageError(f"{path} was trained with --{key.replace('_', '-')} {state['args'][key]}, "
@@ -1984,8 +2051,8 @@ def resume(args, **objects):
         raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or '
                          'use another --output-dir')
     if done > args.epochs:
-        raise UsageError(f'{path} holds {done} epochs, more than --epochs {args.epochs}; give --epochs {done} '
-                         'or more to go on training, or use another --output-dir')
+        raise UsageError(f'{path} holds {done} epochs, more than --epochs {args.epochs}; '
+                         f'give --epochs {done} or more to go on training, or use another --output-dir')
     for name, obj in objects.items():
         if isinstance(obj, nn.Module) and isinstance(state.get(name), dict):
             check_shapes(path, name, state[name], obj.state_dict())
@@ -1997,9 +2064,11 @@ def resume(args, **objects):
                              'another --output-dir') from None
         if isinstance(obj, LARS):  # load_state_dict restores the saved hyper-parameters: the flags win
             for group in obj.param_groups:
-                group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip, denominator=args.lars_denominator)
+                group.update(trust_coefficient=args.lars_eta, clip=args.lars_clip,
+                             denominator=args.lars_denominator)
     trim_metrics(args.output_dir, done)  # the records of a killed, unfinished epoch go: it is trained again
-    LAST_CHECKPOINT['note'] = f'The last good checkpoint is {path} ({done} epoch(s) done); the same command resumes from it.'
+    LAST_CHECKPOINT['note'] = (f'The last good checkpoint is {path} ({done} epoch(s) done); '
+                               'the same command resumes from it.')
     print0(f'  resumed from {path}: {done} epoch(s) done'
            + (f'; --epochs is {args.epochs}: nothing left to train (raise --epochs to train longer)'
               if done == args.epochs else ''))
@@ -2033,19 +2102,21 @@ def check_shapes(path, name, saved, current):
     bank with one row per training image, resumed on another dataset), instead of a traceback."""
     for key, tensor in current.items():
         if key in saved and saved[key].shape != tensor.shape:
-            raise UsageError(f'{path}: {name}.{key} has shape {tuple(saved[key].shape)} in the checkpoint but '
-                             f'{tuple(tensor.shape)} in this run (other data or settings?); use the same --data '
-                             'and settings, or another --output-dir')
+            raise UsageError(f'{path}: {name}.{key} has shape {tuple(saved[key].shape)} in the checkpoint '
+                             f'but {tuple(tensor.shape)} in this run (other data or settings?); use the '
+                             'same --data and settings, or another --output-dir')
 
 
 def process_cpu_seconds():
     """CPU time (user + sys) of this process, its finished children and its live DataLoader workers
     (Linux /proc); beside the wall-clock it shows how much of the machine the run had."""
     import resource
-    total = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    total = sum(getattr(resource.getrusage(who), field)
+                for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                 for field in ('ru_utime', 'ru_stime'))
     for stat in glob_proc_stats():
-        fields = stat.rsplit(')', 1)[-1].split()  # after the command name: state, ppid, ... utime (12), stime (13)
+        # after the command name: state, ppid, ... utime (12), stime (13)
+        fields = stat.rsplit(')', 1)[-1].split()
         if int(fields[1]) == os.getpid():
             total += (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
     return total
@@ -2083,7 +2154,8 @@ class MetricLogger:
         self.path = os.path.join(args.output_dir, 'metrics.jsonl')
         self.is_main = get_rank() == 0
         self.loss_sum, self.count, self.seen, self.tic_step = None, 0, 0, None
-        self.train_seconds = sum(r.get('epoch_seconds', 0.0) for r in read_metrics(self.path))  # kept by resume()
+        # kept by resume()
+        self.train_seconds = sum(r.get('epoch_seconds', 0.0) for r in read_metrics(self.path))
 
     def log(self, **values):
         """Append one record (e.g. kNN accuracy) to metrics.jsonl."""
@@ -2110,13 +2182,15 @@ class MetricLogger:
         values = {k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in values.items()}
         record = dict(epoch=epoch + 1, step=done, loss=loss_value, images_per_s=images_per_s, **values)
         if self.is_main:
-            print(f'epoch {epoch + 1}/{self.args.epochs} step {done}/{self.total_steps} loss {loss_value:.4f} '
+            print(f'epoch {epoch + 1}/{self.args.epochs} step {done}/{self.total_steps} '
+                  f'loss {loss_value:.4f} '
                   + ' '.join(f'{k} {v:.4g}' for k, v in values.items())
                   + f' | {images_per_s:.0f} img/s eta {datetime.timedelta(seconds=int(eta))}', flush=True)
         self.log(**record)
 
     def end_epoch(self, epoch):
-        """Mean loss of the epoch (checked to be finite) and the epoch's time, logged; resets the running sum."""
+        """Mean loss of the epoch (checked to be finite) and the epoch's time, logged; resets the running
+        sum."""
         mean = float(self.loss_sum) / max(1, self.count)
         self.check_finite(mean, epoch, None)
         seconds = time.time() - self.loader.epoch_started
@@ -2131,8 +2205,8 @@ class MetricLogger:
     def check_finite(self, value, epoch, step):
         if not math.isfinite(value):
             where = f'epoch {epoch + 1}' + (f' (by step {step + 1})' if step is not None else '')
-            raise TrainingError(f'the loss became {value} in {where}; stopping. {last_checkpoint_note(self.args)} '
-                                '(try a lower --lr or --precision fp32)')
+            raise TrainingError(f'the loss became {value} in {where}; stopping. '
+                                f'{last_checkpoint_note(self.args)} (try a lower --lr or --precision fp32)')
 
 
 def read_metrics(path):
@@ -2158,7 +2232,8 @@ def trim_metrics(output_dir, epochs_done):
     path = os.path.join(output_dir, 'metrics.jsonl')
     if get_rank() != 0 or not os.path.exists(path):
         return
-    kept = [r for r in read_metrics(path) if isinstance(r.get('epoch'), (int, float)) and r['epoch'] <= epochs_done]
+    kept = [r for r in read_metrics(path)
+            if isinstance(r.get('epoch'), (int, float)) and r['epoch'] <= epochs_done]
     with open(path) as f:
         if len(kept) == sum(1 for line in f if line.strip()):  # nothing to drop, no torn line
             return
@@ -2297,18 +2372,22 @@ def get_eval_parser(description, name):
     parser.set_defaults(method=name, freeze_patch_embed=False, drop_path=0.0)
     parser.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
     parser.add_argument('--pretrained', default=None, metavar='FILE',
-                        help="instead of a checkpoint: weights released by a method's authors (DINO, MoCo v1/v2/v3, "
-                             'SimSiam, SwAV, InstDisc; see released.py), backbone settings read from the file')
-    parser.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (give --data and --arch)')
+                        help="instead of a checkpoint: weights released by a method's authors (DINO, "
+                             'MoCo v1/v2/v3, SimSiam, SwAV, InstDisc; see released.py), backbone settings '
+                             'read from the file')
+    parser.add_argument('--random-init', action='store_true',
+                        help='evaluate an untrained backbone (give --data and --arch)')
     g = parser.add_argument_group('data (default: the checkpoint\'s)')
-    g.add_argument('--data', default=None, help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with '
-                   'train/ and val/ (or test/)')
-    g.add_argument('--data-dir', default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
+    g.add_argument('--data', default=None,
+                   help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with train/ and val/ '
+                   '(or test/)')
+    g.add_argument('--data-dir',
+                   default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
                    help='where torchvision datasets are downloaded / looked for')
-    g.add_argument('--image-size', type=int, default=None, help='evaluation crop size (default: the checkpoint\'s, '
-                   'else follows the dataset)')
-    g.add_argument('--workers', type=int, default=None, help='data-loading processes per GPU (default: CPUs / GPUs - 1, '
-                   'at most 16)')
+    g.add_argument('--image-size', type=int, default=None,
+                   help='evaluation crop size (default: the checkpoint\'s, else follows the dataset)')
+    g.add_argument('--workers', type=int, default=None,
+                   help='data-loading processes per GPU (default: CPUs / GPUs - 1, at most 16)')
     g = parser.add_argument_group('backbone (default: the checkpoint\'s)')
     g.add_argument('--arch', default='resnet50', help='one of ' + ', '.join(ARCHS))
     g.add_argument('--width', type=int, default=64, help='ResNet base width')
@@ -2316,12 +2395,15 @@ def get_eval_parser(description, name):
                    help='ResNet 3x3 stride-1 conv1 without max-pool (default: on for images <= 64 px)')
     g.add_argument('--zero-init-residual', action=argparse.BooleanOptionalAction, default=False,
                    help='ResNet, --random-init: last BN of each residual block starts at zero')
-    g.add_argument('--patch-size', type=int, default=None, help='ViT patch size (default: 16, or 4 for images <= 64 px)')
-    g.add_argument('--num-heads', type=int, default=None, help='ViT attention heads (default: 3 / 6 / 12 for tiny / '
-                   'small / base)')
-    g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'), help='ViT position embedding')
+    g.add_argument('--patch-size', type=int, default=None,
+                   help='ViT patch size (default: 16, or 4 for images <= 64 px)')
+    g.add_argument('--num-heads', type=int, default=None,
+                   help='ViT attention heads (default: 3 / 6 / 12 for tiny / small / base)')
+    g.add_argument('--pos-embed', default='learned', choices=('learned', 'sincos'),
+                   help='ViT position embedding')
     g = parser.add_argument_group('running')
-    g.add_argument('--seed', type=int, default=0, help='random seed (data order and augmentation: seed + rank)')
+    g.add_argument('--seed', type=int, default=0,
+                   help='random seed (data order and augmentation: seed + rank)')
     g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
                    help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
     g.add_argument('--dist-timeout', type=float, default=1800,
@@ -2341,7 +2423,8 @@ def parse_eval_args(parser, argv=None, load_released=None):
         raise UsageError('give one of: a checkpoint to evaluate, --pretrained FILE (the authors\' weights), '
                          'or --random-init with --data and --arch')
     state = None
-    if args.pretrained:  # the authors' layout mapped onto our backbone; its settings inferred (tools/released.py)
+    # the authors' layout mapped onto our backbone; its settings inferred (tools/released.py)
+    if args.pretrained:
         state, args.checkpoint = load_released(args.pretrained), args.pretrained
     elif args.checkpoint:
         state = read_checkpoint(args.checkpoint)
@@ -2354,8 +2437,8 @@ def parse_eval_args(parser, argv=None, load_released=None):
             if key in state['args'] and key not in typed:
                 setattr(args, key, state['args'][key])
     if args.data is None:
-        raise UsageError(f"{'--pretrained' if args.pretrained else '--random-init'} needs --data (the dataset to "
-                         'evaluate on)')
+        raise UsageError(f"{'--pretrained' if args.pretrained else '--random-init'} needs --data "
+                         '(the dataset to evaluate on)')
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
     apply_size_defaults(args)
     validate_backbone_args(args)
@@ -2379,16 +2462,19 @@ def load_eval_backbone(args, state, device):
         if missing or unexpected or wrong:
             problem = (f'{len(missing)} missing (e.g. {missing[0]})' if missing else
                        f'{len(unexpected)} unexpected (e.g. {unexpected[0]})' if unexpected else
-                       f'{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(saved[wrong[0]].shape)} saved, '
-                       f'{tuple(expected[wrong[0]].shape)} here)')
-            raise UsageError(f'{args.checkpoint}: its backbone does not fit --arch {args.arch}: {problem} tensors; '
-                             'pass the architecture it was trained with (--arch, --width, --patch-size, ...)')
+                       f'{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(saved[wrong[0]].shape)} '
+                       f'saved, {tuple(expected[wrong[0]].shape)} here)')
+            raise UsageError(f'{args.checkpoint}: its backbone does not fit --arch {args.arch}: {problem} '
+                             'tensors; pass the architecture it was trained with (--arch, --width, '
+                             '--patch-size, ...)')
         bad = next((key for key, tensor in saved.items() if tensor.is_floating_point()
                     and not bool(torch.isfinite(tensor).all())), None)
         if bad is not None:
-            raise UsageError(f'{args.checkpoint}: the backbone tensor {bad} holds NaN or inf; evaluate another checkpoint')
+            raise UsageError(f'{args.checkpoint}: the backbone tensor {bad} holds NaN or inf; '
+                             'evaluate another checkpoint')
         backbone.load_state_dict(saved)
-        print0(f"  {state.get('method', '?')} backbone from {args.checkpoint}, epoch {state.get('epoch', '?')}")
+        print0(f"  {state.get('method', '?')} backbone from {args.checkpoint}, "
+               f"epoch {state.get('epoch', '?')}")
     backbone = backbone.to(device).eval()
     if uses_channels_last(args, device):
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -2499,14 +2585,17 @@ class EncodedFiles(torch.utils.data.Dataset):
         _, i = item
         path, label = self.samples[i]
         try:
-            data = torchvision.io.read_file(path).clone()  # a worker cannot send read_file's own storage: it hangs
+            # a worker cannot send read_file's own storage: it hangs
+            data = torchvision.io.read_file(path).clone()
         except (OSError, RuntimeError) as e:
-            raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file') from None
+            raise UsageError(f'cannot read image {path} ({type(e).__name__}: {e}); '
+                             'remove or replace the file') from None
         return (data if is_jpeg(data) else decode_file(path, data)), label, i
 
 
 def collate_lists(batch):
-    """A batch of (data, label, index) whose data differ in size: (list of tensors, labels (B,), indices (B,))."""
+    """A batch of (data, label, index) whose data differ in size: (list of tensors, labels (B,),
+    indices (B,))."""
     data, labels, indices = zip(*batch)
     return list(data), torch.tensor(labels), torch.tensor(indices)
 
@@ -2524,7 +2613,8 @@ def decode_on_device(datas, paths, device):
         decoded = []
         for k in jpegs:
             try:
-                decoded.append(torchvision.io.decode_jpeg(datas[k], mode=torchvision.io.ImageReadMode.RGB, device=device))
+                decoded.append(torchvision.io.decode_jpeg(datas[k], mode=torchvision.io.ImageReadMode.RGB,
+                                                          device=device))
             except RuntimeError:
                 decoded.append(decode_file(paths[k]).to(device))
     for k, image in zip(jpegs, decoded):
@@ -2562,13 +2652,15 @@ class StreamedFiles:
                 buckets.setdefault((-(-h // self.BUCKET), -(-w // self.BUCKET)), []).append(k)
             groups = []
             for members in buckets.values():  # a loop over images only where their sizes differ
-                height, width = max(images[k].shape[1] for k in members), max(images[k].shape[2] for k in members)
+                height = max(images[k].shape[1] for k in members)
+                width = max(images[k].shape[2] for k in members)
                 canvas = torch.empty(len(members), 3, height, width, dtype=torch.uint8, device=self.device)
                 for slot, k in enumerate(members):  # outside its image a canvas is never read (weight 0)
                     canvas[slot, :, :images[k].shape[1], :images[k].shape[2]] = images[k]
                 groups.append((canvas, None if len(buckets) == 1 else torch.tensor(members)))
             yield (groups, indices, indices.to(self.device, non_blocking=True),
-                   torch.tensor([image.shape[1] for image in images]), torch.tensor([image.shape[2] for image in images]),
+                   torch.tensor([image.shape[1] for image in images]),
+                   torch.tensor([image.shape[2] for image in images]),
                    labels.to(self.device, non_blocking=True))
 
 
@@ -2634,7 +2726,8 @@ def stack_canvas(images):
 
 def decode_all(base, workers):
     """(canvas, heights, widths, labels) of a whole dataset of PIL images, decoded in `workers` processes."""
-    loader = torch.utils.data.DataLoader(ImageList(base), batch_size=64, num_workers=workers, collate_fn=collate_lists,
+    loader = torch.utils.data.DataLoader(ImageList(base), batch_size=64, num_workers=workers,
+                                         collate_fn=collate_lists,
                                          worker_init_fn=quiet_worker if workers > 0 else None)
     images, labels = [], []
     for batch, batch_labels, _ in loader:
@@ -2655,8 +2748,8 @@ def cached_folder_split(args, base):
              for path, label in base.samples]
     fingerprint = hashlib.sha1(repr((CACHE_VERSION, files)).encode()).hexdigest()[:16]
     dataset_root, split = os.path.dirname(root), os.path.basename(root)
-    places = [os.path.join(dataset_root, '.decoded'),
-              os.path.join(args.data_dir, 'decoded', hashlib.sha1(os.path.abspath(dataset_root).encode()).hexdigest()[:12])]
+    root_hash = hashlib.sha1(os.path.abspath(dataset_root).encode()).hexdigest()[:12]
+    places = [os.path.join(dataset_root, '.decoded'), os.path.join(args.data_dir, 'decoded', root_hash)]
     name = f'{split}-{fingerprint}.pt'
     distributed = get_world_size() > 1
     if distributed and get_rank() != 0:
@@ -2685,7 +2778,8 @@ def cached_folder_split(args, base):
 
 
 def write_decoded_cache(place, name, split, data):
-    """Write the cache atomically (tmp + rename) and remove older caches of the split; False if not writable."""
+    """Write the cache atomically (tmp + rename) and remove older caches of the split; False if not
+    writable."""
     path = os.path.join(place, name)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
@@ -2721,7 +2815,8 @@ def decoded_split(args, base):
     n, _, h, w = images.shape
     return images, torch.full((n,), h), torch.full((n,), w), labels
 
-HELD = {}  # (data, split, device) -> DeviceImages: each split is decoded once per process (train = kNN's labelled)
+# (data, split, device) -> DeviceImages: each split is decoded once per process (train = kNN's labelled)
+HELD = {}
 
 
 def device_source(args, split, base, sampler, device):
@@ -2733,19 +2828,20 @@ def device_source(args, split, base, sampler, device):
         return HELD[key]
     budget, budget_note = device_budget(args, device)
     left = budget - sum(images.nbytes for (_, _, where), images in HELD.items() if where == str(device))
-    estimate = len(base) * 3 * info['image_size'] ** 2  # exact for the named datasets; a folder: its first image's size
+    # exact for the named datasets; a folder: its first image's size
+    estimate = len(base) * 3 * info['image_size'] ** 2
     if estimate <= left:
         images, heights, widths, labels = decoded_split(args, base)
         if images.numel() <= left:  # a folder of mixed sizes needs a canvas of its largest height and width
             HELD[key] = DeviceImages(images, heights, widths, labels, device)
             print0(f'  {args.data} {split}: {len(images)} images held on {device.type} as uint8 '
-                   f'{tuple(images.shape[1:])}, {images.numel() / 1e9:.2f} GB of the {budget / 1e9:.1f} GB budget '
-                   f'({budget_note})')
+                   f'{tuple(images.shape[1:])}, {images.numel() / 1e9:.2f} GB of the {budget / 1e9:.1f} GB '
+                   f'budget ({budget_note})')
             return HELD[key]
     if info['kind'] == 'folder':
         workers = min(args.workers, 4)
-        print0(f'  {args.data} {split}: {len(base)} files read by {workers} workers and decoded on {device.type} in '
-               f'batches (decoded they would need more than the {left / 1e9:.2f} GB left of the {budget / 1e9:.1f} GB '
-               f'budget: {budget_note})')
+        print0(f'  {args.data} {split}: {len(base)} files read by {workers} workers and decoded '
+               f'on {device.type} in batches (decoded they would need more than the {left / 1e9:.2f} GB left '
+               f'of the {budget / 1e9:.1f} GB budget: {budget_note})')
         return StreamedFiles(base.samples, sampler, workers, device)
     return None

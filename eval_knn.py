@@ -72,9 +72,6 @@ def check_picture_args(args):
     if args.compare_random_init and args.random_init:
         raise common.UsageError('--compare-random-init compares a checkpoint with its untrained network; '
                                 'with --random-init there is no checkpoint: drop one of the two')
-    if args.neighbours_k < 1 or args.queries < 1:
-        raise common.UsageError(f'--neighbours-k and --queries must be at least 1, not '
-                                f'{args.neighbours_k} and {args.queries}')
 
 
 def query_indices(num_test, queries, seed):

@@ -346,7 +346,7 @@ def to_layout(backbone, layout_name, extras=None, vit=None):
     """The inverse mapping: our backbone's state dict (our names) as the file `layout_name` would hold it,
     with `extras` ({key: tensor}: the layout's other parts, keyed as in the authors' state dict without DDP's
     `module.`) added. `module.` is put back where the authors' training wrapped the model in DDP."""
-    layout = next(l for l in LAYOUTS if l.name == layout_name)
+    layout = next(known for known in LAYOUTS if known.name == layout_name)
     vit = 'cls_token' in backbone if vit is None else vit
     theirs = {layout.backbone + (ours_to_theirs(k) if vit else k): v for k, v in backbone.items()}
     theirs.update(extras or {})
