@@ -4,7 +4,7 @@ sharpening (uniform). Two tiny runs.
   pytest assignments/dino-centering-sharpening [--submission path/to/dino.py]"""
 import math
 
-from conftest import TINY, expect
+from grading import TINY, expect
 
 METHOD_FILE = 'dino.py'
 

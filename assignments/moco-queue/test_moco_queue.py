@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, expect, load_module, run_distributed
+from grading import TINY, expect, load_module, run_distributed
 
 METHOD_FILE = 'moco.py'
 

@@ -4,7 +4,7 @@ Two tiny runs.
   pytest assignments/simsiam-stop-gradient [--submission path/to/simsiam.py]"""
 import math
 
-from conftest import TINY, expect
+from grading import TINY, expect
 
 METHOD_FILE = 'simsiam.py'
 
