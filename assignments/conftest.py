@@ -27,8 +27,8 @@ def submission(request, tmp_path_factory):
     given = os.path.abspath(os.path.expanduser(given))
     source = os.path.join(given, method_file) if os.path.isdir(given) else given
     if not os.path.isfile(source):
-        pytest.fail(f'--submission {given}: no such file' + (f' (looked for {method_file} in that folder)'
-                                                               if os.path.isdir(given) else ''), pytrace=False)
+        grading.fail(f'--submission {given}: no such file' + (f' (looked for {method_file} in that folder)'
+                                                               if os.path.isdir(given) else ''))
     root = str(tmp_path_factory.mktemp('submission'))
     for name in os.listdir(grading.REPO):  # the teacher's common.py and method files; the student's one file
         if name.endswith('.py'):           # replaces its own
@@ -51,9 +51,9 @@ def _as_one_line():
     except (pytest.fail.Exception, pytest.skip.Exception):
         raise
     except AssertionError as error:
-        pytest.fail(grading.shorten(error), pytrace=False)
+        grading.fail(grading.shorten(error))
     except Exception as error:  # noqa: BLE001
-        pytest.fail(f'the submission raised {grading.one_line(error)}', pytrace=False)
+        grading.fail(f'the submission raised {grading.one_line(error)}')
 
 
 @pytest.hookimpl(wrapper=True)

@@ -63,11 +63,11 @@ class Submission:
             result = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True,
                                     timeout=timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f'{shown}: ran longer than {timeout} s (the checker\'s runs take seconds to a '
-                        'minute): an endless loop?', pytrace=False)
+            fail(f'{shown}: ran longer than {timeout} s (the checker\'s runs take seconds to a '
+                        'minute): an endless loop?')
         if check and result.returncode != 0:
-            pytest.fail(f'{shown}: exited {result.returncode}: '
-                        f'{last_error(result.stderr or result.stdout, self.method_file)}', pytrace=False)
+            fail(f'{shown}: exited {result.returncode}: '
+                        f'{last_error(result.stderr or result.stdout, self.method_file)}')
         return result
 
     def module(self, name=None):
@@ -77,7 +77,7 @@ class Submission:
         try:
             return load_module(os.path.join(self.root, file))
         except Exception as error:  # noqa: BLE001  (whatever the student's file raises on import)
-            pytest.fail(f'importing {file} failed: {one_line(error)}', pytrace=False)
+            fail(f'importing {file} failed: {one_line(error)}')
 
     def metrics(self, output_dir):
         """The step records (the ones with a `step`) of output_dir/metrics.jsonl, in order."""
@@ -87,7 +87,12 @@ class Submission:
 def expect(condition, message):
     """Fail the test with `message` alone (no traceback: a student reads what is wrong and where to look)."""
     if not condition:
-        pytest.fail(message, pytrace=False)
+        fail(message)
+
+
+def fail(message):
+    """Fail the test with `message` alone, also inside an `except` block (no 'During handling of ...')."""
+    raise pytest.fail.Exception(message, pytrace=False) from None
 
 
 def last_error(text, method_file=None):
@@ -173,7 +178,7 @@ def run_distributed(fn, *args, tmp_path, world_size=2):
     try:
         mp.spawn(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size, join=True)
     except mp.ProcessRaisedException as error:
-        pytest.fail(one_line(error), pytrace=False)
+        fail(one_line(error))
     except mp.ProcessExitedException as error:
-        pytest.fail(f'one of the 2 processes died: {shorten(error)}', pytrace=False)
+        fail(f'one of the 2 processes died: {shorten(error)}')
     return [torch.load(os.path.join(tmp_path, f'rank{r}.pt'), weights_only=False) for r in range(world_size)]

@@ -27,6 +27,25 @@ def method_file(name):
     return edits.FILE
 
 
+def load(name, file):
+    """assignments/<name>/<file> as a module (make_patches.py, an edits.py, a submissions.py)."""
+    path = os.path.join(ASSIGNMENTS, name, file) if name else os.path.join(ASSIGNMENTS, file)
+    spec = importlib.util.spec_from_file_location(f'{name}_{file[:-3]}'.replace('-', '_'), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def submissions():
+    """(assignment, 'WRONG' or 'CORRECT', label) of every submission kept beside a checker."""
+    found = []
+    for name in NAMES:
+        if os.path.exists(os.path.join(ASSIGNMENTS, name, 'submissions.py')):
+            module = load(name, 'submissions.py')
+            found += [(name, kind, label) for kind in ('WRONG', 'CORRECT') for label in getattr(module, kind)]
+    return found
+
+
 def copy_repository(destination):
     """What a fresh clone holds that the checkers need: the scripts, pytest.ini and assignments/."""
     os.makedirs(destination)
@@ -99,3 +118,23 @@ def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
     assert solved.returncode == 0, solved.stdout[-3000:] + solved.stderr[-2000:]
     missing = run_checker(root, 'simclr-nt-xent', '--submission', str(tmp_path / 'nowhere.py'))
     assert missing.returncode != 0 and 'no such file' in missing.stdout, missing.stdout[-2000:]
+
+
+@pytest.mark.parametrize('name, kind, label', submissions())
+def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
+    """A wrong submission fails with its expected message, on one line; a correct one passes."""
+    make_patches = load(None, 'make_patches.py')
+    file, _, _, solution = make_patches.versions(name)
+    entry = getattr(load(name, 'submissions.py'), kind)[label]
+    edits = entry['edits'] if kind == 'WRONG' else entry
+    path = tmp_path / f'{label}_{file}'
+    path.write_text(make_patches.apply_edits(solution, edits, f'{name}/submissions.py {kind} {label}'))
+    options = ['--submission', str(path)] + (['-k', entry['tests']] if kind == 'WRONG' and 'tests' in entry else [])
+    result = run_checker(ROOT, name, *options)
+    if kind == 'CORRECT':
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        return
+    assert result.returncode == 1 and entry['message'] in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
+    report = result.stdout[result.stdout.index('= FAILURES ='):result.stdout.index('short test summary')]
+    said = [line for line in report.splitlines() if line.strip() and not line.startswith(('_', '='))]
+    assert len(said) == 1 and entry['message'] in said[0], report  # one line: no traceback, no tensor dump
