@@ -108,13 +108,20 @@ def test_every_method_file_has_an_assignment_with_readme_checker_and_solution():
 def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
     root = copy_repository(tmp_path / 'teacher')  # the reference files stay as they are
     student = copy_repository(tmp_path / 'student')
+    os.makedirs(os.path.join(student, 'tests'))  # a clone holds the repository's tests/conftest.py, which pytest
+    shutil.copy(os.path.join(ROOT, 'tests', 'conftest.py'), os.path.join(student, 'tests'))  # loads from PATH
     git_apply(student, os.path.join(ASSIGNMENTS, 'simclr-nt-xent', 'handout.patch'))
     os.makedirs(tmp_path / 'inbox')
-    shutil.copy(os.path.join(student, 'simclr.py'), tmp_path / 'inbox' / 'alice_simclr.py')  # any file name
-    stub = run_checker(root, 'simclr-nt-xent', '--submission', str(tmp_path / 'inbox' / 'alice_simclr.py'))
-    assert stub.returncode == 1 and 'nt_xent_loss is still the stub' in stub.stdout, stub.stdout[-3000:]
+    alice = str(tmp_path / 'inbox' / 'alice_simclr.py')  # any file name
+    shutil.copy(os.path.join(student, 'simclr.py'), alice)
+    for options in (['--submission', alice], [f'--submission={alice}']):
+        stub = run_checker(root, 'simclr-nt-xent', *options, '-k', 'equation and not gradient')
+        assert stub.returncode == 1 and 'nt_xent_loss is still the stub' in stub.stdout, (options, stub.stdout[-3000:])
     git_apply(student, os.path.join(ASSIGNMENTS, 'simclr-nt-xent', 'solution.patch'))
-    solved = run_checker(root, 'simclr-nt-xent', env=dict(os.environ, SUBMISSION=student))  # a clone: its simclr.py
+    for options in (['--submission', student], [f'--submission={student}']):  # a clone: its simclr.py
+        solved = run_checker(root, 'simclr-nt-xent', *options, '-k', 'equation')
+        assert solved.returncode == 0 and '5 passed' in solved.stdout, (options, solved.stdout[-3000:])
+    solved = run_checker(root, 'simclr-nt-xent', env=dict(os.environ, SUBMISSION=student))  # every check
     assert solved.returncode == 0, solved.stdout[-3000:] + solved.stderr[-2000:]
     missing = run_checker(root, 'simclr-nt-xent', '--submission', str(tmp_path / 'nowhere.py'))
     assert missing.returncode != 0 and 'no such file' in missing.stdout, missing.stdout[-2000:]
