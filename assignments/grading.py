@@ -176,7 +176,8 @@ def run_distributed(fn, *args, tmp_path, world_size=2):
     fn must be a module-level function of the checker (it is pickled to the processes). What a process
     raises fails the test with one line."""
     try:
-        mp.spawn(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size,
+                 join=True)
     except mp.ProcessRaisedException as error:
         fail(one_line(error))
     except mp.ProcessExitedException as error:

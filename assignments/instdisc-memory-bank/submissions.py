@@ -19,7 +19,8 @@ WRONG = {
                ('F.cross_entropy(logits, indices)', 'F.cross_entropy(logits, torch.arange(len(f)))')],
         message='Eqs. (2)-(3) give', tests='equations_2_and_3'),
     'loss-per-image': dict(
-        edits=[('F.cross_entropy(logits, indices)', "F.cross_entropy(logits, indices, reduction='none')")],
+        edits=[('F.cross_entropy(logits, indices)',
+                "F.cross_entropy(logits, indices, reduction='none')")],
         message='one number, the mean over the batch', tests='equations_2_and_3'),
 }
 

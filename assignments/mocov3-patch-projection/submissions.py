@@ -6,7 +6,8 @@ WRONG = {
     'norm-of-the-weights-not-of-their-gradient': dict(
         edits=[('p.grad.float().norm() for p in backbone.patch_embed.parameters()',
                 'p.float().norm() for p in backbone.patch_embed.parameters()')],
-        message='but the gradient AdamW applied to the patch projection has norm', tests='trainable'),
+        message='but the gradient AdamW applied to the patch projection has norm',
+        tests='trainable'),
 }
 
 CORRECT = {

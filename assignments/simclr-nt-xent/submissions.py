@@ -14,7 +14,8 @@ WRONG = {
         edits=[('common.all_gather_with_grad(z)', 'common.all_gather_no_grad(z)')],
         message='gets another gradient than the global batch gives', tests='two_processes'),
     'positive-of-the-first-process': dict(  # every process looks for its positives in process 0's rows
-        edits=[('positive_index = rank * 2 * n + (anchor + n) % (2 * n)', 'positive_index = (anchor + n) % (2 * n)')],
+        edits=[('positive_index = rank * 2 * n + (anchor + n) % (2 * n)',
+                'positive_index = (anchor + n) % (2 * n)')],
         message='on 2 processes the mean loss is', tests='two_processes'),
     'a-matrix-returned': dict(
         edits=[('return F.cross_entropy(logits, positive_index)',

@@ -7,7 +7,8 @@ WRONG = {
         edits=[('negative_cosine(p2, z1, stop_gradient)', 'negative_cosine(p2, z1)')],
         message='with respect to z1 must be the gradient of Eq. (4)', tests='both_terms'),
     'no-stop-gradient-detaches-p-instead-of-z': dict(  # still collapses, for the wrong reason
-        edits=[('p = F.normalize(p.float(), dim=1)', 'p = F.normalize((p if stop_gradient else p.detach()).float(), dim=1)')],
+        edits=[('p = F.normalize(p.float(), dim=1)',
+                'p = F.normalize((p if stop_gradient else p.detach()).float(), dim=1)')],
         message='with respect to p1 must be the gradient of Eq. (4)', tests='both_terms'),
     'default-off': dict(
         edits=[("'--stop-gradient', action=argparse.BooleanOptionalAction, default=True",

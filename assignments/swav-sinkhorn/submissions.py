@@ -14,5 +14,6 @@ WRONG = {
 
 CORRECT = {
     'log-softmax-exponentiated': [  # the same codes, written another way
-        ('F.softmax(crop_scores / epsilon, dim=1)[-n:]', '(crop_scores / epsilon).log_softmax(dim=-1).exp()[-n:]')],
+        ('F.softmax(crop_scores / epsilon, dim=1)[-n:]',
+         '(crop_scores / epsilon).log_softmax(dim=-1).exp()[-n:]')],
 }
