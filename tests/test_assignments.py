@@ -4,6 +4,7 @@ what make_patches.py makes of the current method files; every method file has an
 graded from a file (--submission) or a clone ($SUBMISSION). Marked `assignments` (pytest -m "not assignments"
 skips them): each runs a checker twice, tens of seconds."""
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -145,3 +146,24 @@ def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
     report = result.stdout[result.stdout.index('= FAILURES ='):result.stdout.index('short test summary')]
     said = [line for line in report.splitlines() if line.strip() and not line.startswith(('_', '='))]
     assert len(said) == 1 and entry['message'] in said[0], report  # one line: no traceback, no tensor dump
+
+
+def test_plot_draws_each_runs_measure_and_refuses_bad_input_with_one_line(tmp_path):
+    """assignments/plot.py: the curves are the records' values, in order; a folder without the measure is
+    refused with `error: ...` and exit code 2, before any picture is written."""
+    runs = {'sg': [(4, 0.17), (8, 0.16)], 'no-sg': [(4, 0.12), (8, 0.07)]}
+    for name, points in runs.items():
+        os.makedirs(tmp_path / name)
+        lines = [json.dumps(dict(step=step, output_std=value, loss=-value)) for step, value in points]
+        (tmp_path / name / 'metrics.jsonl').write_text('\n'.join([json.dumps(dict(epoch=0))] + lines) + '\n{"st')
+    plot = load(None, 'plot.py')
+    found = plot.curves([str(tmp_path / 'sg'), str(tmp_path / 'no-sg')], 'output_std')
+    assert found == {name: ([s for s, _ in points], [v for _, v in points]) for name, points in runs.items()}
+    command = [sys.executable, os.path.join(ASSIGNMENTS, 'plot.py'), str(tmp_path / 'sg'), str(tmp_path / 'no-sg')]
+    done = subprocess.run(command + ['--measure', 'output_std', '--output', str(tmp_path / 'fig.png')],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and (tmp_path / 'fig.png').read_bytes()[:4] == b'\x89PNG', done.stderr
+    refused = subprocess.run(command + ['--measure', 'teacher_entropy', '--output', str(tmp_path / 'no.png')],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.startswith('error: ') and len(refused.stderr.splitlines()) == 1
+    assert 'teacher_entropy' in refused.stderr and not os.path.exists(tmp_path / 'no.png')
