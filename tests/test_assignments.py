@@ -144,7 +144,11 @@ def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
         return
     assert result.returncode == 1 and entry['message'] in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
     report = result.stdout[result.stdout.index('= FAILURES ='):result.stdout.index('short test summary')]
-    said = [line for line in report.splitlines() if line.strip() and not line.startswith(('_', '='))]
+    said, captured = [], False  # the failure's own lines, not the output pytest captured beside it
+    for line in report.splitlines():
+        captured = line.startswith('-') or (captured and not line.startswith('_'))
+        if line.strip() and not line.startswith(('_', '=', '-')) and not captured:
+            said.append(line)
     assert len(said) == 1 and entry['message'] in said[0], report  # one line: no traceback, no tensor dump
 
 
