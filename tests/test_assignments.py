@@ -15,8 +15,10 @@ import pytest
 from conftest import ROOT
 
 ASSIGNMENTS = os.path.join(ROOT, 'assignments')
-NAMES = sorted(name for name in os.listdir(ASSIGNMENTS) if os.path.isfile(os.path.join(ASSIGNMENTS, name, 'edits.py')))
-METHOD_FILES = {'instdisc.py', 'simclr.py', 'moco.py', 'byol.py', 'simsiam.py', 'swav.py', 'mocov3.py', 'dino.py'}
+NAMES = sorted(name for name in os.listdir(ASSIGNMENTS)
+               if os.path.isfile(os.path.join(ASSIGNMENTS, name, 'edits.py')))
+METHOD_FILES = {'instdisc.py', 'simclr.py', 'moco.py', 'byol.py', 'simsiam.py', 'swav.py', 'mocov3.py',
+                'dino.py'}
 
 pytestmark = pytest.mark.assignments
 
@@ -77,7 +79,8 @@ def test_checker_fails_on_the_starting_point_and_passes_on_the_solution(name, tm
     if os.path.exists(handout):
         git_apply(root, handout)  # what the teacher hands out
     before = run_checker(root, name)
-    assert before.returncode == 1 and 'README.md, step' in before.stdout, before.stdout[-3000:] + before.stderr[-2000:]
+    assert before.returncode == 1 and 'README.md, step' in before.stdout, (before.stdout[-3000:]
+                                                                            + before.stderr[-2000:])
     git_apply(root, os.path.join(ASSIGNMENTS, name, 'solution.patch'))
     after = run_checker(root, name)
     assert after.returncode == 0, after.stdout[-4000:] + after.stderr[-2000:]
@@ -94,8 +97,10 @@ def test_patches_are_what_the_edits_make_of_the_method_files_and_apply_with_patc
         for patch in ('handout.patch', 'solution.patch'):
             path = os.path.join(ASSIGNMENTS, name, patch)
             if os.path.exists(path):
-                result = subprocess.run(['patch', '-p1', '--forward', '-i', path], cwd=root, capture_output=True, text=True)
-                assert result.returncode == 0 and 'fuzz' not in result.stdout, f'patch -p1 < {path}: {result.stdout}'
+                result = subprocess.run(['patch', '-p1', '--forward', '-i', path], cwd=root,
+                                        capture_output=True, text=True)
+                assert result.returncode == 0 and 'fuzz' not in result.stdout, (f'patch -p1 < {path}: '
+                                                                                f'{result.stdout}')
 
 
 def test_every_method_file_has_an_assignment_with_readme_checker_and_solution():
@@ -109,15 +114,17 @@ def test_every_method_file_has_an_assignment_with_readme_checker_and_solution():
 def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
     root = copy_repository(tmp_path / 'teacher')  # the reference files stay as they are
     student = copy_repository(tmp_path / 'student')
-    os.makedirs(os.path.join(student, 'tests'))  # a clone holds the repository's tests/conftest.py, which pytest
-    shutil.copy(os.path.join(ROOT, 'tests', 'conftest.py'), os.path.join(student, 'tests'))  # loads from PATH
+    # a clone holds the repository's tests/conftest.py, which pytest loads when it reads PATH as a path
+    os.makedirs(os.path.join(student, 'tests'))
+    shutil.copy(os.path.join(ROOT, 'tests', 'conftest.py'), os.path.join(student, 'tests'))
     git_apply(student, os.path.join(ASSIGNMENTS, 'simclr-nt-xent', 'handout.patch'))
     os.makedirs(tmp_path / 'inbox')
     alice = str(tmp_path / 'inbox' / 'alice_simclr.py')  # any file name
     shutil.copy(os.path.join(student, 'simclr.py'), alice)
     for options in (['--submission', alice], [f'--submission={alice}']):
         stub = run_checker(root, 'simclr-nt-xent', *options, '-k', 'equation and not gradient')
-        assert stub.returncode == 1 and 'nt_xent_loss is still the stub' in stub.stdout, (options, stub.stdout[-3000:])
+        assert stub.returncode == 1 and 'nt_xent_loss is still the stub' in stub.stdout, (options,
+                                                                                          stub.stdout[-3000:])
     git_apply(student, os.path.join(ASSIGNMENTS, 'simclr-nt-xent', 'solution.patch'))
     for options in (['--submission', student], [f'--submission={student}']):  # a clone: its simclr.py
         solved = run_checker(root, 'simclr-nt-xent', *options, '-k', 'equation')
@@ -137,12 +144,14 @@ def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
     edits = entry['edits'] if kind == 'WRONG' else entry
     path = tmp_path / f'{label}_{file}'
     path.write_text(make_patches.apply_edits(solution, edits, f'{name}/submissions.py {kind} {label}'))
-    options = ['--submission', str(path)] + (['-k', entry['tests']] if kind == 'WRONG' and 'tests' in entry else [])
+    only = ['-k', entry['tests']] if kind == 'WRONG' and 'tests' in entry else []
+    options = ['--submission', str(path)] + only
     result = run_checker(ROOT, name, *options)
     if kind == 'CORRECT':
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         return
-    assert result.returncode == 1 and entry['message'] in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 1 and entry['message'] in result.stdout, (result.stdout[-4000:]
+                                                                          + result.stderr[-2000:])
     report = result.stdout[result.stdout.index('= FAILURES ='):result.stdout.index('short test summary')]
     said, captured = [], False  # the failure's own lines, not the output pytest captured beside it
     for line in report.splitlines():
@@ -159,15 +168,18 @@ def test_plot_draws_each_runs_measure_and_refuses_bad_input_with_one_line(tmp_pa
     for name, points in runs.items():
         os.makedirs(tmp_path / name)
         lines = [json.dumps(dict(step=step, output_std=value, loss=-value)) for step, value in points]
-        (tmp_path / name / 'metrics.jsonl').write_text('\n'.join([json.dumps(dict(epoch=0))] + lines) + '\n{"st')
+        lines = [json.dumps(dict(epoch=0))] + lines + ['{"st']  # a record without a step; a line cut short
+        (tmp_path / name / 'metrics.jsonl').write_text('\n'.join(lines))
     plot = load(None, 'plot.py')
     found = plot.curves([str(tmp_path / 'sg'), str(tmp_path / 'no-sg')], 'output_std')
     assert found == {name: ([s for s, _ in points], [v for _, v in points]) for name, points in runs.items()}
-    command = [sys.executable, os.path.join(ASSIGNMENTS, 'plot.py'), str(tmp_path / 'sg'), str(tmp_path / 'no-sg')]
+    command = [sys.executable, os.path.join(ASSIGNMENTS, 'plot.py'), str(tmp_path / 'sg'),
+               str(tmp_path / 'no-sg')]
     done = subprocess.run(command + ['--measure', 'output_std', '--output', str(tmp_path / 'fig.png')],
                           capture_output=True, text=True)
     assert done.returncode == 0 and (tmp_path / 'fig.png').read_bytes()[:4] == b'\x89PNG', done.stderr
     refused = subprocess.run(command + ['--measure', 'teacher_entropy', '--output', str(tmp_path / 'no.png')],
                              capture_output=True, text=True)
-    assert refused.returncode == 2 and refused.stderr.startswith('error: ') and len(refused.stderr.splitlines()) == 1
+    assert refused.returncode == 2 and refused.stderr.startswith('error: ')
+    assert len(refused.stderr.splitlines()) == 1
     assert 'teacher_entropy' in refused.stderr and not os.path.exists(tmp_path / 'no.png')
