@@ -152,7 +152,8 @@ def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
         return
     assert result.returncode == 1 and entry['message'] in result.stdout, (result.stdout[-4000:]
                                                                           + result.stderr[-2000:])
-    report = result.stdout[result.stdout.index('= FAILURES ='):result.stdout.index('short test summary')]
+    section = '= FAILURES =' if '= FAILURES =' in result.stdout else '= ERRORS ='  # ERRORS: failed in set-up
+    report = result.stdout[result.stdout.index(section):result.stdout.index('short test summary')]
     said, captured = [], False  # the failure's own lines, not the output pytest captured beside it
     for line in report.splitlines():
         captured = line.startswith('-') or (captured and not line.startswith('_'))

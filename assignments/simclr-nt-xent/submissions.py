@@ -17,6 +17,10 @@ WRONG = {
         edits=[('positive_index = rank * 2 * n + (anchor + n) % (2 * n)',
                 'positive_index = (anchor + n) % (2 * n)')],
         message='on 2 processes the mean loss is', tests='two_processes'),
+    'fails-on-import': dict(  # one line, not the traceback of the import
+        edits=[('import torch.nn.functional as F\n', 'import torch.nn.functional as F\nundefined_name\n')],
+        message="importing simclr.py failed: NameError: name 'undefined_name' is not defined",
+        tests='equation_1 and not gradient'),
     'a-matrix-returned': dict(
         edits=[('return F.cross_entropy(logits, positive_index)',
                 "return F.cross_entropy(logits, positive_index, reduction='none')")],
