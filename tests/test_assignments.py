@@ -156,7 +156,7 @@ def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
     report = result.stdout[result.stdout.index(section):result.stdout.index('short test summary')]
     said, captured = [], False  # the failure's own lines, not the output pytest captured beside it
     for line in report.splitlines():
-        header = line.startswith(('___', '===')) or line.startswith('---') and ' Captured ' in line
+        header = line.startswith(('___', '= ', '===')) or line.startswith('---') and ' Captured ' in line
         captured = line.startswith('---') and ' Captured ' in line or (captured and not line.startswith('___'))
         if line.strip() and not header and not captured:
             said.append(line)
