@@ -42,12 +42,12 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         solution_copy(args.name, root)
         sys.path[:0] = [os.path.join(root, 'assignments'), root]
-        conftest = importlib.import_module('conftest')
+        grading = importlib.import_module('grading')
         [checker_path] = glob.glob(os.path.join(root, 'assignments', args.name, 'test_*.py'))
         spec = importlib.util.spec_from_file_location('checker', checker_path)
         checker = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(checker)
-        submission = conftest.Submission(root, checker.METHOD_FILE)
+        submission = grading.Submission(root, checker.METHOD_FILE)
         values = {}
         for arm, flags in checker.ARMS.items():
             if args.arms and arm not in args.arms:

@@ -4,6 +4,7 @@ what make_patches.py makes of the current method files; every method file has an
 graded from a file (--submission) or a clone ($SUBMISSION). Marked `assignments` (pytest -m "not assignments"
 skips them): each runs a checker twice, tens of seconds."""
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -14,8 +15,10 @@ import pytest
 from conftest import ROOT
 
 ASSIGNMENTS = os.path.join(ROOT, 'assignments')
-NAMES = sorted(name for name in os.listdir(ASSIGNMENTS) if os.path.isfile(os.path.join(ASSIGNMENTS, name, 'edits.py')))
-METHOD_FILES = {'instdisc.py', 'simclr.py', 'moco.py', 'byol.py', 'simsiam.py', 'swav.py', 'mocov3.py', 'dino.py'}
+NAMES = sorted(name for name in os.listdir(ASSIGNMENTS)
+               if os.path.isfile(os.path.join(ASSIGNMENTS, name, 'edits.py')))
+METHOD_FILES = {'instdisc.py', 'simclr.py', 'moco.py', 'byol.py', 'simsiam.py', 'swav.py', 'mocov3.py',
+                'dino.py'}
 
 pytestmark = pytest.mark.assignments
 
@@ -25,6 +28,25 @@ def method_file(name):
     edits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(edits)
     return edits.FILE
+
+
+def load(name, file):
+    """assignments/<name>/<file> as a module (make_patches.py, an edits.py, a submissions.py)."""
+    path = os.path.join(ASSIGNMENTS, name, file) if name else os.path.join(ASSIGNMENTS, file)
+    spec = importlib.util.spec_from_file_location(f'{name}_{file[:-3]}'.replace('-', '_'), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def submissions():
+    """(assignment, 'WRONG' or 'CORRECT', label) of every submission kept beside a checker."""
+    found = []
+    for name in NAMES:
+        if os.path.exists(os.path.join(ASSIGNMENTS, name, 'submissions.py')):
+            module = load(name, 'submissions.py')
+            found += [(name, kind, label) for kind in ('WRONG', 'CORRECT') for label in getattr(module, kind)]
+    return found
 
 
 def copy_repository(destination):
@@ -57,7 +79,8 @@ def test_checker_fails_on_the_starting_point_and_passes_on_the_solution(name, tm
     if os.path.exists(handout):
         git_apply(root, handout)  # what the teacher hands out
     before = run_checker(root, name)
-    assert before.returncode == 1 and 'README.md, step' in before.stdout, before.stdout[-3000:] + before.stderr[-2000:]
+    assert before.returncode == 1 and 'README.md, step' in before.stdout, (before.stdout[-3000:]
+                                                                            + before.stderr[-2000:])
     git_apply(root, os.path.join(ASSIGNMENTS, name, 'solution.patch'))
     after = run_checker(root, name)
     assert after.returncode == 0, after.stdout[-4000:] + after.stderr[-2000:]
@@ -74,8 +97,10 @@ def test_patches_are_what_the_edits_make_of_the_method_files_and_apply_with_patc
         for patch in ('handout.patch', 'solution.patch'):
             path = os.path.join(ASSIGNMENTS, name, patch)
             if os.path.exists(path):
-                result = subprocess.run(['patch', '-p1', '--forward', '-i', path], cwd=root, capture_output=True, text=True)
-                assert result.returncode == 0 and 'fuzz' not in result.stdout, f'patch -p1 < {path}: {result.stdout}'
+                result = subprocess.run(['patch', '-p1', '--forward', '-i', path], cwd=root,
+                                        capture_output=True, text=True)
+                assert result.returncode == 0 and 'fuzz' not in result.stdout, (f'patch -p1 < {path}: '
+                                                                                f'{result.stdout}')
 
 
 def test_every_method_file_has_an_assignment_with_readme_checker_and_solution():
@@ -89,13 +114,74 @@ def test_every_method_file_has_an_assignment_with_readme_checker_and_solution():
 def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
     root = copy_repository(tmp_path / 'teacher')  # the reference files stay as they are
     student = copy_repository(tmp_path / 'student')
+    # a clone holds the repository's tests/conftest.py, which pytest loads when it reads PATH as a path
+    os.makedirs(os.path.join(student, 'tests'))
+    shutil.copy(os.path.join(ROOT, 'tests', 'conftest.py'), os.path.join(student, 'tests'))
     git_apply(student, os.path.join(ASSIGNMENTS, 'simclr-nt-xent', 'handout.patch'))
     os.makedirs(tmp_path / 'inbox')
-    shutil.copy(os.path.join(student, 'simclr.py'), tmp_path / 'inbox' / 'alice_simclr.py')  # any file name
-    stub = run_checker(root, 'simclr-nt-xent', '--submission', str(tmp_path / 'inbox' / 'alice_simclr.py'))
-    assert stub.returncode == 1 and 'nt_xent_loss is still the stub' in stub.stdout, stub.stdout[-3000:]
+    alice = str(tmp_path / 'inbox' / 'alice_simclr.py')  # any file name
+    shutil.copy(os.path.join(student, 'simclr.py'), alice)
+    for options in (['--submission', alice], [f'--submission={alice}']):
+        stub = run_checker(root, 'simclr-nt-xent', *options, '-k', 'equation and not gradient')
+        assert stub.returncode == 1 and 'nt_xent_loss is still the stub' in stub.stdout, (options,
+                                                                                          stub.stdout[-3000:])
     git_apply(student, os.path.join(ASSIGNMENTS, 'simclr-nt-xent', 'solution.patch'))
-    solved = run_checker(root, 'simclr-nt-xent', env=dict(os.environ, SUBMISSION=student))  # a clone: its simclr.py
+    for options in (['--submission', student], [f'--submission={student}']):  # a clone: its simclr.py
+        solved = run_checker(root, 'simclr-nt-xent', *options, '-k', 'equation')
+        assert solved.returncode == 0 and '5 passed' in solved.stdout, (options, solved.stdout[-3000:])
+    solved = run_checker(root, 'simclr-nt-xent', env=dict(os.environ, SUBMISSION=student))  # every check
     assert solved.returncode == 0, solved.stdout[-3000:] + solved.stderr[-2000:]
     missing = run_checker(root, 'simclr-nt-xent', '--submission', str(tmp_path / 'nowhere.py'))
     assert missing.returncode != 0 and 'no such file' in missing.stdout, missing.stdout[-2000:]
+
+
+@pytest.mark.parametrize('name, kind, label', submissions())
+def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
+    """A wrong submission fails with its expected message, on one line; a correct one passes."""
+    make_patches = load(None, 'make_patches.py')
+    file, _, _, solution = make_patches.versions(name)
+    entry = getattr(load(name, 'submissions.py'), kind)[label]
+    edits = entry['edits'] if kind == 'WRONG' else entry
+    path = tmp_path / f'{label}_{file}'
+    path.write_text(make_patches.apply_edits(solution, edits, f'{name}/submissions.py {kind} {label}'))
+    only = ['-k', entry['tests']] if kind == 'WRONG' and 'tests' in entry else []
+    options = ['--submission', str(path)] + only
+    result = run_checker(ROOT, name, *options)
+    if kind == 'CORRECT':
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        return
+    assert result.returncode == 1 and entry['message'] in result.stdout, (result.stdout[-4000:]
+                                                                          + result.stderr[-2000:])
+    section = '= FAILURES =' if '= FAILURES =' in result.stdout else '= ERRORS ='  # ERRORS: failed in set-up
+    report = result.stdout[result.stdout.index(section):result.stdout.index('short test summary')]
+    said, captured = [], False  # the failure's own lines, not the output pytest captured beside it
+    for line in report.splitlines():
+        header = line.startswith(('___', '= ', '===')) or line.startswith('---') and ' Captured ' in line
+        captured = line.startswith('---') and ' Captured ' in line or (captured and not line.startswith('___'))
+        if line.strip() and not header and not captured:
+            said.append(line)
+    assert len(said) == 1 and entry['message'] in said[0], report  # one line: no traceback, no tensor dump
+
+
+def test_plot_draws_each_runs_measure_and_refuses_bad_input_with_one_line(tmp_path):
+    """assignments/plot.py: the curves are the records' values, in order; a folder without the measure is
+    refused with `error: ...` and exit code 2, before any picture is written."""
+    runs = {'sg': [(4, 0.17), (8, 0.16)], 'no-sg': [(4, 0.12), (8, 0.07)]}
+    for name, points in runs.items():
+        os.makedirs(tmp_path / name)
+        lines = [json.dumps(dict(step=step, output_std=value, loss=-value)) for step, value in points]
+        lines = [json.dumps(dict(epoch=0))] + lines + ['{"st']  # a record without a step; a line cut short
+        (tmp_path / name / 'metrics.jsonl').write_text('\n'.join(lines))
+    plot = load(None, 'plot.py')
+    found = plot.curves([str(tmp_path / 'sg'), str(tmp_path / 'no-sg')], 'output_std')
+    assert found == {name: ([s for s, _ in points], [v for _, v in points]) for name, points in runs.items()}
+    command = [sys.executable, os.path.join(ASSIGNMENTS, 'plot.py'), str(tmp_path / 'sg'),
+               str(tmp_path / 'no-sg')]
+    done = subprocess.run(command + ['--measure', 'output_std', '--output', str(tmp_path / 'fig.png')],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and (tmp_path / 'fig.png').read_bytes()[:4] == b'\x89PNG', done.stderr
+    refused = subprocess.run(command + ['--measure', 'teacher_entropy', '--output', str(tmp_path / 'no.png')],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.startswith('error: ')
+    assert len(refused.stderr.splitlines()) == 1
+    assert 'teacher_entropy' in refused.stderr and not os.path.exists(tmp_path / 'no.png')

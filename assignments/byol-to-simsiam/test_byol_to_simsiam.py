@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, expect
+from grading import TINY, expect
 
 METHOD_FILE = 'byol.py'
 

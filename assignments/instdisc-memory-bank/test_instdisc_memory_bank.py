@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, expect, load_module, run_distributed
+from grading import TINY, expect, load_module, run_distributed
 
 METHOD_FILE = 'instdisc.py'
 
@@ -24,6 +24,13 @@ def try_call(function, *args):
         return function(*args)
     except NotImplementedError:
         return NotImplemented
+
+
+def shown(value):
+    """A returned value on one line: the number of a 0-d tensor, else its type and shape (never a dump)."""
+    if torch.is_tensor(value):
+        return f'{float(value.detach()):.6f}' if value.dim() == 0 else f'a tensor of shape {tuple(value.shape)}'
+    return type(value).__name__
 
 
 def reference_loss(f, indices, bank, temperature):
@@ -62,7 +69,7 @@ def test_loss_matches_equations_2_and_3(instdisc, n, num_images, temperature):
                                        '(assignments/instdisc-memory-bank/README.md, step 2)')
     expected = float(reference_loss(f, indices, bank, temperature))
     expect(torch.is_tensor(loss) and loss.dim() == 0 and math.isclose(float(loss), expected, rel_tol=1e-4),
-           f'non_parametric_softmax_loss = {loss}, Eqs. (2)-(3) give {expected:.6f} for {n} images among {num_images} at '
+           f'non_parametric_softmax_loss = {shown(loss)}, Eqs. (2)-(3) give {expected:.6f} for {n} images among {num_images} at '
            f'T = {temperature}: one number, the mean over the batch of -log P(i | f_i) (README.md, step 2)')
 
 

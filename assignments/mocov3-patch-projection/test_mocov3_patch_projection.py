@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, expect
+from grading import TINY, expect
 
 METHOD_FILE = 'mocov3.py'
 

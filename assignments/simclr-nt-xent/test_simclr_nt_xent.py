@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import load_module, run_distributed
+from grading import call, expect, load_module, run_distributed
 
 METHOD_FILE = 'simclr.py'
 
@@ -25,16 +25,12 @@ def reference_loss(z1, z2, temperature):
 
 def student_loss(module, z1, z2, temperature):
     """The submission's nt_xent_loss, with a failure that says what is missing when it is still the stub."""
-    try:
-        loss = module.nt_xent_loss(z1, z2, temperature)
-    except NotImplementedError:
-        loss = None
-    if loss is None:
-        pytest.fail('nt_xent_loss is still the stub: write Eq. (1) (assignments/simclr-nt-xent/README.md, step 2)',
-                    pytrace=False)
-    if not (torch.is_tensor(loss) and loss.dim() == 0):
-        pytest.fail(f'nt_xent_loss must return one number (a 0-d tensor: the mean over the anchors), '
-                    f'not {type(loss).__name__} {tuple(getattr(loss, "shape", ()))} (README.md, step 2)', pytrace=False)
+    loss = call(module.nt_xent_loss, z1, z2, temperature)
+    expect(loss is not NotImplemented and loss is not None,
+           'nt_xent_loss is still the stub: write Eq. (1) (assignments/simclr-nt-xent/README.md, step 2)')
+    expect(torch.is_tensor(loss) and loss.dim() == 0,
+           f'nt_xent_loss must return one number (a 0-d tensor: the mean over the anchors), '
+           f'not {type(loss).__name__} {tuple(getattr(loss, "shape", ()))} (README.md, step 2)')
     return loss
 
 
@@ -52,9 +48,9 @@ def inputs(n, d, seed):
 @pytest.mark.parametrize('n, d, temperature', [(1, 4, 0.5), (4, 8, 0.1), (7, 5, 0.5), (16, 32, 0.2)])
 def test_loss_matches_equation_1(simclr, n, d, temperature):
     z1, z2 = inputs(n, d, seed=n)
-    loss = float(student_loss(simclr, z1, z2, temperature))
+    loss = float(student_loss(simclr, z1, z2, temperature).detach())
     expected = float(reference_loss(z1, z2, temperature))
-    assert math.isclose(loss, expected, rel_tol=1e-4), (
+    expect(math.isclose(loss, expected, rel_tol=1e-4),
         f'nt_xent_loss = {loss:.6f}, Eq. (1) gives {expected:.6f} for {n} images of dimension {d} at T = {temperature} '
         '(README.md, step 2: positives, the k != i of the denominator, the cosine, the mean over 2n anchors)')
 
@@ -65,9 +61,9 @@ def test_gradient_matches_equation_1(simclr):
     student_loss(simclr, a1, a2, 0.2).backward()
     b1, b2 = z1.double().requires_grad_(), z2.double().requires_grad_()
     reference_loss(b1, b2, 0.2).backward()
-    assert a1.grad is not None and a2.grad is not None, 'no gradient reaches z1 and z2 (README.md, step 2)'
+    expect(a1.grad is not None and a2.grad is not None, 'no gradient reaches z1 and z2 (README.md, step 2)')
     for got, expected in ((a1.grad, b1.grad), (a2.grad, b2.grad)):
-        assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-6), (
+        expect(torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-6),
             'the gradient of nt_xent_loss differs from that of Eq. (1) (a detach, or an operation without gradient?)')
 
 
@@ -79,7 +75,7 @@ def _loss_on_rank(rank, world_size, path, n, d, temperature):
     z2 = z2_all[rank * n:(rank + 1) * n].clone().requires_grad_()
     loss = simclr.nt_xent_loss(z1, z2, temperature)
     loss.backward()
-    return dict(loss=float(loss), grad1=z1.grad, grad2=z2.grad)
+    return dict(loss=float(loss.detach()), grad1=z1.grad, grad2=z2.grad)
 
 
 def test_two_processes_see_the_negatives_of_both_and_send_their_gradients_back(simclr, submission, tmp_path):
@@ -92,14 +88,14 @@ def test_two_processes_see_the_negatives_of_both_and_send_their_gradients_back(s
     expected = float(expected.detach())
     # DDP averages the processes' gradients, so the mean of their losses must be the loss of the global batch ...
     mean = sum(r['loss'] for r in results) / world_size
-    assert math.isclose(mean, expected, rel_tol=1e-4), (
+    expect(math.isclose(mean, expected, rel_tol=1e-4),
         f'on 2 processes the mean loss is {mean:.6f}, the global batch gives {expected:.6f}: each anchor must be '
         'compared with the 2N views of ALL processes and find its positive among them (README.md, step 3)')
     # ... and each process's gradient (before that averaging) world_size times the global gradient of its rows
     for rank, r in enumerate(results):
         rows = slice(rank * n, (rank + 1) * n)
         for got, reference in ((r['grad1'], z1.grad[rows]), (r['grad2'], z2.grad[rows])):
-            assert got is not None and torch.allclose(got.double() / world_size, reference, rtol=1e-4, atol=1e-7), (
+            expect(got is not None and torch.allclose(got.double() / world_size, reference, rtol=1e-4, atol=1e-7),
                 f'process {rank} gets another gradient than the global batch gives: the gradient must flow back '
                 'through the gather to the process that made each view (common.all_gather_with_grad, '
                 'README.md, step 3)')

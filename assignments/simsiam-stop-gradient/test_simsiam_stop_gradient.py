@@ -4,7 +4,11 @@ Two tiny runs.
   pytest assignments/simsiam-stop-gradient [--submission path/to/simsiam.py]"""
 import math
 
-from conftest import TINY, expect
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grading import TINY, call, expect
 
 METHOD_FILE = 'simsiam.py'
 
@@ -22,9 +26,50 @@ THRESHOLD = 0.7 / math.sqrt(PROJ_DIM)            # 0.124, between the two
 
 def require_flag(submission):
     parser = submission.module().parser
-    _, unknown = parser.parse_known_args(['--data', 'procedural', '--no-stop-gradient'])
+    args, unknown = parser.parse_known_args(['--data', 'procedural', '--no-stop-gradient'])
     expect(not unknown, f'{METHOD_FILE} has no --no-stop-gradient flag yet '
                         '(assignments/simsiam-stop-gradient/README.md, step 2)')
+    expect(getattr(parser.parse_known_args(['--data', 'procedural'])[0], 'stop_gradient', None) is True,
+           '--stop-gradient must be on by default (args.stop_gradient True without a flag): the default is the '
+           "paper's method (README.md, step 2)")
+
+
+def reference_loss(p1, p2, z1, z2, stop_gradient):
+    """Eq. (4) written out, in float64: D(p1, sg(z2))/2 + D(p2, sg(z1))/2, D(p, z) = -mean of the cosines;
+    without the stop-gradient, Eq. (1) alone: z is not detached."""
+    def D(p, z):
+        z = z.detach() if stop_gradient else z
+        return -((p * z).sum(dim=1) / (p.norm(dim=1) * z.norm(dim=1))).mean()
+    return D(p1, z2) / 2 + D(p2, z1) / 2
+
+
+@pytest.mark.parametrize('stop_gradient', [True, False])
+def test_loss_and_its_gradient_in_both_terms(submission, stop_gradient):
+    require_flag(submission)
+    g = torch.Generator().manual_seed(0)
+    inputs = [3 * torch.randn(6, 5, generator=g) for _ in range(4)]  # p1, p2, z1, z2: 6 images, d = 5
+    mine = [x.clone().requires_grad_() for x in inputs]
+    theirs = [x.double().requires_grad_() for x in inputs]
+    loss = call(submission.module().simsiam_loss, *mine, stop_gradient=stop_gradient)
+    expect(torch.is_tensor(loss) and loss.dim() == 0,
+           f'simsiam_loss(p1, p2, z1, z2, stop_gradient={stop_gradient}) must return one number (a 0-d tensor), '
+           f'not {type(loss).__name__}: give simsiam_loss the argument stop_gradient (README.md, step 2)')
+    expected = reference_loss(*theirs, stop_gradient)
+    expect(math.isclose(float(loss.detach()), float(expected.detach()), rel_tol=1e-5, abs_tol=1e-6),
+           f'simsiam_loss(..., stop_gradient={stop_gradient}) = {float(loss.detach()):.6f}, Eq. (4) gives '
+           f'{float(expected.detach()):.6f} (README.md, step 2)')
+    loss.backward()
+    expected.backward()
+    arm = 'with the stop-gradient (the default)' if stop_gradient else 'with --no-stop-gradient'
+    for name, got, reference in zip(('p1', 'p2', 'z1', 'z2'), mine, theirs):
+        got = torch.zeros_like(reference) if got.grad is None else got.grad.double()  # none: 0
+        reference = torch.zeros_like(reference) if reference.grad is None else reference.grad
+        if not torch.allclose(got, reference, rtol=1e-4, atol=1e-7):
+            should = 'none' if reference.abs().max() == 0 else 'the gradient of Eq. (4)'
+            gets = 'none' if got.abs().max() == 0 else 'another one'
+            expect(False, f'{arm}, the gradient of simsiam_loss with respect to {name} must be {should}; it gets '
+                          f'{gets}. The stop-gradient is on z, in BOTH terms of Eq. (4); p always keeps its '
+                          'gradient (README.md, step 2)')
 
 
 def measure(submission, output_dir, *flags):

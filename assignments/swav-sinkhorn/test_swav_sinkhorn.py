@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from conftest import TINY, common, expect
+from grading import TINY, common, expect
 
 METHOD_FILE = 'swav.py'
 
