@@ -8,35 +8,41 @@ HANDOUT = []
 
 SOLUTION = [
     ("""  Eq. (3), Eq. (1)   theta <- optimizer(theta, grad L_BYOL); xi <- tau xi + (1 - tau) theta -> main()
-  Sec. 3.3           LARS, lr 0.2 x bs/256, wd 1.5e-6, 10 warm-up epochs, cosine, bs 4096, tau 0.996 -> 1
 """, """  Eq. (3)            theta <- optimizer(theta, grad L_BYOL); no target, no Eq. (1): SimSiam -> main()
-  Sec. 3.3           LARS, lr 0.2 x bs/256, wd 1.5e-6, 10 warm-up epochs, cosine, bs 4096
 """),
     ("""import copy
 from collections import OrderedDict
 """, """from collections import OrderedDict
 """),
-    ("""method.add_argument('--tau-base', type=float, default=None, help='EMA rate of the target at step 0 (tau_base)')
+    ("""method.add_argument('--tau-base', type=float, help='EMA rate of the target at step 0 (tau_base)')
 """, ""),
-    ("""# The ImageNet lr, weight decay and tau_base depend on the training length (the authors' config).
-EPOCH_PRESETS = {40: dict(lr=0.45, weight_decay=1e-6, tau_base=0.97), 100: dict(lr=0.45, weight_decay=1e-6, tau_base=0.99),
-                 300: dict(lr=0.3, weight_decay=1e-6, tau_base=0.99), 1000: dict(lr=0.2, weight_decay=1.5e-6, tau_base=0.996)}
+    ("""                    lr=None, weight_decay=None,  # and tau_base: EPOCH_PRESETS' row for --epochs
+""", """                    lr=None, weight_decay=None,  # EPOCH_PRESETS' row for --epochs
+"""),
+    ("""# ImageNet lr, weight decay, tau_base: the row of the shortest length >= --epochs (the authors' config)
+EPOCH_PRESETS = {40:   dict(lr=0.45, weight_decay=1e-6,   tau_base=0.97),
+                 100:  dict(lr=0.45, weight_decay=1e-6,   tau_base=0.99),
+                 300:  dict(lr=0.3,  weight_decay=1e-6,   tau_base=0.99),
+                 1000: dict(lr=0.2,  weight_decay=1.5e-6, tau_base=0.996)}
 # Small images (CIFAR): SGD lr 0.12 per 256, wd 5e-4 (Lightly's CIFAR-10 benchmark), tau_base 0.99, no blur;
-""", """# The ImageNet lr and weight decay depend on the training length (the authors' config).
-EPOCH_PRESETS = {40: dict(lr=0.45, weight_decay=1e-6), 100: dict(lr=0.45, weight_decay=1e-6),
-                 300: dict(lr=0.3, weight_decay=1e-6), 1000: dict(lr=0.2, weight_decay=1.5e-6)}
+""", """# ImageNet lr, weight decay: the row of the shortest length >= --epochs (the authors' config)
+EPOCH_PRESETS = {40:   dict(lr=0.45, weight_decay=1e-6),
+                 100:  dict(lr=0.45, weight_decay=1e-6),
+                 300:  dict(lr=0.3,  weight_decay=1e-6),
+                 1000: dict(lr=0.2,  weight_decay=1.5e-6)}
 # Small images (CIFAR): SGD lr 0.12 per 256, wd 5e-4 (Lightly's CIFAR-10 benchmark), no blur;
 """),
     ("""                          optimizer='sgd', lr=0.12, weight_decay=5e-4, tau_base=0.99, blur_probs=(0.0, 0.0))
 """, """                          optimizer='sgd', lr=0.12, weight_decay=5e-4, blur_probs=(0.0, 0.0))
 """),
-    ('''    """Online network theta: encoder f (the backbone, evaluated), projector g, predictor q (Sec. 3.1). Target
-    network xi: a copy of f and g that gets no gradient, moves only by the EMA of Eq. (1) and keeps its own BN."""
-''', '''    """Online network theta: encoder f (the backbone, evaluated), projector g, predictor q (Sec. 3.1). No target
-    network (SimSiam): the online projection of the other view is the target, held by the loss's stop-gradient."""
+    ('''    """Online network theta: encoder f (backbone, evaluated), projector g, predictor q (Sec. 3.1). Target
+    network xi: a copy of f and g, no gradient, moved only by the EMA of Eq. (1); it keeps its own BN."""
+''', '''    """Online network theta: encoder f (backbone, evaluated), projector g, predictor q (Sec. 3.1). No
+    target network (SimSiam): the online projection of the other view is the target, held by the loss's
+    stop-gradient."""
 '''),
     ("""        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim)  # q_theta
-        self.target = copy.deepcopy(self.online).requires_grad_(False)  # f_xi, g_xi: no gradient, no optimizer
+        self.target = copy.deepcopy(self.online).requires_grad_(False)  # f_xi, g_xi: no grad, no optimizer
 
     def forward(self, views):
         p, z = [], []
@@ -54,25 +60,23 @@ EPOCH_PRESETS = {40: dict(lr=0.45, weight_decay=1e-6), 100: dict(lr=0.45, weight
             p.append(self.predictor(z[-1]))            # (n, d) q_theta(z_theta), the online prediction
         return p[0], p[1], z[0], z[1]                  # (n, d) each: view 1, view 2
 """),
-    ("""    common.apply_epoch_preset(args, EPOCH_PRESETS)          # the paper's lr, wd, tau_base for this many epochs
-    common.check_ranges(args, positive=['proj_layers'], probabilities=['tau_base', 'blur_probs', 'solarize_probs'])
-""", """    common.apply_epoch_preset(args, EPOCH_PRESETS)          # the paper's lr and wd for this many epochs
-    common.check_ranges(args, positive=['proj_layers'], probabilities=['blur_probs', 'solarize_probs'])
+    ("""    common.apply_epoch_preset(args, EPOCH_PRESETS)          # the paper's lr, wd, tau_base for --epochs
+""", """    common.apply_epoch_preset(args, EPOCH_PRESETS)          # the paper's lr and wd for --epochs
 """),
     ("""    # ---- model: online (f, g, q) and target (f', g'); SyncBN and DDP when on several GPUs
 """, """    # ---- model: online (f, g, q), no target; SyncBN and DDP when on several GPUs
 """),
     ("""    # ---- optimizer and schedules: LARS (biases and BN excluded), linear warm-up then cosine; tau cosine to 1
     lr = common.scale_lr(args.lr, args.batch_size)
-    optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay), lr)  # not the target: no grad
+    optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay), lr)
     lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs)
-    tau_schedule = common.cosine_schedule(args.tau_base, 1.0, args.epochs, len(loader))  # 1-(1-tau_base)(cos+1)/2
+    tau_schedule = common.cosine_schedule(args.tau_base, 1.0, args.epochs, len(loader))  # Sec. 3.3
 """, """    # ---- optimizer and schedules: LARS (biases and BN excluded), linear warm-up then cosine
     lr = common.scale_lr(args.lr, args.batch_size)
     optimizer = common.build_optimizer(args, common.param_groups(raw_model, args.weight_decay), lr)
     lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs)
 """),
-    ("""            common.ema_update(raw_model.target, raw_model.online, tau_schedule[step])  # Eq. (1), after Eq. (3)'s step
+    ("""            common.ema_update(raw_model.target, raw_model.online, tau_schedule[step])  # Eq. (1) after (3)
             # ======== end of BYOL ========
 
             logger.step(epoch, step, loss, lr=lr_schedule[step], tau=tau_schedule[step],

@@ -15,7 +15,7 @@ method.add_argument('--sharpening', action=argparse.BooleanOptionalAction, defau
 """),
     ("""            loss = dino_loss(student_out, teacher_out, raw_model.center, args.student_temp,
                              teacher_temp_schedule[epoch])             # lines 8, 16, float32, with the old C
-            entropy = teacher_entropy(teacher_out, raw_model.center, teacher_temp_schedule[epoch])  # logged below
+            entropy = teacher_entropy(teacher_out, raw_model.center, teacher_temp_schedule[epoch])  # logged
 """, """            center = raw_model.center if args.centering else torch.zeros_like(raw_model.center)  # Sec. 5.3 ablations:
             teacher_temp = teacher_temp_schedule[epoch] if args.sharpening else args.student_temp  # C = 0, tau_t = tau_s
             loss = dino_loss(student_out, teacher_out, center, args.student_temp,

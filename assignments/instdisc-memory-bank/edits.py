@@ -4,8 +4,8 @@ keep their signatures and docstrings; their bodies are stubs."""
 FILE = 'instdisc.py'
 
 HANDOUT = [
-    ("""        f = common.all_gather_no_grad(f.float())                        # (B, 128) DDP: the global batch's features
-        indices = common.all_gather_no_grad(indices)                    # (B,)     DDP: and their image indices
+    ("""        f = common.all_gather_no_grad(f.float())                        # (B, 128) DDP: the global batch's f
+        indices = common.all_gather_no_grad(indices)                    # (B,)     DDP: and their indices
         mixed = momentum * self.memory_bank[indices] + (1 - momentum) * f  # (B, 128)
         self.memory_bank.index_copy_(0, indices, F.normalize(mixed, dim=1))
 """,

@@ -3,7 +3,7 @@ The starting point: MoCo.enqueue keeps its signature and docstring; its body is 
 FILE = 'moco.py'
 
 HANDOUT = [(
-    """        keys = common.all_gather_no_grad(keys.float())                  # (N, 128) DDP: every rank the same queue
+    """        keys = common.all_gather_no_grad(keys.float())                  # (N, 128) DDP: the same queue on all
         positions = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)  # (N,)
         self.queue.index_copy_(0, positions, keys)
         self.queue_ptr.add_(len(keys)).remainder_(len(self.queue))

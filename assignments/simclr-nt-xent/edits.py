@@ -5,8 +5,8 @@ FILE = 'simclr.py'
 HANDOUT = [(
     """    n, rank = z1.shape[0], common.get_rank()
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)            # (2n, d) anchors; unit norm: dot = cosine
-    keys = common.all_gather_with_grad(z)                           # (2N, d) DDP: every GPU's 2n views, rank-major;
-                                                                    #   gradients flow back to the GPU that made them
+    # DDP: every GPU's 2n views, rank-major; gradients flow back to the GPU that made them
+    keys = common.all_gather_with_grad(z)                           # (2N, d)
     logits = z @ keys.T / temperature                               # (2n, 2N) sim(z_i, z_k) / T
     anchor = torch.arange(2 * n, device=z.device)                   # (2n,) anchor i, local position
     self_index = rank * 2 * n + anchor                              # (2n,) where anchor i sits among the keys

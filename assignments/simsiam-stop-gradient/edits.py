@@ -5,9 +5,11 @@ FILE = 'simsiam.py'
 HANDOUT = []
 
 SOLUTION = [
-    ("""method.add_argument('--fix-pred-lr', action=argparse.BooleanOptionalAction, default=True, help='predictor lr fixed')
+    ("""method.add_argument('--fix-pred-lr', action=argparse.BooleanOptionalAction, default=True,
+                    help='predictor lr fixed')
 """,
-     """method.add_argument('--fix-pred-lr', action=argparse.BooleanOptionalAction, default=True, help='predictor lr fixed')
+     """method.add_argument('--fix-pred-lr', action=argparse.BooleanOptionalAction, default=True,
+                    help='predictor lr fixed')
 method.add_argument('--stop-gradient', action=argparse.BooleanOptionalAction, default=True,
                     help='sg(z) in the loss, Eq. (4); --no-stop-gradient lets the gradient through z as well (Fig. 2)')
 """),
@@ -23,11 +25,11 @@ method.add_argument('--stop-gradient', action=argparse.BooleanOptionalAction, de
     z = F.normalize((z.detach() if stop_gradient else z).float(), dim=1)  # (n, d) unit target, stop-gradient
 '''),
     ('''def simsiam_loss(p1, p2, z1, z2):
-    """Eq. (4): L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2: each view's prediction matches the other's z; averaged."""
+    """Eq. (4): L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2: each prediction matches the other view's z."""
     return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
 ''',
      '''def simsiam_loss(p1, p2, z1, z2, stop_gradient=True):
-    """Eq. (4): L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2: each view's prediction matches the other's z; averaged."""
+    """Eq. (4): L = D(p1, sg(z2))/2 + D(p2, sg(z1))/2: each prediction matches the other view's z."""
     return negative_cosine(p1, z2, stop_gradient) / 2 + negative_cosine(p2, z1, stop_gradient) / 2
 '''),
     ('''            loss = simsiam_loss(p1, p2, z1, z2)                       # Eq. (4), symmetrised, float32

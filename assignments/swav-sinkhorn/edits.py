@@ -21,13 +21,13 @@ method.add_argument('--sinkhorn', action=argparse.BooleanOptionalAction, default
     ("""    def compute_codes(self, z, scores, n, epsilon, iterations, fill_queue):
 """, """    def compute_codes(self, z, scores, n, epsilon, iterations, fill_queue, use_sinkhorn=True):
 """),
-    ("""            codes.append(sinkhorn(crop_scores, epsilon, iterations)[-n:])              # (n, K) the batch's codes
+    ("""            codes.append(sinkhorn(crop_scores, epsilon, iterations)[-n:])        # (n, K) the batch's codes
 """, """            if use_sinkhorn:
                 codes.append(sinkhorn(crop_scores, epsilon, iterations)[-n:])          # (n, K) the batch's codes
             else:                                                                      # each sample alone: no
                 codes.append(F.softmax(crop_scores / epsilon, dim=1)[-n:])             #   equipartition
 """),
-    ("""                                            fill_queue=epoch >= args.epoch_queue_starts)  # 2 x (n, K), no grad
+    ("""                                            fill_queue=epoch >= args.epoch_queue_starts)  # 2 x (n, K) no grad
 """, """                                            fill_queue=epoch >= args.epoch_queue_starts,  # 2 x (n, K), no grad
                                             use_sinkhorn=args.sinkhorn)
 """),
