@@ -17,7 +17,7 @@ def reference_loss(z1, z2, temperature):
     views = [v for pair in zip(z1.double(), z2.double()) for v in pair]  # interleaved, as in the paper
     def sim(a, b):
         return (a @ b) / (a.norm() * b.norm())
-    def l(i, j):
+    def l(i, j):  # noqa: E743 (the paper's name)
         denominator = sum(torch.exp(sim(views[i], views[k]) / temperature) for k in range(len(views)) if k != i)
         return -torch.log(torch.exp(sim(views[i], views[j]) / temperature) / denominator)
     return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(len(z1))) / len(views)
