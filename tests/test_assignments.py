@@ -135,6 +135,7 @@ def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
     assert missing.returncode != 0 and 'no such file' in missing.stdout, missing.stdout[-2000:]
 
 
+@pytest.mark.submissions
 @pytest.mark.parametrize('name, kind, label', submissions())
 def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
     """A wrong submission fails with its expected message, on one line; a correct one passes."""
