@@ -871,22 +871,26 @@ def is_timeout(error):
     return 'timed out' in text or 'timeout' in text
 
 
+def add_data_flags(group, required, image_size_help):
+    """--data, --data-dir, --image-size, --workers: shared by the method files and the evaluation scripts."""
+    group.add_argument('--data', required=required, default=None,
+                       help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with train/ and '
+                       'val/ (or test/)')
+    group.add_argument('--data-dir',
+                       default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
+                       help='where torchvision datasets are downloaded / looked for')
+    group.add_argument('--image-size', type=int, default=None, help=image_size_help)
+    group.add_argument('--workers', type=int, default=None,
+                       help='data-loading processes per GPU (default: CPUs / GPUs - 1, at most 16)')
+
+
 def get_args_parser(description, method):
     """The flags every method shares. The method file adds its own block and sets defaults."""
     parser = ArgumentParser(description=description.split('\n')[0], allow_abbrev=False,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(method=method)
     g = parser.add_argument_group('data')
-    g.add_argument('--data', required=True,
-                   help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with train/ and val/ '
-                   '(or test/)')
-    g.add_argument('--data-dir',
-                   default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
-                   help='where torchvision datasets are downloaded / looked for')
-    g.add_argument('--image-size', type=int, default=None,
-                   help='training crop size (default: follows the dataset)')
-    g.add_argument('--workers', type=int, default=None,
-                   help='data-loading processes per GPU (default: CPUs / GPUs - 1, at most 16)')
+    add_data_flags(g, required=True, image_size_help='training crop size (default: follows the dataset)')
     g.add_argument('--augment', default='auto', choices=('auto', 'cpu', 'device'),
                    help='where the views are made: cpu = PIL in DataLoader workers; device = images held '
                    '(or JPEGs decoded) on the training device, augmented there in batches; auto = device on '
@@ -2373,21 +2377,13 @@ def get_eval_parser(description, name):
     parser.add_argument('checkpoint', nargs='?', help='checkpoint.pth written by any method file')
     parser.add_argument('--pretrained', default=None, metavar='FILE',
                         help="instead of a checkpoint: weights released by a method's authors (DINO, "
-                             'MoCo v1/v2/v3, SimSiam, SwAV, InstDisc; see released.py), backbone settings '
-                             'read from the file')
+                             'MoCo v1/v2/v3, SimSiam, SwAV, InstDisc; see tools/released.py), backbone '
+                             'settings read from the file')
     parser.add_argument('--random-init', action='store_true',
                         help='evaluate an untrained backbone (give --data and --arch)')
     g = parser.add_argument_group('data (default: the checkpoint\'s)')
-    g.add_argument('--data', default=None,
-                   help='cifar10 | cifar100 | stl10 | procedural[:N] | path to a folder with train/ and val/ '
-                   '(or test/)')
-    g.add_argument('--data-dir',
-                   default=os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')),
-                   help='where torchvision datasets are downloaded / looked for')
-    g.add_argument('--image-size', type=int, default=None,
-                   help='evaluation crop size (default: the checkpoint\'s, else follows the dataset)')
-    g.add_argument('--workers', type=int, default=None,
-                   help='data-loading processes per GPU (default: CPUs / GPUs - 1, at most 16)')
+    add_data_flags(g, required=False, image_size_help="evaluation crop size (default: the checkpoint's, "
+                   'else follows the dataset)')
     g = parser.add_argument_group('backbone (default: the checkpoint\'s)')
     g.add_argument('--arch', default='resnet50', help='one of ' + ', '.join(ARCHS))
     g.add_argument('--width', type=int, default=64, help='ResNet base width')
