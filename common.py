@@ -949,6 +949,7 @@ def get_args_parser(description, method):
                    help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                    help='torch.compile the model')
+    add_channels_last_flag(g)
     g.add_argument('--log-every', type=int, default=50, help='steps between progress lines')
     g.add_argument('--knn-every', type=int, default=10,
                    help='epochs between kNN evaluations (0 = only at the end, -1 = never)')
@@ -1349,7 +1350,7 @@ def prepare_model(model, args, device):
         else:
             print0('  note: SyncBatchNorm needs GPUs; on CPU processes each keeps per-process BN statistics')
     model = model.to(device)
-    if device.type == 'cuda' and args.arch.startswith('resnet'):
+    if uses_channels_last(args, device):
         model = model.to(memory_format=torch.channels_last)
     raw_model = model
     # the whole method model's forward, backbone and heads: one graph per set of input shapes
@@ -1867,8 +1868,17 @@ def labelled_split(args):
     return 'labelled' if args.data == 'stl10' else 'train'
 
 
+def add_channels_last_flag(group):
+    """--channels-last, for the training and the evaluation parsers."""
+    group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                       help='ResNets in channels-last memory (default: on GPUs only; on a CPU it pays where '
+                       'oneDNN has channels-last kernels: the CPU benchmark turns it on)')
+
+
 def uses_channels_last(args, device):
-    return device.type == 'cuda' and args.arch.startswith('resnet')
+    """--channels-last: ResNets only; by default on GPUs (their convolutions are fastest in it)."""
+    chosen = getattr(args, 'channels_last', None)
+    return args.arch.startswith('resnet') and (device.type == 'cuda' if chosen is None else chosen)
 
 
 # =============================================================================
@@ -2402,6 +2412,7 @@ def get_eval_parser(description, name):
                    help='random seed (data order and augmentation: seed + rank)')
     g.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
                    help='auto = bf16 autocast on GPUs that support it, fp32 otherwise')
+    add_channels_last_flag(g)
     g.add_argument('--dist-timeout', type=float, default=1800,
                    help='seconds a collective waits for the other processes before the run stops (torchrun)')
     return parser

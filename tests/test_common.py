@@ -229,6 +229,23 @@ def test_resnet_cifar_stem_and_dims():
     assert torch.all(zero.layer1[0].bn2.weight == 0)
 
 
+def test_channels_last_is_a_choice_for_resnets_and_computes_the_same_features():
+    """--channels-last: on GPUs by default, on a CPU when asked (the CPU benchmark asks), never for a ViT."""
+    cpu, gpu = torch.device('cpu'), torch.device('cuda')
+    for chosen, arch, device, expected in [(None, 'resnet18', cpu, False), (None, 'resnet18', gpu, True),
+                                           (True, 'resnet18', cpu, True), (False, 'resnet18', gpu, False),
+                                           (True, 'vit_tiny', cpu, False), (None, 'vit_tiny', gpu, False)]:
+        args = argparse.Namespace(arch=arch, channels_last=chosen)
+        assert common.uses_channels_last(args, device) == expected, (chosen, arch, device)
+    torch.manual_seed(0)
+    net = common.build_backbone(backbone_args(width=8, cifar_stem=True)).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        plain = net(x)
+        last = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_sincos_position_embedding_values():
     pe = common.sincos_pos_embed(3, 4, 8)  # (1, 1 + 12, 8)
     assert pe.shape == (1, 13, 8) and torch.all(pe[0, 0] == 0)

@@ -128,6 +128,7 @@ CPU_BUDGET_MINUTES = 20  # of training per method on a 2-core CPU, the input pip
 CPU_SETTINGS = {  # every method; a method's row in CPU_RECIPES may replace one of these (and says why)
     '--arch': 'resnet18', '--width': '16',  # ResNet-18 with the CIFAR stem (on by itself for 32-px images), 1/4 wide
     '--batch-size': '256', '--augment': 'device', '--workers': '0', '--seed': '0', '--warmup-epochs': '0',
+    '--channels-last': None,  # a switch (value None); --speed measures it against channels-first
 }
 CPU_EPOCHS = 4  # of a method whose row in CPU_RECIPES does not say otherwise (the 2-view methods)
 CPU_THREADS = 2  # OMP_NUM_THREADS of every training and evaluation process
@@ -152,7 +153,8 @@ CPU_RECIPES = {  # method: (epochs, flags, why)
 # Speed (--speed): images/s of whole training steps, each variant's flags added to the preset's, measured side by
 # side: every round runs every variant once, in this order, so that a change in the machine's load hits all alike.
 CPU_SPEED_OPTIONS = {  # the cheap wins torch offers on a CPU, measured on SimCLR beside the preset: (flags, threads)
-    'bf16 autocast': (['--precision', 'bf16'], None), 'torch.compile': (['--compile'], None), '1 thread': ([], 1),
+    'channels-first': (['--no-channels-last'], None), 'bf16 autocast': (['--precision', 'bf16'], None),
+    'torch.compile': (['--compile'], None), '1 thread': ([], 1),
 }
 SPEED_IMAGES = 2560  # training images per speed run (10 steps of 256); 2 epochs, the second one timed
 CPU_START, CPU_END = '<!-- cpu-benchmark:start -->', '<!-- cpu-benchmark:end -->'
@@ -166,14 +168,19 @@ def epochs_of(args, method):
 
 
 def settings_flags():
-    return [item for flag, value in CPU_SETTINGS.items() for item in (flag, value)]
+    return [item for flag, value in CPU_SETTINGS.items() for item in switch_or_pair(flag, value)]
 
 
 def cpu_flags(method):
     """The flags the CPU preset gives `method`: the shared settings, then the method's row (which wins)."""
     _, flags, _ = CPU_RECIPES[method]
     merged = {**CPU_SETTINGS, **flags}
-    return [item for flag, value in merged.items() for item in (flag, *(value if isinstance(value, tuple) else (value,)))]
+    return [item for flag, value in merged.items() for item in switch_or_pair(flag, value)]
+
+
+def switch_or_pair(flag, value):
+    """A setting's words: the flag alone (a switch: value None), or the flag and its value(s)."""
+    return (flag,) if value is None else (flag, *(value if isinstance(value, tuple) else (value,)))
 
 TABLE_START, TABLE_END = '<!-- benchmark-table:start -->', '<!-- benchmark-table:end -->'
 
