@@ -44,9 +44,11 @@ line is printed); 3 nothing failed but a run is unfinished (--budget-minutes ran
 runs keep their checkpoints: the same command goes on).
 """
 import argparse
+import copy
 import datetime
 import fcntl
 import glob
+import importlib
 import json
 import os
 import platform
@@ -281,7 +283,30 @@ def parse_args(argv=None):
         args.name = f"{os.path.basename(os.path.normpath(args.data)).replace(':', '')}-{args.epochs}ep"
     if not re.fullmatch(r'[A-Za-z0-9._-]+', args.name):
         raise common.UsageError(f"--name '{args.name}' must be letters, digits, '.', '_' or '-' (it names folders)")
+    check_method_flags(args, extra)
     return args, extra
+
+
+def check_method_flags(args, extra):
+    """Each method file's own parser and range checks read its command line (the flags after `--` included)
+    before any run starts: a flag a method does not know, or a value out of its range, is refused in one line
+    that names the method, instead of failing that run after the others have started."""
+    for method in args.methods:
+        module = importlib.import_module(method)
+
+        def refuse(message, method=method, usage=True):  # usage: an argparse error (an unknown flag, a bad int)
+            raise common.UsageError(f'{method}.py refuses the flags after `--`: {message}'
+                                    + (f'; see python {method}.py --help' if usage else ''))
+
+        parser = copy.copy(module.parser)
+        parser.error = refuse
+        argv = method_command(args, extra, method)[2:]
+        try:
+            common.parse_args(parser, module.SMALL_IMAGE_PRESET, argv)
+        except common.UsageError as error:
+            if not str(error).startswith(f'{method}.py refuses'):
+                refuse(str(error), usage=False)
+            raise
 
 
 def flag_value(argv, flag, default=None):
