@@ -244,6 +244,11 @@ def test_channels_last_is_a_choice_for_resnets_and_computes_the_same_features():
         plain = net(x)
         last = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-5)
+    if not torch.cuda.is_available():  # below 8 channels PyTorch's CPU convolutions crash in channels-last
+        with pytest.raises(common.UsageError, match='--channels-last with --width 4 crashes'):
+            common.validate_backbone_args(argparse.Namespace(**{**vars(backbone_args(width=4, cifar_stem=True)),
+                                                                'channels_last': True, 'image_size': 16,
+                                                                'dist_timeout': 60.0, 'workers': 0}))
 
 
 def test_sincos_position_embedding_values():
