@@ -1,39 +1,101 @@
 """Shared helpers: run a method file as a subprocess (alone or under torchrun), run a function
 on 2 gloo processes, and the tiny settings that keep every training run to seconds on 2 CPUs."""
+import contextlib
+import importlib
+import io
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import traceback
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import sharding
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402 (after the path)
 
 # A ResNet-18 of base width 8 on 16-px crops of the procedural textures: ~0.03 s a step on 2 CPUs.
 TINY_BACKBONE = ['--arch', 'resnet18', '--width', '8', '--image-size', '16', '--workers', '0']  # eval_knn.py takes these
 TINY = TINY_BACKBONE + ['--log-every', '10']
 
 
-def run_script(script, *args, nproc=None, timeout=600, check=True):
-    """Run `python script args` (or torchrun with nproc processes); return the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1' if nproc else os.environ.get('OMP_NUM_THREADS', '2'))
-    if nproc:
-        command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-                   '--master_port', str(free_port()), os.path.join(ROOT, script)]
+IN_PROCESS = ('instdisc.py', 'simclr.py', 'moco.py', 'byol.py', 'simsiam.py', 'swav.py', 'mocov3.py', 'dino.py',
+              'eval_knn.py', 'eval_linear.py', 'tools/released.py')
+_DEFAULT_WARNINGS = warnings.filters[:]  # the interpreter's, as a script run alone has them
+
+
+def run_script(script, *args, nproc=None, timeout=600, check=True, alone=False):
+    """Run `python script args` (or torchrun with nproc processes); return a CompletedProcess. The entry points
+    (IN_PROCESS) run in this process unless `alone` (a test of the process itself: its signals, its exit,
+    its start-up): a subprocess would add only Python's and torch's start-up, seconds each time."""
+    if not nproc and not alone and script in IN_PROCESS:
+        code, out, err = run_in_process(script, args)
+        result = subprocess.CompletedProcess([script, *map(str, args)], code, out, err)
     else:
-        command = [sys.executable, os.path.join(ROOT, script)]
-    result = subprocess.run(command + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+        env = dict(os.environ, PYTHONUNBUFFERED='1',
+                   OMP_NUM_THREADS='1' if nproc else os.environ.get('OMP_NUM_THREADS', '2'))
+        if nproc:
+            command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
+                       '--master_port', str(free_port()), os.path.join(ROOT, script)]
+        else:
+            command = [sys.executable, os.path.join(ROOT, script)]
+        result = subprocess.run(command + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f'{script} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n'
                              f'stderr:\n{result.stderr[-3000:]}')
     return result
+
+
+def run_in_process(script, argv):
+    """`python script argv` in this process, as run_script's subprocess would run it: through common.run, in the
+    repository's root, with OMP_NUM_THREADS threads (2 if unset) and the interpreter's warning filters. Returns
+    (exit code, stdout, stderr); an uncaught exception gives code 1 and its traceback on stderr, as the
+    interpreter would. What run() changes for the process (signal handlers, excepthooks, the thread count)
+    and common's per-run state are put back."""
+    module = importlib.import_module(script.removesuffix('.py').replace('/', '.'))
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
+    saved = (sys.argv, sys.excepthook, threading.excepthook, {s: signal.getsignal(s) for s in signals},
+             torch.get_num_threads(), os.getcwd())
+    for state in (common.LAST_CHECKPOINT, common.STOP, common.RUNNING, common.HELD):
+        state.clear()
+    common._CREATED_OUTPUT_DIRS.clear()
+    sys.argv = [script] + [str(a) for a in argv]
+    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '2')))
+    os.chdir(ROOT)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.filters[:] = _DEFAULT_WARNINGS
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                common.run(module.main)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, sys.excepthook, threading.excepthook = saved[:3]
+        for s, handler in saved[3].items():
+            signal.signal(s, handler)
+        torch.set_num_threads(saved[4])
+        os.chdir(saved[5])
+        common.HELD.clear()
+    return code, out.getvalue(), err.getvalue()
 
 
 _UNTRAINED = {}  # kNN of the untrained TINY backbone per --seed: measured once per test session
@@ -110,3 +172,11 @@ def pytest_collection_modifyitems(config, items):
         items.reverse()
     elif order.startswith('shuffle:'):
         random.Random(int(order.split(':', 1)[1])).shuffle(items)
+
+
+def pytest_addoption(parser):
+    sharding.add_options(parser)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(sharding.Shards(config), 'ssl-shards')

@@ -12,8 +12,7 @@ import torchvision
 from PIL import Image
 
 import common
-from conftest import TINY, run_script
-from test_ranges import run_in_process
+from conftest import TINY, run_script, run_in_process
 
 FAST = ['--epochs', '1', '--batch-size', '16', '--proj-hidden-dim', '16', '--knn-every', '-1']
 

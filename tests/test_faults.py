@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 
 import common
-from conftest import ROOT, TINY, free_port, run_script
+from conftest import ROOT, TINY, free_port, run_script, run_in_process
 from test_cli import FAST, expect_error, run_ok
-from test_ranges import run_in_process
 
 
 def checkpoint_args(tmp_path):

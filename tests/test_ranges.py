@@ -1,51 +1,17 @@
 """Every numeric flag of every entry point has one declared range (common.RANGES), and a value outside it is
 one line `error: ...` with exit code 2, before anything is written. Run in this process: the scripts' start-up
 is all a subprocess would add, and these errors come before any work."""
-import contextlib
 import importlib
-import io
 import math
-import signal
-import sys
-import threading
-import traceback
 
 import pytest
 
 import common
+from conftest import run_in_process
 
 ENTRY_POINTS = ('instdisc', 'simclr', 'moco', 'byol', 'simsiam', 'swav', 'mocov3', 'dino', 'eval_knn',
                 'eval_linear')
 PROTOCOL_ONLY = ('epochs', 'lr', 'batch_size', 'stop_after_epoch')  # eval_linear: flags of --augment
-
-
-def run_in_process(script, argv):
-    """`python script argv` through common.run, in this process: (exit code, stdout, stderr). An uncaught
-    exception gives code 1 and its traceback on stderr, as the interpreter would. What run() changes for the
-    process (signal handlers, excepthooks) and common's per-run state are put back."""
-    module = importlib.import_module(script.removesuffix('.py').replace('/', '.'))
-    saved = (sys.argv, sys.excepthook, threading.excepthook,
-             {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
-    for state in (common.LAST_CHECKPOINT, common.STOP, common.RUNNING):
-        state.clear()
-    common._CREATED_OUTPUT_DIRS.clear()
-    sys.argv = [script] + [str(a) for a in argv]
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                common.run(module.main)
-                code = 0
-            except SystemExit as e:
-                code = e.code
-            except Exception:
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv, sys.excepthook, threading.excepthook = saved[:3]
-        for s, handler in saved[3].items():
-            signal.signal(s, handler)
-    return code, out.getvalue(), err.getvalue()
 
 
 def numeric_flags(parser):

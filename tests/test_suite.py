@@ -55,7 +55,7 @@ def test_no_test_reads_files_outside_the_repository():
 
 def test_unit_tests_pass_in_another_order_and_with_one_thread():
     for order in ('reverse', 'shuffle:1'):
-        env = dict(os.environ, SSL_TEST_ORDER=order, SSL_TEST_THREADS='1', OMP_NUM_THREADS='1')
+        env = dict(os.environ, SSL_TEST_ORDER=order, SSL_TEST_THREADS='1', OMP_NUM_THREADS='1', SSL_TEST_SHARDS='1')
         result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
                                  'tests/test_common.py'], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=900)
