@@ -1099,10 +1099,10 @@ def validate_backbone_args(args):
         raise UsageError('--width must be positive')
     if getattr(args, 'channels_last', None) and args.arch.startswith('resnet') and args.width < 8 \
             and not torch.cuda.is_available():
-        # torch 2.14's CPU convolutions corrupt the heap in channels-last with fewer than 8 channels (measured:
-        # --width 2 to 7 crash, on 1 thread, in the first backward pass)
-        raise UsageError(f'--channels-last with --width {args.width} crashes PyTorch\'s CPU convolutions (fewer than '
-                         '8 channels); use --width 8 or more, or --no-channels-last')
+        # torch 2.14's CPU convolutions corrupt the heap in channels-last with fewer than 8 channels
+        # (measured: --width 2 to 7 crash, on 1 thread, in the first backward pass)
+        raise UsageError(f'--channels-last with --width {args.width} crashes PyTorch\'s CPU convolutions '
+                         '(fewer than 8 channels); use --width 8 or more, or --no-channels-last')
     if args.arch.startswith('vit'):
         if args.patch_size <= 0:
             raise UsageError(f'--patch-size must be a positive number of pixels, not {args.patch_size}')
