@@ -684,7 +684,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
         top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
         logits, neighbour_labels = top_sim.double() / temperature, train_labels[top_idx]  # (c, k_max) log w
         labels = test_labels[start:start + chunk, None]
-        for k in ks:
+        for k in correct:  # each k once, even if `ks` repeats one
             votes = torch.full((len(top_sim), num_classes), -math.inf, device=top_sim.device,
                                dtype=torch.float64)
             peak = votes.scatter_reduce(1, neighbour_labels[:, :k], logits[:, :k], 'amax')  # (c, classes)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+from conftest import TINY_BACKBONE
+from test_cli import expect_error
 
 
 def knn_reference(train, train_labels, test, test_labels, num_classes, k, temperature):
@@ -114,3 +116,15 @@ def test_resume_refuses_other_data_and_names_every_changed_setting(tmp_path, cap
         torch.save({**state, **edit}, tmp_path / 'checkpoint.pth')
         with pytest.raises(common.UsageError, match='checkpoint.pth'):
             common.resume(run_args(), model=model)
+
+
+# ---- bad input that used to give a wrong result (or a traceback after an epoch): one line, nothing written
+def test_a_repeated_k_is_refused_and_never_counted_twice():
+    expect_error('eval_knn.py', '--random-init', '--data', 'procedural:64', *TINY_BACKBONE, '--k', '5', '5',
+                 match='--k 5 5 names a number of neighbours twice')
+    generator = torch.Generator().manual_seed(0)
+    train, test = (F.normalize(torch.randn(n, 8, generator=generator), dim=1) for n in (40, 20))
+    train_labels, test_labels = torch.arange(40) % 4, torch.arange(20) % 4
+    once = common.knn_accuracy(train, train_labels, test, test_labels, 4, [5], 0.1)
+    assert common.knn_accuracy(train, train_labels, test, test_labels, 4, [5, 5], 0.1) == once
+    assert once[5] == pytest.approx(knn_reference(train, train_labels, test, test_labels, 4, 5, 0.1))
