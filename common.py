@@ -1400,33 +1400,48 @@ def inspect_dataset(data, data_dir):
                          'expected train/<class>/*.jpg and val/ (or test/) alike')
     test = next((os.path.join(data, s) for s in ('val', 'test')
                  if os.path.isdir(os.path.join(data, s))), None)
-    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
-    num_train, sample = count_images(train, classes, sample=64)
+    classes = class_folders(train)
+    num_train, sample, empty = count_images(train, classes, sample=64)
     if not num_train:
         raise UsageError(f"--data '{data}': no images in {train}/<class>/ "
                          f"(expected {', '.join(IMAGE_EXTENSIONS)})")
+    if empty:  # a class without training images can never be predicted, yet its test images are scored
+        raise UsageError(f"--data '{data}': the class folder {os.path.join(train, empty[0])} holds no images "
+                         f"(expected {', '.join(IMAGE_EXTENSIONS)}); add its images or remove the folder")
     sizes = sorted(max(image_size(path)) for path in sample)  # not the first file alone: it may be an odd one
     size = sizes[(len(sizes) - 1) // 2]
     if size < 8:
         raise UsageError(f"--data '{data}': its images are {size} px (the median of {len(sizes)} sampled); "
                          'a backbone needs at least 8 px')
-    test_classes = sorted(d for d in os.listdir(test) if os.path.isdir(os.path.join(test, d))) if test else []
+    test_classes = class_folders(test) if test else []
     unknown = [c for c in test_classes if c not in classes]
     if unknown:  # each split would number its own classes: the test labels would be shifted
         raise UsageError(f"--data '{data}': {os.path.basename(test)}/ has classes that train/ lacks "
                          f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); every test class "
                          'needs training images of the same name')
-    return dict(kind='folder', num_train=num_train, num_test=count_images(test, test_classes)[0],
+    num_test = count_images(test, test_classes)[0] if test else 0
+    if test and not num_test:  # the kNN and the linear probe would score nothing (after a whole epoch)
+        raise UsageError(f"--data '{data}': the test split {os.path.basename(test)}/ has no images in its "
+                         'class folders; put the test images there, or remove the folder (training then '
+                         'runs without the kNN monitor)')
+    return dict(kind='folder', num_train=num_train, num_test=num_test,
                 num_classes=len(classes), image_size=size, image_sizes=(sizes[0], sizes[-1], len(sizes)),
                 train=train, test=test, classes=classes)
 
 
+def class_folders(root):
+    """The class folders of a split: its subfolders, but not hidden ones (.ipynb_checkpoints, .git)."""
+    return sorted(d for d in os.listdir(root)
+                  if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
+
+
 def count_images(root, classes, sample=0):
-    """(number, a sample of paths) of the image files (by extension) under root/<class>/, as ImageFolder finds
-    them: no .DS_Store or notes.txt. The sample: about `sample` files spread over the classes and over each
-    class's files. A link to a folder inside a class folder is refused: followed, `loop -> .` would count the
-    class's images again and again, `up -> ..` would give every class's images this class's label."""
-    count, paths = 0, []
+    """(number, a sample of paths, the classes without any) of the image files (by extension) under
+    root/<class>/, as ImageFolder finds them: no .DS_Store or notes.txt. The sample: about `sample` files
+    spread over the classes and over each class's files. A link to a folder inside a class folder is refused:
+    followed, `loop -> .` would count the class's images again and again, `up -> ..` would give every class's
+    images this class's label."""
+    count, paths, empty = 0, [], []
     per_class = -(-sample // max(1, len(classes)))
     for c in classes:
         files = []
@@ -1439,10 +1454,12 @@ def count_images(root, classes, sample=0):
                                  'label): remove it, or put the images themselves there')
             files += [os.path.join(folder, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
         count += len(files)
+        if not files:
+            empty.append(c)
         files.sort()
         chosen = min(per_class, len(files))
         paths += [files[i * len(files) // chosen] for i in range(chosen)]
-    return count, paths
+    return count, paths, empty
 
 
 def image_size(path):
@@ -1464,7 +1481,7 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         super().__init__(root, loader=loader, allow_empty=True)
 
     def find_classes(self, directory):
-        present = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+        present = class_folders(directory)
         return present, {c: self.train_classes.index(c) for c in present}
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')

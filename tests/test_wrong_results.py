@@ -1,6 +1,7 @@
 """Inputs that used to give a wrong result without a word: each now gives the right one, or one line."""
 import argparse
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-from conftest import TINY_BACKBONE
+from conftest import TINY, TINY_BACKBONE
 from test_cli import expect_error
 
 
@@ -119,6 +120,7 @@ def test_resume_refuses_other_data_and_names_every_changed_setting(tmp_path, cap
 
 
 # ---- bad input that used to give a wrong result (or a traceback after an epoch): one line, nothing written
+RUN = ['--data', 'procedural:64', *TINY, '--batch-size', '16', '--epochs', '1', '--knn-every', '-1']
 def test_a_repeated_k_is_refused_and_never_counted_twice():
     expect_error('eval_knn.py', '--random-init', '--data', 'procedural:64', *TINY_BACKBONE, '--k', '5', '5',
                  match='--k 5 5 names a number of neighbours twice')
@@ -128,3 +130,35 @@ def test_a_repeated_k_is_refused_and_never_counted_twice():
     once = common.knn_accuracy(train, train_labels, test, test_labels, 4, [5], 0.1)
     assert common.knn_accuracy(train, train_labels, test, test_labels, 4, [5, 5], 0.1) == once
     assert once[5] == pytest.approx(knn_reference(train, train_labels, test, test_labels, 4, 5, 0.1))
+
+
+def test_a_test_split_without_images_is_refused_before_training(tmp_path):
+    write_folder(tmp_path / 'data', [24])
+    for c in ('a', 'b'):  # val/a/ and val/b/ are there, but empty
+        for name in os.listdir(tmp_path / 'data' / 'val' / c):
+            os.remove(tmp_path / 'data' / 'val' / c / name)
+    data = ['--data', tmp_path / 'data']
+    match = 'the test split val/ has no images in its class folders'
+    expect_error('eval_knn.py', '--random-init', *data, *TINY_BACKBONE, '--k', '5', match=match)
+    expect_error('eval_linear.py', '--random-init', *data, *TINY_BACKBONE, match=match)
+    expect_error('simclr.py', *RUN, *data, '--knn-every', '1', '--output-dir', tmp_path / 'out', match=match)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_class_folders_empty_hidden_or_alone(tmp_path):
+    write_folder(tmp_path / 'data', [24])
+    hidden = tmp_path / 'data' / 'train' / '.ipynb_checkpoints'  # a notebook's: not a class
+    os.makedirs(hidden)
+    Image.new('RGB', (24, 24)).save(hidden / 'x.png')
+    info = common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))
+    assert (info['classes'], info['num_classes'], info['num_train']) == (['a', 'b'], 2, 12)
+    args = argparse.Namespace(data=str(tmp_path / 'data'), dataset_info=info)
+    assert common.base_dataset(args, 'train').classes == ['a', 'b']
+    os.makedirs(tmp_path / 'data' / 'train' / 'c')  # a class that could never be predicted
+    with pytest.raises(common.UsageError, match=r'the class folder \S+/train/c holds no images'):
+        common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))
+    for split in ('train', 'val'):  # one class: every kNN prediction is right
+        shutil.rmtree(tmp_path / 'data' / split / 'b')
+    os.rmdir(tmp_path / 'data' / 'train' / 'c')
+    expect_error('eval_knn.py', '--random-init', '--data', tmp_path / 'data', *TINY_BACKBONE, '--k', '1',
+                 match='the kNN evaluation needs at least 2 classes')
