@@ -994,8 +994,6 @@ def parse_args(parser, small_image_preset, argv=None):
                          + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in shown.items()))
     args = parser.parse_args(argv)
     check_declared_ranges(parser, args)
-    if args.output_dir == '':
-        raise UsageError("--output-dir '' names no folder; give a path (or leave the flag out for runs/...)")
     typed = explicit_flags(parser, argv)
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
     small = args.dataset_info['image_size'] <= 64
@@ -1174,6 +1172,20 @@ RANGES = dict(
 )
 
 
+# The flags that name a file or a folder, by dest. '' names neither: `if args.json:` would read it as "not
+# given", and os.path.join('', 'checkpoint.pth') writes into the current folder. check_declared_ranges refuses
+# it, in every entry point's parser.
+PATHS = ('output_dir', 'show_views', 'pretrained', 'json', 'plot', 'neighbours', 'feature_map',
+         'attention_image', 'attention_out')
+
+
+def check_path_given(path, flag):
+    """One-line error for an empty path ('' on the command line)."""
+    if path == '':
+        raise UsageError(f"{flag} '' names no {'folder' if flag.endswith('-dir') else 'file'}; give a path"
+                         + (', or leave the flag out' if flag.startswith('--') else ''))
+
+
 def in_range(value, interval):
     """Is `value` inside `interval` ('[0, 1)', ...)? nan never is."""
     low, high = (float(bound) for bound in interval[1:-1].split(','))
@@ -1183,8 +1195,11 @@ def in_range(value, interval):
 
 
 def check_declared_ranges(parser, args):
-    """One-line error for the first flag of `parser` whose value is outside its declared range (RANGES)."""
+    """One-line error for the first flag of `parser` whose value is outside its declared range (RANGES), or
+    that names a file or folder (PATHS) by an empty path."""
     for action in parser._actions:
+        if action.dest in PATHS and action.option_strings:
+            check_path_given(getattr(args, action.dest, None), action.option_strings[0])
         interval, value = RANGES.get(action.dest), getattr(args, action.dest, None)
         if interval is None or value is None or not action.option_strings:
             continue
@@ -1920,6 +1935,7 @@ def autocast(device, args):
 def check_writable_file(path, flag):
     """One-line error, before any work, when `path` cannot be written: a folder, or a place that
     refuses new files (a missing or read-only folder). Probes with a file that it removes."""
+    check_path_given(path, flag)
     if os.path.isdir(path):
         raise UsageError(f'{flag} {path} is a folder; give a file name')
     folder = os.path.dirname(os.path.abspath(path))

@@ -1,5 +1,6 @@
 """Inputs that used to give a wrong result without a word: each now gives the right one, or one line."""
 import argparse
+import importlib
 import os
 import shutil
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-from conftest import TINY, TINY_BACKBONE
+from conftest import ROOT, TINY, TINY_BACKBONE
 from test_cli import expect_error
 
 
@@ -121,6 +122,12 @@ def test_resume_refuses_other_data_and_names_every_changed_setting(tmp_path, cap
 
 # ---- bad input that used to give a wrong result (or a traceback after an epoch): one line, nothing written
 RUN = ['--data', 'procedural:64', *TINY, '--batch-size', '16', '--epochs', '1', '--knn-every', '-1']
+ENTRY_POINTS = ('instdisc', 'simclr', 'moco', 'byol', 'simsiam', 'swav', 'mocov3', 'dino', 'eval_knn',
+                'eval_linear')
+NOT_PATHS = ('data', 'data_dir', 'arch', 'recipe')  # --data '' is refused as no dataset; --data-dir may be '' in
+# SSL_DATA_DIR, and only torchvision's datasets read it
+
+
 def test_a_repeated_k_is_refused_and_never_counted_twice():
     expect_error('eval_knn.py', '--random-init', '--data', 'procedural:64', *TINY_BACKBONE, '--k', '5', '5',
                  match='--k 5 5 names a number of neighbours twice')
@@ -162,3 +169,18 @@ def test_class_folders_empty_hidden_or_alone(tmp_path):
     os.rmdir(tmp_path / 'data' / 'train' / 'c')
     expect_error('eval_knn.py', '--random-init', '--data', tmp_path / 'data', *TINY_BACKBONE, '--k', '1',
                  match='the kNN evaluation needs at least 2 classes')
+
+
+@pytest.mark.parametrize('script', ENTRY_POINTS)
+def test_every_path_flag_refuses_an_empty_path(script, tmp_path):
+    parser = importlib.import_module(script).parser
+    strings = [a for a in parser._actions if a.option_strings and a.type is None and a.nargs is None
+               and not a.choices and not isinstance(a.default, bool) and a.const is None]
+    undeclared = [a.option_strings[0] for a in strings if a.dest not in common.PATHS + NOT_PATHS]
+    assert not undeclared, f'{script}: declare {undeclared} in common.PATHS (or NOT_PATHS here)'
+    base = RUN if not script.startswith('eval') else ['--random-init', '--data', 'procedural:64', *TINY_BACKBONE]
+    flags = [a.option_strings[0] for a in strings if a.dest in common.PATHS]
+    for flag in flags:  # eval_linear.py --augment --output-dir '' wrote checkpoint.pth into the current folder
+        extra = ['--augment'] if script == 'eval_linear' and flag == '--output-dir' else []
+        expect_error(f'{script}.py', *base, *extra, flag, '', match=f"{flag} '' names no")
+    assert flags and not os.path.exists(os.path.join(ROOT, 'checkpoint.pth'))
