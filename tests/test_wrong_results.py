@@ -184,3 +184,10 @@ def test_every_path_flag_refuses_an_empty_path(script, tmp_path):
         extra = ['--augment'] if script == 'eval_linear' and flag == '--output-dir' else []
         expect_error(f'{script}.py', *base, *extra, flag, '', match=f"{flag} '' names no")
     assert flags and not os.path.exists(os.path.join(ROOT, 'checkpoint.pth'))
+
+
+def test_released_names_an_empty_out_and_a_folder(tmp_path):
+    torch.save({}, tmp_path / 'ck.pth')
+    expect_error('tools/released.py', 'export', tmp_path / 'ck.pth', '', match="OUT '' names no file; give a path")
+    expect_error('tools/released.py', 'inspect', tmp_path, match=f'{tmp_path} is a folder; give the released file')
+    expect_error('tools/released.py', 'inspect', '', match="FILE '' names no file")
