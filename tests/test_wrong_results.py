@@ -1,7 +1,9 @@
 """Inputs that used to give a wrong result without a word: each now gives the right one, or one line."""
 import argparse
 import importlib
+import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image
 import common
 from conftest import ROOT, TINY, TINY_BACKBONE
 from test_cli import expect_error
+from tools import benchmark
 
 
 def knn_reference(train, train_labels, test, test_labels, num_classes, k, temperature):
@@ -191,3 +194,23 @@ def test_released_names_an_empty_out_and_a_folder(tmp_path):
     expect_error('tools/released.py', 'export', tmp_path / 'ck.pth', '', match="OUT '' names no file; give a path")
     expect_error('tools/released.py', 'inspect', tmp_path, match=f'{tmp_path} is a folder; give the released file')
     expect_error('tools/released.py', 'inspect', '', match="FILE '' names no file")
+
+
+def test_benchmark_report_refuses_what_would_destroy_or_ignore(tmp_path):
+    results = tmp_path / 'results'
+    os.makedirs(results / 'x')
+    page, readme = tmp_path / 'results.md', tmp_path / 'README.md'
+    common_flags = ['--report', '--page', str(page), '--readme', str(readme)]
+    for argv, match in (([], f'--results {tmp_path}/nothing is not a folder'),
+                        ([], 'holds no benchmark records'),
+                        (['--readme', str(tmp_path)], f'--readme {tmp_path} is a folder'),
+                        (['--data', 'procedural:64'], '--data would be ignored'),
+                        (['--', '--lr', '1'], 'flags after -- would be ignored')):
+        where = str(tmp_path / 'nothing') if 'not a folder' in match else str(results)
+        with pytest.raises(common.UsageError, match=re.escape(match)):
+            benchmark.parse_args(common_flags + ['--results', where] + argv)
+        if match == 'holds no benchmark records':
+            (results / 'x' / 'simclr.json').write_text(json.dumps(dict(schema=benchmark.SCHEMA, name='x')))
+    args, _ = benchmark.parse_args(common_flags + ['--results', str(results), '--name', 'x'])  # records: renders
+    with pytest.raises(common.UsageError, match="holds no benchmark records named 'y'"):
+        benchmark.parse_args(common_flags + ['--results', str(results), '--name', 'y'])
