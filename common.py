@@ -1052,6 +1052,7 @@ def apply_epoch_preset(args, presets):
     vars(args).update(chosen)
     if chosen:
         args.notes.append(f'{length}-epoch preset (' + ', '.join(f'{k}={v}' for k, v in chosen.items()) + ')')
+    validate_args(args)  # the preset's values against the typed ones (e.g. --min-lr against its lr)
 
 
 def validate_args(args):
@@ -1069,6 +1070,11 @@ def validate_args(args):
         raise UsageError(f'--warmup-epochs must be >= 0, not {args.warmup_epochs}')
     if args.min_lr < 0 or not 0 <= args.momentum < 1 or not 0 <= args.drop_path < 1:
         raise UsageError('--min-lr must be >= 0, --momentum and --drop-path in [0, 1)')
+    peak = None if args.lr is None else args.lr * args.batch_size / 256  # scale_lr's; None: set by a preset
+    if peak is not None and args.min_lr > peak:  # the cosine would climb from the peak to --min-lr
+        raise UsageError(f'--min-lr {args.min_lr:g} is above the peak lr {peak:g} (--lr {args.lr:g} x '
+                         f'--batch-size {args.batch_size} / 256): the cosine schedule would climb; give '
+                         f'--min-lr {peak:g} or less')
     if args.log_every < 1:
         raise UsageError(f'--log-every must be at least 1 step, not {args.log_every}')
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -131,6 +132,12 @@ NOT_PATHS = ('data', 'data_dir', 'arch', 'recipe')  # --data '' is refused as no
 # SSL_DATA_DIR, and only torchvision's datasets read it
 
 
+def parse_as(module, argv, monkeypatch):
+    """A method file's args as its main() has them before its own checks (which read sys.argv)."""
+    monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, argv)])
+    return common.parse_args(module.parser, module.SMALL_IMAGE_PRESET)
+
+
 def test_a_repeated_k_is_refused_and_never_counted_twice():
     expect_error('eval_knn.py', '--random-init', '--data', 'procedural:64', *TINY_BACKBONE, '--k', '5', '5',
                  match='--k 5 5 names a number of neighbours twice')
@@ -214,3 +221,16 @@ def test_benchmark_report_refuses_what_would_destroy_or_ignore(tmp_path):
     args, _ = benchmark.parse_args(common_flags + ['--results', str(results), '--name', 'x'])  # records: renders
     with pytest.raises(common.UsageError, match="holds no benchmark records named 'y'"):
         benchmark.parse_args(common_flags + ['--results', str(results), '--name', 'y'])
+
+
+def test_min_lr_above_the_peak_lr_is_refused(monkeypatch):
+    # the peak is the scaled lr: 0.1 x 16 / 256 = 0.00625
+    expect_error('simclr.py', *RUN, '--lr', '0.1', '--min-lr', '0.01',
+                 match='--min-lr 0.01 is above the peak lr 0.00625 (--lr 0.1 x --batch-size 16 / 256)')
+    args = parse_as(importlib.import_module('simclr'), RUN + ['--lr', '0.1', '--min-lr', '0.006'], monkeypatch)
+    assert args.min_lr == 0.006
+    byol = importlib.import_module('byol')  # for large images BYOL's lr comes from its epoch preset
+    args = parse_as(byol, RUN, monkeypatch)
+    args.lr, args.min_lr = None, 1.0
+    with pytest.raises(common.UsageError, match=r'--min-lr 1 is above the peak lr 0.028125 \(--lr 0.45 x'):
+        common.apply_epoch_preset(args, byol.EPOCH_PRESETS)
