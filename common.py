@@ -2106,7 +2106,7 @@ def resume(args, **objects):
     if changed:
         print0(f'  resuming with settings that differ from the checkpoint\'s: {", ".join(changed)}')
     done = state.get('epoch')
-    if not isinstance(done, int) or not 0 <= done:
+    if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done:  # True is an int
         raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or '
                          'use another --output-dir')
     if done > args.epochs:

@@ -118,7 +118,8 @@ def test_resume_refuses_other_data_and_names_every_changed_setting(tmp_path, cap
     assert ('differ from the checkpoint\'s: --batch-size 32 (checkpoint: 16), --lr 0.1 (checkpoint: 0.5), '
             '--seed 7 (checkpoint: 0)\n') in out  # and nothing else: --workers, --epochs are not settings
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
-    for edit in ({'model': {'weight': state['model']['weight']}}, {'epoch': 'one'}, {'model': [1, 2]}):
+    for edit in ({'model': {'weight': state['model']['weight']}}, {'epoch': 'one'}, {'model': [1, 2]},
+                 {'epoch': True}):  # a bool is an int to isinstance
         torch.save({**state, **edit}, tmp_path / 'checkpoint.pth')
         with pytest.raises(common.UsageError, match='checkpoint.pth'):
             common.resume(run_args(), model=model)
