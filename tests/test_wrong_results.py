@@ -235,3 +235,13 @@ def test_min_lr_above_the_peak_lr_is_refused(monkeypatch):
     args.lr, args.min_lr = None, 1.0
     with pytest.raises(common.UsageError, match=r'--min-lr 1 is above the peak lr 0.028125 \(--lr 0.45 x'):
         common.apply_epoch_preset(args, byol.EPOCH_PRESETS)
+
+
+def test_moco_lr_steps_with_the_cosine_schedule_are_refused(monkeypatch):
+    expect_error('moco.py', *RUN, '--lr-steps', '50', match='--lr-steps sets the step schedule, but the lr of this '
+                 "run follows the cosine (--cos, MoCo v2's); add --no-cos")
+    moco = importlib.import_module('moco')
+    args = parse_as(moco, RUN + ['--no-cos', '--lr-steps', '1'], monkeypatch)
+    moco.apply_version(args)
+    moco.check_args(args)  # the step schedule takes them
+    assert not args.cos and args.lr_steps == [1]
