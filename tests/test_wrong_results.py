@@ -245,3 +245,9 @@ def test_moco_lr_steps_with_the_cosine_schedule_are_refused(monkeypatch):
     moco.apply_version(args)
     moco.check_args(args)  # the step schedule takes them
     assert not args.cos and args.lr_steps == [1]
+
+
+def test_dino_local_crops_no_larger_than_the_global_ones(tmp_path):
+    expect_error('dino.py', *RUN, '--local-crop-size', '24', '--output-dir', tmp_path / 'out',
+                 match='--local-crop-size 24 is larger than the global crops (--image-size 16)')
+    assert not (tmp_path / 'out').exists()
