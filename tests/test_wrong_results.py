@@ -16,7 +16,7 @@ from PIL import Image
 
 import common
 from conftest import ROOT, TINY, TINY_BACKBONE
-from test_cli import expect_error
+from test_cli import expect_error, run_ok
 from tools import benchmark
 
 
@@ -251,3 +251,14 @@ def test_dino_local_crops_no_larger_than_the_global_ones(tmp_path):
     expect_error('dino.py', *RUN, '--local-crop-size', '24', '--output-dir', tmp_path / 'out',
                  match='--local-crop-size 24 is larger than the global crops (--image-size 16)')
     assert not (tmp_path / 'out').exists()
+
+
+def test_swav_crops_follow_the_image_size_unless_typed(tmp_path, monkeypatch):
+    swav = importlib.import_module('swav')
+    args = parse_as(swav, RUN, monkeypatch)
+    swav.crops_follow_image_size(args)
+    assert args.size_crops == [16, 8]  # the preset's 32 + 16 for 32-px images, at --image-size 16
+    swav.check_crops_and_queue(args)
+    expect_error('swav.py', *RUN, '--size-crops', '32', '16', match='--size-crops 32 16: the first size')
+    run_ok('swav.py', *RUN, '--output-dir', tmp_path / 'out')  # was refused
+    assert (tmp_path / 'out' / 'checkpoint.pth').exists()
