@@ -684,7 +684,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
         top_sim, top_idx = similarity.topk(k_max, dim=1)                   # (c, k_max), sorted
         logits, neighbour_labels = top_sim.double() / temperature, train_labels[top_idx]  # (c, k_max) log w
         labels = test_labels[start:start + chunk, None]
-        for k in ks:
+        for k in correct:  # each k once, even if `ks` repeats one
             votes = torch.full((len(top_sim), num_classes), -math.inf, device=top_sim.device,
                                dtype=torch.float64)
             peak = votes.scatter_reduce(1, neighbour_labels[:, :k], logits[:, :k], 'amax')  # (c, classes)
@@ -994,8 +994,6 @@ def parse_args(parser, small_image_preset, argv=None):
                          + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in shown.items()))
     args = parser.parse_args(argv)
     check_declared_ranges(parser, args)
-    if args.output_dir == '':
-        raise UsageError("--output-dir '' names no folder; give a path (or leave the flag out for runs/...)")
     typed = explicit_flags(parser, argv)
     args.dataset_info = inspect_dataset(args.data, args.data_dir)
     small = args.dataset_info['image_size'] <= 64
@@ -1054,6 +1052,7 @@ def apply_epoch_preset(args, presets):
     vars(args).update(chosen)
     if chosen:
         args.notes.append(f'{length}-epoch preset (' + ', '.join(f'{k}={v}' for k, v in chosen.items()) + ')')
+    validate_args(args)  # the preset's values against the typed ones (e.g. --min-lr against its lr)
 
 
 def validate_args(args):
@@ -1071,6 +1070,11 @@ def validate_args(args):
         raise UsageError(f'--warmup-epochs must be >= 0, not {args.warmup_epochs}')
     if args.min_lr < 0 or not 0 <= args.momentum < 1 or not 0 <= args.drop_path < 1:
         raise UsageError('--min-lr must be >= 0, --momentum and --drop-path in [0, 1)')
+    peak = None if args.lr is None else args.lr * args.batch_size / 256  # scale_lr's; None: set by a preset
+    if peak is not None and args.min_lr > peak:  # the cosine would climb from the peak to --min-lr
+        raise UsageError(f'--min-lr {args.min_lr:g} is above the peak lr {peak:g} (--lr {args.lr:g} x '
+                         f'--batch-size {args.batch_size} / 256): the cosine schedule would climb; give '
+                         f'--min-lr {peak:g} or less')
     if args.log_every < 1:
         raise UsageError(f'--log-every must be at least 1 step, not {args.log_every}')
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
@@ -1099,10 +1103,10 @@ def validate_backbone_args(args):
         raise UsageError('--width must be positive')
     if getattr(args, 'channels_last', None) and args.arch.startswith('resnet') and args.width < 8 \
             and not torch.cuda.is_available():
-        # torch 2.14's CPU convolutions corrupt the heap in channels-last with fewer than 8 channels (measured:
-        # --width 2 to 7 crash, on 1 thread, in the first backward pass)
-        raise UsageError(f'--channels-last with --width {args.width} crashes PyTorch\'s CPU convolutions (fewer than '
-                         '8 channels); use --width 8 or more, or --no-channels-last')
+        # torch 2.14's CPU convolutions corrupt the heap in channels-last with fewer than 8 channels
+        # (measured: --width 2 to 7 crash, on 1 thread, in the first backward pass)
+        raise UsageError(f'--channels-last with --width {args.width} crashes PyTorch\'s CPU convolutions '
+                         '(fewer than 8 channels); use --width 8 or more, or --no-channels-last')
     if args.arch.startswith('vit'):
         if args.patch_size <= 0:
             raise UsageError(f'--patch-size must be a positive number of pixels, not {args.patch_size}')
@@ -1174,6 +1178,20 @@ RANGES = dict(
 )
 
 
+# The flags that name a file or a folder, by dest. '' names neither: `if args.json:` would read it as "not
+# given", and os.path.join('', 'checkpoint.pth') writes into the current folder. check_declared_ranges refuses
+# it, in every entry point's parser.
+PATHS = ('output_dir', 'show_views', 'pretrained', 'json', 'plot', 'neighbours', 'feature_map',
+         'attention_image', 'attention_out')
+
+
+def check_path_given(path, flag):
+    """One-line error for an empty path ('' on the command line)."""
+    if path == '':
+        raise UsageError(f"{flag} '' names no {'folder' if flag.endswith('-dir') else 'file'}; give a path"
+                         + (', or leave the flag out' if flag.startswith('--') else ''))
+
+
 def in_range(value, interval):
     """Is `value` inside `interval` ('[0, 1)', ...)? nan never is."""
     low, high = (float(bound) for bound in interval[1:-1].split(','))
@@ -1183,8 +1201,11 @@ def in_range(value, interval):
 
 
 def check_declared_ranges(parser, args):
-    """One-line error for the first flag of `parser` whose value is outside its declared range (RANGES)."""
+    """One-line error for the first flag of `parser` whose value is outside its declared range (RANGES), or
+    that names a file or folder (PATHS) by an empty path."""
     for action in parser._actions:
+        if action.dest in PATHS and action.option_strings:
+            check_path_given(getattr(args, action.dest, None), action.option_strings[0])
         interval, value = RANGES.get(action.dest), getattr(args, action.dest, None)
         if interval is None or value is None or not action.option_strings:
             continue
@@ -1400,33 +1421,48 @@ def inspect_dataset(data, data_dir):
                          'expected train/<class>/*.jpg and val/ (or test/) alike')
     test = next((os.path.join(data, s) for s in ('val', 'test')
                  if os.path.isdir(os.path.join(data, s))), None)
-    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
-    num_train, sample = count_images(train, classes, sample=64)
+    classes = class_folders(train)
+    num_train, sample, empty = count_images(train, classes, sample=64)
     if not num_train:
         raise UsageError(f"--data '{data}': no images in {train}/<class>/ "
                          f"(expected {', '.join(IMAGE_EXTENSIONS)})")
+    if empty:  # a class without training images can never be predicted, yet its test images are scored
+        raise UsageError(f"--data '{data}': the class folder {os.path.join(train, empty[0])} holds no images "
+                         f"(expected {', '.join(IMAGE_EXTENSIONS)}); add its images or remove the folder")
     sizes = sorted(max(image_size(path)) for path in sample)  # not the first file alone: it may be an odd one
     size = sizes[(len(sizes) - 1) // 2]
     if size < 8:
         raise UsageError(f"--data '{data}': its images are {size} px (the median of {len(sizes)} sampled); "
                          'a backbone needs at least 8 px')
-    test_classes = sorted(d for d in os.listdir(test) if os.path.isdir(os.path.join(test, d))) if test else []
+    test_classes = class_folders(test) if test else []
     unknown = [c for c in test_classes if c not in classes]
     if unknown:  # each split would number its own classes: the test labels would be shifted
         raise UsageError(f"--data '{data}': {os.path.basename(test)}/ has classes that train/ lacks "
                          f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); every test class "
                          'needs training images of the same name')
-    return dict(kind='folder', num_train=num_train, num_test=count_images(test, test_classes)[0],
+    num_test = count_images(test, test_classes)[0] if test else 0
+    if test and not num_test:  # the kNN and the linear probe would score nothing (after a whole epoch)
+        raise UsageError(f"--data '{data}': the test split {os.path.basename(test)}/ has no images in its "
+                         'class folders; put the test images there, or remove the folder (training then '
+                         'runs without the kNN monitor)')
+    return dict(kind='folder', num_train=num_train, num_test=num_test,
                 num_classes=len(classes), image_size=size, image_sizes=(sizes[0], sizes[-1], len(sizes)),
                 train=train, test=test, classes=classes)
 
 
+def class_folders(root):
+    """The class folders of a split: its subfolders, but not hidden ones (.ipynb_checkpoints, .git)."""
+    return sorted(d for d in os.listdir(root)
+                  if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
+
+
 def count_images(root, classes, sample=0):
-    """(number, a sample of paths) of the image files (by extension) under root/<class>/, as ImageFolder finds
-    them: no .DS_Store or notes.txt. The sample: about `sample` files spread over the classes and over each
-    class's files. A link to a folder inside a class folder is refused: followed, `loop -> .` would count the
-    class's images again and again, `up -> ..` would give every class's images this class's label."""
-    count, paths = 0, []
+    """(number, a sample of paths, the classes without any) of the image files (by extension) under
+    root/<class>/, as ImageFolder finds them: no .DS_Store or notes.txt. The sample: about `sample` files
+    spread over the classes and over each class's files. A link to a folder inside a class folder is refused:
+    followed, `loop -> .` would count the class's images again and again, `up -> ..` would give every class's
+    images this class's label."""
+    count, paths, empty = 0, [], []
     per_class = -(-sample // max(1, len(classes)))
     for c in classes:
         files = []
@@ -1439,10 +1475,12 @@ def count_images(root, classes, sample=0):
                                  'label): remove it, or put the images themselves there')
             files += [os.path.join(folder, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
         count += len(files)
+        if not files:
+            empty.append(c)
         files.sort()
         chosen = min(per_class, len(files))
         paths += [files[i * len(files) // chosen] for i in range(chosen)]
-    return count, paths
+    return count, paths, empty
 
 
 def image_size(path):
@@ -1464,7 +1502,7 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         super().__init__(root, loader=loader, allow_empty=True)
 
     def find_classes(self, directory):
-        present = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+        present = class_folders(directory)
         return present, {c: self.train_classes.index(c) for c in present}
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -1903,6 +1941,7 @@ def autocast(device, args):
 def check_writable_file(path, flag):
     """One-line error, before any work, when `path` cannot be written: a folder, or a place that
     refuses new files (a missing or read-only folder). Probes with a file that it removes."""
+    check_path_given(path, flag)
     if os.path.isdir(path):
         raise UsageError(f'{flag} {path} is a folder; give a file name')
     folder = os.path.dirname(os.path.abspath(path))
@@ -2067,7 +2106,7 @@ def resume(args, **objects):
     if changed:
         print0(f'  resuming with settings that differ from the checkpoint\'s: {", ".join(changed)}')
     done = state.get('epoch')
-    if not isinstance(done, int) or not 0 <= done:
+    if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done:  # True is an int
         raise UsageError(f'{path} is not a checkpoint of this project (its epoch is {done!r}); delete it or '
                          'use another --output-dir')
     if done > args.epochs:

@@ -211,6 +211,10 @@ def teacher_temperature_schedule(args):
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
     common.apply_arch_preset(parser, args, ARCH_PRESETS, SMALL_IMAGE_PRESET)  # ViT or ResNet recipe, printed
+    if args.num_local_crops and args.local_crop_size > args.image_size:  # local crops are the small views
+        raise common.UsageError(f'--local-crop-size {args.local_crop_size} is larger than the global crops '
+                                f'(--image-size {args.image_size}); use --local-crop-size '
+                                f'{args.image_size} or less')
     common.check_crops(args, [args.image_size] + [args.local_crop_size] * (args.num_local_crops > 0),
                        [args.global_scale, args.local_scale])
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir

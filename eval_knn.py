@@ -228,6 +228,12 @@ def draw_pictures(args, state, features, eval_loaders, device):
 
 def main():
     args, state = common.parse_eval_args(parser, load_released=released.load)  # ranges: common.RANGES
+    if len(set(args.k)) < len(args.k):  # each k is scored once: a repeated one would count its hits twice
+        raise common.UsageError(f'--k {" ".join(map(str, args.k))} names a number of neighbours twice; '
+                                'name each once')
+    if args.dataset_info['num_classes'] < 2:
+        raise common.UsageError(f"--data {args.data} has {args.dataset_info['num_classes']} class: the kNN "
+                                'evaluation needs at least 2 classes (with one, every prediction is right)')
     if args.json:
         common.check_writable_file(args.json, '--json')
     if args.attention_image:

@@ -31,6 +31,7 @@ Run:
 import argparse
 import copy
 import os
+import sys
 from collections import OrderedDict
 
 import torch
@@ -268,7 +269,12 @@ def main():
 
 # ---- input checks, called at the start of main(): a one-line error before anything is written
 def check_args(args):
-    """The queue holds a whole number of steps' keys; split BN divides the batch (one device)."""
+    """The queue holds a whole number of steps' keys; split BN divides the batch (one device); --lr-steps only
+    with the step schedule."""
+    if args.cos and 'lr_steps' in common.explicit_flags(parser, sys.argv[1:]):  # the cosine would ignore them
+        raise common.UsageError(f'--lr-steps sets the step schedule, but the lr of this run follows the '
+                                f'cosine (--cos, MoCo {args.moco_version}\'s); add --no-cos to multiply the '
+                                f'lr by 0.1 at --lr-steps {" ".join(map(str, args.lr_steps))}')
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     if args.queue_size <= 0 or args.queue_size % keys_per_step:
         symmetric = ' x 2, --symmetric' if args.symmetric else ''

@@ -32,6 +32,8 @@ Run:
       swav.py --data /imagenet                                 # 4 nodes x 8 GPUs, the same command on each
 """
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -186,6 +188,7 @@ def swapped_prediction_loss(scores, codes, temperature):
 # -----------------------------------------------------------------------------
 def main():
     args = common.parse_args(parser, SMALL_IMAGE_PRESET)
+    crops_follow_image_size(args)  # --size-crops not typed: the recipe's crops scaled to --image-size
     check_crops_and_queue(args)  # bad input refused before anything is written (the checks: end of the file)
     device, rank, world_size, is_main = common.setup(args)  # torchrun / one process, seed, output dir
 
@@ -252,6 +255,18 @@ def main():
 
 
 # ---- input checks, called at the start of main(): a one-line error before anything is written
+def crops_follow_image_size(args):
+    """--size-crops not typed: the recipe's crop sizes (the preset's 32 + 16, the paper's 224 + 96) follow
+    --image-size: the global crop at the image size, each local one in the recipe's ratio (--image-size 16 on
+    32-px images: 16 + 8); noted. Typed sizes are the user's, checked as they are."""
+    if 'size_crops' in common.explicit_flags(parser, sys.argv[1:]) or args.size_crops[0] == args.image_size:
+        return
+    ratio = args.image_size / args.size_crops[0]
+    args.size_crops = [args.image_size] + [max(min(8, args.image_size), round(size * ratio))
+                                           for size in args.size_crops[1:]]
+    args.notes.append(f"size_crops={args.size_crops} (the recipe's crops at --image-size {args.image_size})")
+
+
 def check_crops_and_queue(args):
     """Bad input, refused before anything is written: crop lists that do not match, scales outside
     (0, 1], a queue that is not a whole number of global batches."""

@@ -1,6 +1,11 @@
 """Inputs that used to give a wrong result without a word: each now gives the right one, or one line."""
 import argparse
+import importlib
+import json
 import os
+import re
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+from conftest import ROOT, TINY, TINY_BACKBONE
+from test_cli import expect_error, run_ok
+from tools import benchmark
 
 
 def knn_reference(train, train_labels, test, test_labels, num_classes, k, temperature):
@@ -110,7 +118,147 @@ def test_resume_refuses_other_data_and_names_every_changed_setting(tmp_path, cap
     assert ('differ from the checkpoint\'s: --batch-size 32 (checkpoint: 16), --lr 0.1 (checkpoint: 0.5), '
             '--seed 7 (checkpoint: 0)\n') in out  # and nothing else: --workers, --epochs are not settings
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
-    for edit in ({'model': {'weight': state['model']['weight']}}, {'epoch': 'one'}, {'model': [1, 2]}):
+    for edit in ({'model': {'weight': state['model']['weight']}}, {'epoch': 'one'}, {'model': [1, 2]},
+                 {'epoch': True}):  # a bool is an int to isinstance
         torch.save({**state, **edit}, tmp_path / 'checkpoint.pth')
         with pytest.raises(common.UsageError, match='checkpoint.pth'):
             common.resume(run_args(), model=model)
+
+
+# ---- bad input that used to give a wrong result (or a traceback after an epoch): one line, nothing written
+RUN = ['--data', 'procedural:64', *TINY, '--batch-size', '16', '--epochs', '1', '--knn-every', '-1']
+ENTRY_POINTS = ('instdisc', 'simclr', 'moco', 'byol', 'simsiam', 'swav', 'mocov3', 'dino', 'eval_knn',
+                'eval_linear')
+NOT_PATHS = ('data', 'data_dir', 'arch', 'recipe')  # --data '' is refused as no dataset; --data-dir may be '' in
+# SSL_DATA_DIR, and only torchvision's datasets read it
+
+
+def parse_as(module, argv, monkeypatch):
+    """A method file's args as its main() has them before its own checks (which read sys.argv)."""
+    monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, argv)])
+    return common.parse_args(module.parser, module.SMALL_IMAGE_PRESET)
+
+
+def test_a_repeated_k_is_refused_and_never_counted_twice():
+    expect_error('eval_knn.py', '--random-init', '--data', 'procedural:64', *TINY_BACKBONE, '--k', '5', '5',
+                 match='--k 5 5 names a number of neighbours twice')
+    generator = torch.Generator().manual_seed(0)
+    train, test = (F.normalize(torch.randn(n, 8, generator=generator), dim=1) for n in (40, 20))
+    train_labels, test_labels = torch.arange(40) % 4, torch.arange(20) % 4
+    once = common.knn_accuracy(train, train_labels, test, test_labels, 4, [5], 0.1)
+    assert common.knn_accuracy(train, train_labels, test, test_labels, 4, [5, 5], 0.1) == once
+    assert once[5] == pytest.approx(knn_reference(train, train_labels, test, test_labels, 4, 5, 0.1))
+
+
+def test_a_test_split_without_images_is_refused_before_training(tmp_path):
+    write_folder(tmp_path / 'data', [24])
+    for c in ('a', 'b'):  # val/a/ and val/b/ are there, but empty
+        for name in os.listdir(tmp_path / 'data' / 'val' / c):
+            os.remove(tmp_path / 'data' / 'val' / c / name)
+    data = ['--data', tmp_path / 'data']
+    match = 'the test split val/ has no images in its class folders'
+    expect_error('eval_knn.py', '--random-init', *data, *TINY_BACKBONE, '--k', '5', match=match)
+    expect_error('eval_linear.py', '--random-init', *data, *TINY_BACKBONE, match=match)
+    expect_error('simclr.py', *RUN, *data, '--knn-every', '1', '--output-dir', tmp_path / 'out', match=match)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_class_folders_empty_hidden_or_alone(tmp_path):
+    write_folder(tmp_path / 'data', [24])
+    hidden = tmp_path / 'data' / 'train' / '.ipynb_checkpoints'  # a notebook's: not a class
+    os.makedirs(hidden)
+    Image.new('RGB', (24, 24)).save(hidden / 'x.png')
+    info = common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))
+    assert (info['classes'], info['num_classes'], info['num_train']) == (['a', 'b'], 2, 12)
+    args = argparse.Namespace(data=str(tmp_path / 'data'), dataset_info=info)
+    assert common.base_dataset(args, 'train').classes == ['a', 'b']
+    os.makedirs(tmp_path / 'data' / 'train' / 'c')  # a class that could never be predicted
+    with pytest.raises(common.UsageError, match=r'the class folder \S+/train/c holds no images'):
+        common.inspect_dataset(str(tmp_path / 'data'), str(tmp_path))
+    for split in ('train', 'val'):  # one class: every kNN prediction is right
+        shutil.rmtree(tmp_path / 'data' / split / 'b')
+    os.rmdir(tmp_path / 'data' / 'train' / 'c')
+    expect_error('eval_knn.py', '--random-init', '--data', tmp_path / 'data', *TINY_BACKBONE, '--k', '1',
+                 match='the kNN evaluation needs at least 2 classes')
+
+
+@pytest.mark.parametrize('script', ENTRY_POINTS)
+def test_every_path_flag_refuses_an_empty_path(script, tmp_path):
+    parser = importlib.import_module(script).parser
+    strings = [a for a in parser._actions if a.option_strings and a.type is None and a.nargs is None
+               and not a.choices and not isinstance(a.default, bool) and a.const is None]
+    undeclared = [a.option_strings[0] for a in strings if a.dest not in common.PATHS + NOT_PATHS]
+    assert not undeclared, f'{script}: declare {undeclared} in common.PATHS (or NOT_PATHS here)'
+    base = RUN if not script.startswith('eval') else ['--random-init', '--data', 'procedural:64', *TINY_BACKBONE]
+    flags = [a.option_strings[0] for a in strings if a.dest in common.PATHS]
+    for flag in flags:  # eval_linear.py --augment --output-dir '' wrote checkpoint.pth into the current folder
+        extra = ['--augment'] if script == 'eval_linear' and flag == '--output-dir' else []
+        expect_error(f'{script}.py', *base, *extra, flag, '', match=f"{flag} '' names no")
+    assert flags and not os.path.exists(os.path.join(ROOT, 'checkpoint.pth'))
+
+
+def test_released_names_an_empty_out_and_a_folder(tmp_path):
+    torch.save({}, tmp_path / 'ck.pth')
+    expect_error('tools/released.py', 'export', tmp_path / 'ck.pth', '', match="OUT '' names no file; give a path")
+    expect_error('tools/released.py', 'inspect', tmp_path, match=f'{tmp_path} is a folder; give the released file')
+    expect_error('tools/released.py', 'inspect', '', match="FILE '' names no file")
+
+
+def test_benchmark_report_refuses_what_would_destroy_or_ignore(tmp_path):
+    results = tmp_path / 'results'
+    os.makedirs(results / 'x')
+    page, readme = tmp_path / 'results.md', tmp_path / 'README.md'
+    common_flags = ['--report', '--page', str(page), '--readme', str(readme)]
+    for argv, match in (([], f'--results {tmp_path}/nothing is not a folder'),
+                        ([], 'holds no benchmark records'),
+                        (['--readme', str(tmp_path)], f'--readme {tmp_path} is a folder'),
+                        (['--data', 'procedural:64'], '--data would be ignored'),
+                        (['--', '--lr', '1'], 'flags after -- would be ignored')):
+        where = str(tmp_path / 'nothing') if 'not a folder' in match else str(results)
+        with pytest.raises(common.UsageError, match=re.escape(match)):
+            benchmark.parse_args(common_flags + ['--results', where] + argv)
+        if match == 'holds no benchmark records':
+            (results / 'x' / 'simclr.json').write_text(json.dumps(dict(schema=benchmark.SCHEMA, name='x')))
+    args, _ = benchmark.parse_args(common_flags + ['--results', str(results), '--name', 'x'])  # records: renders
+    with pytest.raises(common.UsageError, match="holds no benchmark records named 'y'"):
+        benchmark.parse_args(common_flags + ['--results', str(results), '--name', 'y'])
+
+
+def test_min_lr_above_the_peak_lr_is_refused(monkeypatch):
+    # the peak is the scaled lr: 0.1 x 16 / 256 = 0.00625
+    expect_error('simclr.py', *RUN, '--lr', '0.1', '--min-lr', '0.01',
+                 match='--min-lr 0.01 is above the peak lr 0.00625 (--lr 0.1 x --batch-size 16 / 256)')
+    args = parse_as(importlib.import_module('simclr'), RUN + ['--lr', '0.1', '--min-lr', '0.006'], monkeypatch)
+    assert args.min_lr == 0.006
+    byol = importlib.import_module('byol')  # for large images BYOL's lr comes from its epoch preset
+    args = parse_as(byol, RUN, monkeypatch)
+    args.lr, args.min_lr = None, 1.0
+    with pytest.raises(common.UsageError, match=r'--min-lr 1 is above the peak lr 0.028125 \(--lr 0.45 x'):
+        common.apply_epoch_preset(args, byol.EPOCH_PRESETS)
+
+
+def test_moco_lr_steps_with_the_cosine_schedule_are_refused(monkeypatch):
+    expect_error('moco.py', *RUN, '--lr-steps', '50', match='--lr-steps sets the step schedule, but the lr of this '
+                 "run follows the cosine (--cos, MoCo v2's); add --no-cos")
+    moco = importlib.import_module('moco')
+    args = parse_as(moco, RUN + ['--no-cos', '--lr-steps', '1'], monkeypatch)
+    moco.apply_version(args)
+    moco.check_args(args)  # the step schedule takes them
+    assert not args.cos and args.lr_steps == [1]
+
+
+def test_dino_local_crops_no_larger_than_the_global_ones(tmp_path):
+    expect_error('dino.py', *RUN, '--local-crop-size', '24', '--output-dir', tmp_path / 'out',
+                 match='--local-crop-size 24 is larger than the global crops (--image-size 16)')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_swav_crops_follow_the_image_size_unless_typed(tmp_path, monkeypatch):
+    swav = importlib.import_module('swav')
+    args = parse_as(swav, RUN, monkeypatch)
+    swav.crops_follow_image_size(args)
+    assert args.size_crops == [16, 8]  # the preset's 32 + 16 for 32-px images, at --image-size 16
+    swav.check_crops_and_queue(args)
+    expect_error('swav.py', *RUN, '--size-crops', '32', '16', match='--size-crops 32 16: the first size')
+    run_ok('swav.py', *RUN, '--output-dir', tmp_path / 'out')  # was refused
+    assert (tmp_path / 'out' / 'checkpoint.pth').exists()

@@ -238,9 +238,11 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index('--') + 1:] if '--' in argv else []
     argv = argv[:argv.index('--')] if '--' in argv else argv
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
     cpu = args.preset == 'cpu'
     if args.report:
+        check_report_args(parser, args, argv, extra)
         return args, extra
     args.method_epochs = {m: CPU_RECIPES[m][0] for m in METHODS} if cpu and args.epochs is None else {}
     args.epochs = args.epochs if args.epochs is not None else CPU_EPOCHS if cpu else 200
@@ -285,6 +287,28 @@ def parse_args(argv=None):
         raise common.UsageError(f"--name '{args.name}' must be letters, digits, '.', '_' or '-' (it names folders)")
     check_method_flags(args, extra)
     return args, extra
+
+
+def check_report_args(parser, args, argv, extra):
+    """--report reads --results (and --name) and rewrites --page and --readme: a training flag would be ignored,
+    and a --results without records would render empty tables over the rows already there."""
+    training = next(group for group in parser._action_groups if group.title == 'training')
+    typed = common.explicit_flags(parser, argv)
+    ignored = [a.option_strings[0] for a in training._group_actions if a.dest in typed and a.dest not in
+               ('results', 'name')] + (['flags after --'] if extra else [])
+    if ignored:
+        raise common.UsageError(f'--report renders the records and trains nothing: {ignored[0]} would be ignored; '
+                                'drop it (or run the benchmark without --report)')
+    for flag, path in (('--page', args.page), ('--readme', args.readme)):
+        if os.path.isdir(path):
+            raise common.UsageError(f'{flag} {path} is a folder; give the Markdown file to rewrite')
+    if not os.path.isdir(args.results):
+        raise common.UsageError(f'--results {args.results} is not a folder; give the folder that holds the '
+                                'records (RESULTS/NAME/METHOD.json)')
+    if not any(args.name in (None, r['name']) for r in load_records(args.results)):
+        raise common.UsageError(f'--results {args.results} holds no benchmark records'
+                                + (f" named '{args.name}'" if args.name else '')
+                                + '; rendering would empty the tables: give the folder the benchmark wrote')
 
 
 def check_method_flags(args, extra):

@@ -81,6 +81,8 @@ def read(path):
     names them. Files in PyTorch's legacy format (before 1.6) that pickle a whole nn.Module, as InstDisc's does
     with its memory bank (lemniscate's `lib.NCEAverage.NCEAverage`), weights-only mode refuses outright; those
     are read with RestrictedUnpickler, which hands out only what weights-only mode allows."""
+    if os.path.isdir(path):
+        raise common.UsageError(f'{path} is a folder; give the released file in it (e.g. a .pth)')
     if not os.path.isfile(path):
         raise common.UsageError(f'no file at {path}')
     stand_ins = []
@@ -425,6 +427,9 @@ def main(argv=None):
     out.add_argument('checkpoint', help='checkpoint.pth written by any method file of this project')
     out.add_argument('out', help='the file to write (.pth)')
     args = parser.parse_args(argv)
+    for name in ('file', 'checkpoint', 'out'):  # '' would be read as the current folder
+        if name in vars(args):
+            common.check_path_given(getattr(args, name), name.upper())
     if args.command == 'inspect':
         state = load(args.file)
         for note in state['notes']:
