@@ -65,15 +65,26 @@ def git_apply(root, patch):
     assert result.returncode == 0, f'git apply {patch}: {result.stderr}'
 
 
-def run_checker(root, name, *options, env=None):
-    """`python -m pytest assignments/<name> -x` in root, as a teacher or a student types it."""
-    env = dict(os.environ if env is None else env, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
-    return subprocess.run([sys.executable, '-m', 'pytest', os.path.join('assignments', name), '-x', *options],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+@pytest.fixture
+def run_checker(pytester):
+    """run_checker(root, name, *options, env=None): `pytest assignments/<name> -x` in root, as a teacher or a student
+    types it (env: the variables it is typed with); a CompletedProcess. It runs in this process (pytester puts
+    sys.modules and sys.path back after it), which spares each grading Python's and torch's start-up; the
+    checker's own training runs are subprocesses as always."""
+    def run(root, name, *options, env=None):
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in (env or {}).items():
+                patch.setenv(key, str(value))
+            patch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', '2'))
+            patch.chdir(root)
+            result = pytester.runpytest_inprocess(os.path.join(root, 'assignments', name), '-x', '--rootdir', root,
+                                                  '-c', os.path.join(root, 'pytest.ini'), *options)
+        return subprocess.CompletedProcess(name, int(result.ret), str(result.stdout), str(result.stderr))
+    return run
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_checker_fails_on_the_starting_point_and_passes_on_the_solution(name, tmp_path):
+def test_checker_fails_on_the_starting_point_and_passes_on_the_solution(name, tmp_path, run_checker):
     root = copy_repository(tmp_path / 'clone')
     handout = os.path.join(ASSIGNMENTS, name, 'handout.patch')
     if os.path.exists(handout):
@@ -111,7 +122,7 @@ def test_every_method_file_has_an_assignment_with_readme_checker_and_solution():
         assert len([f for f in files if f.startswith('test_') and f.endswith('.py')]) == 1, name
 
 
-def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
+def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path, run_checker):
     root = copy_repository(tmp_path / 'teacher')  # the reference files stay as they are
     student = copy_repository(tmp_path / 'student')
     # a clone holds the repository's tests/conftest.py, which pytest loads when it reads PATH as a path
@@ -129,7 +140,7 @@ def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
     for options in (['--submission', student], [f'--submission={student}']):  # a clone: its simclr.py
         solved = run_checker(root, 'simclr-nt-xent', *options, '-k', 'equation')
         assert solved.returncode == 0 and '5 passed' in solved.stdout, (options, solved.stdout[-3000:])
-    solved = run_checker(root, 'simclr-nt-xent', env=dict(os.environ, SUBMISSION=student))  # every check
+    solved = run_checker(root, 'simclr-nt-xent', env={'SUBMISSION': student})  # every check
     assert solved.returncode == 0, solved.stdout[-3000:] + solved.stderr[-2000:]
     missing = run_checker(root, 'simclr-nt-xent', '--submission', str(tmp_path / 'nowhere.py'))
     assert missing.returncode != 0 and 'no such file' in missing.stdout, missing.stdout[-2000:]
@@ -137,7 +148,7 @@ def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path):
 
 @pytest.mark.submissions
 @pytest.mark.parametrize('name, kind, label', submissions())
-def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path):
+def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path, run_checker):
     """A wrong submission fails with its expected message, on one line; a correct one passes."""
     make_patches = load(None, 'make_patches.py')
     file, _, _, solution = make_patches.versions(name)
