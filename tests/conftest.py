@@ -157,15 +157,18 @@ def _threads():
 
 
 SLOW = ('learns', 'torchrun', 'two_processes', 'across_two', 'across_ranks', 'on_both_ranks', 'another_order')
+SLOW_FIXTURES = {'straight', 'cpu_run'}  # tests/test_benchmark.py's benchmark runs of several methods
 
 
 def pytest_collection_modifyitems(config, items):
     """Marks `slow` the tests that train for hundreds of steps (the learning tests), start processes under
-    torchrun, or rerun other tests (SLOW names them by their names), so `pytest -m "not slow and not
+    torchrun, run the benchmark runner on several methods, or rerun other tests (SLOW names them by their names,
+    SLOW_FIXTURES by the fixtures they use), so `pytest -m "not slow and not
     assignments"` is the quick subset. SSL_TEST_ORDER=reverse or shuffle:SEED reorders the collected tests
     (tests/test_suite.py uses it to check that no test depends on another having run first)."""
     for item in items:
-        if any(word in item.name for word in SLOW):
+        if any(word in item.name for word in SLOW) or SLOW_FIXTURES & set(getattr(item, 'fixturenames', ())) \
+                or 'speed_runs' in item.name:
             item.add_marker(pytest.mark.slow)
     order = os.environ.get('SSL_TEST_ORDER', '')
     if order == 'reverse':
