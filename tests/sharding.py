@@ -1,14 +1,12 @@
-"""One `pytest`, two processes: the selected tests are split into shards of about equal time (from
-tests/durations.json, measured), this process runs the first and starts `pytest --shard 2/2` for the
-other, then prints that one's report after its own and fails if either failed.
+"""`pytest --shards 2`: the selected tests split into shards of about equal time (from tests/durations.json,
+measured), this process runs the first and starts `pytest --shard 2/2` for the other, then prints that one's
+report after its own and fails if either failed. Tests that share a module-scoped fixture of their own stay in
+one shard (it is computed once). Every test sees the thread count it would see alone (2 unless
+OMP_NUM_THREADS / SSL_TEST_THREADS say otherwise), so every result is the one a single process gives; on a
+2-core machine that means 4 threads on 2 cores, which costs more than it gains (measured: see the commit that
+made one shard the default), so one process is the default.
 
-On a 2-core machine the suite's tests keep about one core busy (small models, Python, process start-up),
-so two shards take about half the wall-clock. Tests that share a module-scoped fixture of their own stay
-in one shard (it is computed once). Every test sees the thread count it would see alone, so every result
-is the one a single process gives.
-
-  pytest                      two shards where there are 2 or more cores (SSL_TEST_SHARDS or --shards N sets N)
-  pytest --shards 1           one process
+  pytest                      one process (SSL_TEST_SHARDS=N or --shards N: N processes)
   pytest --record-durations   rewrite tests/durations.json from this run (on a quiet machine)
 """
 import argparse
@@ -28,16 +26,15 @@ MIN_SECONDS = 60.0  # a selection expected to take less runs in one process (a c
 def add_options(parser):
     group = parser.getgroup('shards', 'running the selected tests in several processes (tests/sharding.py)')
     group.addoption('--shards', type=int, default=None,
-                    help='processes the selected tests are split over; default: $SSL_TEST_SHARDS, else 2 on a '
-                         'machine with 2 or more cores; 1: this process runs them all')
+                    help='processes the selected tests are split over; default: $SSL_TEST_SHARDS, else 1 (this '
+                         'process runs them all)')
     group.addoption('--shard', default=None, help=argparse.SUPPRESS)  # 'I/N': the child running shard I of N
     group.addoption('--record-durations', action='store_true',
                     help='write every test\'s duration (setup + call + teardown) into tests/durations.json')
 
 
 def shard_count(config):
-    count = config.getoption('--shards') or int(os.environ.get('SSL_TEST_SHARDS', '0') or 0) or \
-        (2 if (os.cpu_count() or 1) >= 2 else 1)
+    count = config.getoption('--shards') or int(os.environ.get('SSL_TEST_SHARDS', '0') or 0) or 1
     if count < 1:
         raise pytest.UsageError(f'--shards must be at least 1, not {count}')
     return count

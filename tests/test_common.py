@@ -18,7 +18,9 @@ def backbone_args(**kw):
     return argparse.Namespace(**{**defaults, **kw})
 
 
-def test_apply_epoch_preset_picks_the_row_and_keeps_set_flags():
+def test_apply_epoch_preset_picks_the_row_and_keeps_set_flags(monkeypatch):
+    validated = []  # the preset's values are checked again, as typed ones are (e.g. --min-lr against the lr)
+    monkeypatch.setattr(common, 'validate_args', lambda args: validated.append(dict(vars(args))))
     presets = {100: dict(lr=0.45, tau_base=0.99), 300: dict(lr=0.3, tau_base=0.99), 1000: dict(lr=0.2, tau_base=0.996)}
     for epochs, lr, tau_base in ((50, 0.45, 0.99), (100, 0.45, 0.99), (200, 0.3, 0.99), (1000, 0.2, 0.996),
                                  (2000, 0.2, 0.996)):
@@ -28,6 +30,7 @@ def test_apply_epoch_preset_picks_the_row_and_keeps_set_flags():
     args = argparse.Namespace(epochs=200, lr=1.5, tau_base=None, notes=[])  # a typed / preset flag wins
     common.apply_epoch_preset(args, presets)
     assert (args.lr, args.tau_base) == (1.5, 0.99) and args.notes == ['300-epoch preset (tau_base=0.99)']
+    assert len(validated) == 6 and validated[-1]['lr'] == 1.5 and validated[-1]['tau_base'] == 0.99
 
 
 # ---- distributed collectives -------------------------------------------------
