@@ -715,12 +715,12 @@ def knn_monitor(backbone, eval_loaders, device, args):
     convention, for comparison): a dict to log, {} if there is no test split."""
     if eval_loaders is None:
         return {}
-    start = time.time()
+    start = active_time()
     features = extract_train_test_features(backbone, eval_loaders, device, args)
     k20 = min(20, len(features[0]))
     results = knn_accuracy(*features, args.dataset_info['num_classes'], sorted({args.knn_k, k20}), args.knn_t)
     top1, top5 = results[args.knn_k]
-    seconds = time.time() - start
+    seconds = active_time() - start
     print0(f'  kNN (k={args.knn_k}, T={args.knn_t}): top-1 {top1:.2f}  top-5 {top5:.2f}  ({seconds:.0f} s)')
     return dict(knn_top1=top1, knn_top5=top5, knn_top1_k20=results[k20][0], knn_seconds=seconds)
 
@@ -749,6 +749,22 @@ def _raise_interrupted(signum, frame):
     raise Interrupted() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+PAUSED = {'seconds': 0.0}  # how long this process was stopped by Ctrl-Z (SIGTSTP) so far
+
+
+def _pause(signum, frame):
+    """Ctrl-Z (SIGTSTP): stop as the default action does; when continued (fg, SIGCONT), count the stopped time."""
+    stopped = time.time()
+    os.kill(os.getpid(), signal.SIGSTOP)
+    PAUSED['seconds'] += time.time() - stopped
+
+
+def active_time():
+    """time.time() less the time this process was stopped by Ctrl-Z (SIGTSTP): the epoch and kNN timings use it,
+    so a run paused to free the machine (`kill -TSTP PID`, later `kill -CONT PID`) still records its own speed."""
+    return time.time() - PAUSED['seconds']
+
+
 def check_stop():
     """Raise again the stop a signal asked for: its first exception can be swallowed where Python ignores
     exceptions (a DataLoader iterator's __del__ at an epoch's end prints "Exception ignored" and goes on)."""
@@ -771,6 +787,8 @@ def run(main):
     # not when the caller chose to ignore Ctrl-C
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _raise_interrupted)
+    if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
+        signal.signal(signal.SIGTSTP, _pause)
     try:
         main()
         check_stop()  # a stop signal whose exception was swallowed in the last step
@@ -1691,7 +1709,7 @@ class Loader:
             dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=sampler.drop_last,
             pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None, worker_init_fn=quiet_worker if workers > 0 else None)
-        self.epoch_started = time.time()
+        self.epoch_started = active_time()
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
@@ -1708,7 +1726,7 @@ class Loader:
 
     def epoch(self, epoch):
         self.sampler.set_epoch(epoch)
-        self.epoch_started = time.time()  # MetricLogger times the epoch from here
+        self.epoch_started = active_time()  # MetricLogger times the epoch from here
         self.epoch_cpu_started = process_cpu_seconds()
         for views, labels, indices in self.loader:
             check_stop()
@@ -2234,7 +2252,7 @@ class MetricLogger:
             return
         loss_value = loss.item()
         self.check_finite(float(self.loss_sum), epoch, step)
-        now = time.time()
+        now = active_time()
         images_per_s = (done - self.tic_step) * self.args.batch_size / max(now - self.tic, 1e-9)
         self.tic, self.tic_step = now, done
         eta = (self.total_steps - done) * self.args.batch_size / max(images_per_s, 1e-9)
@@ -2252,7 +2270,7 @@ class MetricLogger:
         sum."""
         mean = float(self.loss_sum) / max(1, self.count)
         self.check_finite(mean, epoch, None)
-        seconds = time.time() - self.loader.epoch_started
+        seconds = active_time() - self.loader.epoch_started
         cpu_seconds = process_cpu_seconds() - getattr(self.loader, 'epoch_cpu_started', 0.0)
         self.train_seconds += seconds
         self.log(epoch=epoch + 1, epoch_loss=mean, epoch_seconds=seconds, train_seconds=self.train_seconds,
@@ -2723,7 +2741,7 @@ class DeviceLoader:
 
     def __init__(self, source, views, sampler, device, seed, channels_last=False):
         self.source, self.views, self.sampler, self.device, self.seed = source, views, sampler, device, seed
-        self.channels_last, self.epoch_started = channels_last, time.time()
+        self.channels_last, self.epoch_started = channels_last, active_time()
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
@@ -2740,7 +2758,7 @@ class DeviceLoader:
 
     def epoch(self, epoch):
         self.sampler.set_epoch(epoch)
-        self.epoch_started = time.time()  # MetricLogger times the epoch from here
+        self.epoch_started = active_time()  # MetricLogger times the epoch from here
         self.epoch_cpu_started = process_cpu_seconds()
         for groups, indices, on_device, heights, widths, labels in self.source.batches(self.sampler):
             check_stop()

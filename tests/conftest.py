@@ -65,7 +65,7 @@ def run_in_process(script, argv):
     interpreter would. What run() changes for the process (signal handlers, excepthooks, the thread count)
     and common's per-run state are put back."""
     module = importlib.import_module(script.removesuffix('.py').replace('/', '.'))
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGTSTP)
     saved = (sys.argv, sys.excepthook, threading.excepthook, {s: signal.getsignal(s) for s in signals},
              torch.get_num_threads(), os.getcwd())
     for state in (common.LAST_CHECKPOINT, common.STOP, common.RUNNING, common.HELD):

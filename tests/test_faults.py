@@ -136,6 +136,30 @@ def wait_for(predicate, timeout=120):
     return False
 
 
+def test_ctrl_z_stops_the_process_and_its_stopped_time_is_not_counted(tmp_path):
+    """SIGTSTP stops a run as the default action would; the time until SIGCONT stays out of common.active_time,
+    the clock of the epoch and kNN timings."""
+    code = ("import os, signal, sys, time, common\n"
+            "signal.signal(signal.SIGTSTP, common._pause)\n"
+            "wall, active = time.time(), common.active_time()\n"
+            "print('ready', flush=True)\n"
+            "while common.PAUSED['seconds'] == 0 and time.time() - wall < 30: time.sleep(0.01)\n"
+            "print(round(time.time() - wall, 2), round(common.active_time() - active, 2), flush=True)\n")
+    child = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == 'ready\n'
+    child.send_signal(signal.SIGTSTP)
+    for _ in range(500):  # until it is stopped: state T in /proc/PID/stat
+        with open(f'/proc/{child.pid}/stat') as f:
+            if f.read().rsplit(')', 1)[1].split()[0] == 'T':
+                break
+        time.sleep(0.01)
+    time.sleep(1.5)
+    child.send_signal(signal.SIGCONT)
+    wall, active = map(float, child.stdout.readline().split())
+    assert child.wait(timeout=30) == 0
+    assert wall >= 1.5 and active < wall - 1.4, (wall, active)
+
+
 @pytest.mark.parametrize('sig, code, name', [(signal.SIGINT, 130, 'Ctrl-C'), (signal.SIGTERM, 143, 'SIGTERM')])
 def test_interrupt_says_where_the_last_checkpoint_is(tmp_path, sig, code, name):
     process = start_training(tmp_path, '--workers', '1')  # with a loader worker: it must stop quietly too
