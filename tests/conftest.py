@@ -1,18 +1,12 @@
 """Shared helpers: run a method file as a subprocess (alone or under torchrun), run a function
 on 2 gloo processes, and the tiny settings that keep every training run to seconds on 2 CPUs."""
-import contextlib
 import importlib
-import io
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import traceback
-import warnings
 
 import pytest
 import torch
@@ -32,7 +26,6 @@ TINY = TINY_BACKBONE + ['--log-every', '10']
 
 IN_PROCESS = ('instdisc.py', 'simclr.py', 'moco.py', 'byol.py', 'simsiam.py', 'swav.py', 'mocov3.py', 'dino.py',
               'eval_knn.py', 'eval_linear.py', 'tools/released.py')
-_DEFAULT_WARNINGS = warnings.filters[:]  # the interpreter's, as a script run alone has them
 
 
 def run_script(script, *args, nproc=None, timeout=600, check=True, alone=False):
@@ -59,43 +52,10 @@ def run_script(script, *args, nproc=None, timeout=600, check=True, alone=False):
 
 
 def run_in_process(script, argv):
-    """`python script argv` in this process, as run_script's subprocess would run it: through common.run, in the
-    repository's root, with OMP_NUM_THREADS threads (2 if unset) and the interpreter's warning filters. Returns
-    (exit code, stdout, stderr); an uncaught exception gives code 1 and its traceback on stderr, as the
-    interpreter would. What run() changes for the process (signal handlers, excepthooks, the thread count)
-    and common's per-run state are put back."""
+    """`python script argv` in this process, as run_script's subprocess would run it (common.run_in_process: in
+    the repository's root, with OMP_NUM_THREADS threads, 2 if unset). Returns (exit code, stdout, stderr)."""
     module = importlib.import_module(script.removesuffix('.py').replace('/', '.'))
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGTSTP)
-    saved = (sys.argv, sys.excepthook, threading.excepthook, {s: signal.getsignal(s) for s in signals},
-             torch.get_num_threads(), os.getcwd())
-    for state in (common.LAST_CHECKPOINT, common.STOP, common.RUNNING, common.HELD):
-        state.clear()
-    common._CREATED_OUTPUT_DIRS.clear()
-    sys.argv = [script] + [str(a) for a in argv]
-    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '2')))
-    os.chdir(ROOT)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            warnings.filters[:] = _DEFAULT_WARNINGS
-            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
-                warnings.formatwarning(message, category, filename, lineno, line))
-            try:
-                common.run(module.main)
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except Exception:
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv, sys.excepthook, threading.excepthook = saved[:3]
-        for s, handler in saved[3].items():
-            signal.signal(s, handler)
-        torch.set_num_threads(saved[4])
-        os.chdir(saved[5])
-        common.HELD.clear()
-    return code, out.getvalue(), err.getvalue()
+    return common.run_in_process(module.main, [script, *argv], ROOT, int(os.environ.get('OMP_NUM_THREADS', '2')))
 
 
 _UNTRAINED = {}  # kNN of the untrained TINY backbone per --seed: measured once per test session

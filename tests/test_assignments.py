@@ -6,6 +6,7 @@ skips them): each runs a checker twice, tens of seconds."""
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,13 +70,14 @@ def git_apply(root, patch):
 def run_checker(pytester):
     """run_checker(root, name, *options, env=None): `pytest assignments/<name> -x` in root, as a teacher or a student
     types it (env: the variables it is typed with); a CompletedProcess. It runs in this process (pytester puts
-    sys.modules and sys.path back after it), which spares each grading Python's and torch's start-up; the
-    checker's own training runs are subprocesses as always."""
+    sys.modules and sys.path back after it), and so do the checker's own training runs (SSL_GRADE_IN_PROCESS),
+    which spares each of them Python's and torch's start-up."""
     def run(root, name, *options, env=None):
         with pytest.MonkeyPatch.context() as patch:
             for key, value in (env or {}).items():
                 patch.setenv(key, str(value))
             patch.setenv('OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', '2'))
+            patch.setenv('SSL_GRADE_IN_PROCESS', '1')  # the checkers' training runs too (grading.Submission.run)
             patch.chdir(root)
             result = pytester.runpytest_inprocess(os.path.join(root, 'assignments', name), '-x', '--rootdir', root,
                                                   '-c', os.path.join(root, 'pytest.ini'), *options)
@@ -147,6 +149,7 @@ def test_a_submission_is_graded_from_a_file_or_from_a_clone(tmp_path, run_checke
 
 
 @pytest.mark.submissions
+@pytest.mark.assignments
 @pytest.mark.parametrize('name, kind, label', submissions())
 def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path, run_checker):
     """A wrong submission fails with its expected message, on one line; a correct one passes."""
@@ -168,7 +171,8 @@ def test_checker_on_the_submissions_kept_beside_it(name, kind, label, tmp_path, 
     report = result.stdout[result.stdout.index(section):result.stdout.index('short test summary')]
     said, captured = [], False  # the failure's own lines, not the output pytest captured beside it
     for line in report.splitlines():
-        header = line.startswith(('___', '= ', '===')) or line.startswith('---') and ' Captured ' in line
+        header = (re.match(r'_+ \S.* _+$', line) or line.startswith(('= ', '===')) or line.startswith('---')
+                  and ' Captured ' in line)  # a long test's name has only '__' either side
         captured = line.startswith('---') and ' Captured ' in line or (captured and not line.startswith('___'))
         if line.strip() and not header and not captured:
             said.append(line)
@@ -197,3 +201,25 @@ def test_plot_draws_each_runs_measure_and_refuses_bad_input_with_one_line(tmp_pa
     assert refused.returncode == 2 and refused.stderr.startswith('error: ')
     assert len(refused.stderr.splitlines()) == 1
     assert 'teacher_entropy' in refused.stderr and not os.path.exists(tmp_path / 'no.png')
+
+
+def test_payoff_runs_are_the_learning_tests_and_the_readmes_show_their_records():
+    """assignments/payoff.py: each "write the method" assignment's payoff run trains with the settings of its
+    method's learning test (whose margins are measured over seeds and thread counts); each README's block is
+    the one its records give, and the records show the features beating the untrained network."""
+    import importlib
+    from conftest import LEARN
+    payoff = load(None, 'payoff.py')
+    records = payoff.read_records()
+    for name, (script, flags, _) in payoff.RUNS.items():
+        learning = importlib.import_module('test_' + script.removesuffix('.py')).LEARNING
+        expected = [f for i, f in enumerate(LEARN) if '--log-every' not in LEARN[max(i - 1, 0):i + 1]]
+        assert payoff.COMMON + flags == expected + learning, name
+        path = os.path.join(ASSIGNMENTS, name, 'README.md')
+        text = open(path).read()
+        assert payoff.rendered(text, name, records) == text, f'{path}: run python assignments/payoff.py --report'
+        mine = [r for r in records if r['assignment'] == name and r['commands']['train'][1:] ==
+                payoff.commands(name, r['seed'], 'run')[0][1][1:]]
+        assert any(r['seed'] == 0 for r in mine), f'{name}: no record of seed 0 with the current flags'
+        for r in mine:
+            assert r['knn_trained'] > r['knn_untrained'] + 10 and r['probe_trained'] > r['probe_untrained'] + 5, r
