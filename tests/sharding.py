@@ -1,12 +1,16 @@
-"""`pytest --shards 2`: the selected tests split into shards of about equal time (from tests/durations.json,
-measured), this process runs the first and starts `pytest --shard 2/2` for the other, then prints that one's
-report after its own and fails if either failed. Tests that share a module-scoped fixture of their own stay in
-one shard (it is computed once). Every test sees the thread count it would see alone (2 unless
-OMP_NUM_THREADS / SSL_TEST_THREADS say otherwise), so every result is the one a single process gives; on a
-2-core machine that means 4 threads on 2 cores, which costs more than it gains (measured: see the commit that
-made one shard the default), so one process is the default.
+"""The suite in several processes: on a machine with at least 2 cores, `pytest` splits the selected tests into
+shards of about equal time (from tests/durations.json, measured), runs the first in this process and starts
+`pytest --shard I/N` for each other, then prints their reports after its own and fails if any failed. Tests that
+share a module-scoped fixture of their own stay in one shard (it is computed once).
 
-  pytest                      one process (SSL_TEST_SHARDS=N or --shards N: N processes)
+Every shard runs with one thread (SSL_TEST_THREADS=1, OMP_NUM_THREADS=1): the suite's networks are so small that
+two threads make a step barely faster than one, so two one-thread shards take about half the time of one
+two-thread process, where two two-thread shards on 2 cores oversubscribe them (OpenMP barriers: 6-15x slower
+learning runs, measured). One process keeps 2 threads, as before. The learning tests' margins are measured at
+both thread counts (results/cpu-learning/records.jsonl, tests/test_suite.py checks it).
+
+  pytest                      2 shards of 1 thread (1 process of 2 threads on a 1-core machine)
+  pytest --shards 1           one process, 2 threads (SSL_TEST_SHARDS=N or --shards N: N one-thread shards)
   pytest --record-durations   rewrite tests/durations.json from this run (on a quiet machine)
 """
 import argparse
@@ -26,15 +30,20 @@ MIN_SECONDS = 60.0  # a selection expected to take less runs in one process (a c
 def add_options(parser):
     group = parser.getgroup('shards', 'running the selected tests in several processes (tests/sharding.py)')
     group.addoption('--shards', type=int, default=None,
-                    help='processes the selected tests are split over; default: $SSL_TEST_SHARDS, else 1 (this '
-                         'process runs them all)')
+                    help='one-thread processes the selected tests are split over; default: $SSL_TEST_SHARDS, else 2 on a '
+                         'machine of 2 or more cores (1: this process runs them all, with 2 threads)')
     group.addoption('--shard', default=None, help=argparse.SUPPRESS)  # 'I/N': the child running shard I of N
     group.addoption('--record-durations', action='store_true',
                     help='write every test\'s duration (setup + call + teardown) into tests/durations.json')
 
 
+def cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def shard_count(config):
-    count = config.getoption('--shards') or int(os.environ.get('SSL_TEST_SHARDS', '0') or 0) or 1
+    count = (config.getoption('--shards') or int(os.environ.get('SSL_TEST_SHARDS', '0') or 0)
+             or (2 if cores() >= 2 else 1))
     if count < 1:
         raise pytest.UsageError(f'--shards must be at least 1, not {count}')
     return count
@@ -59,7 +68,8 @@ def groups(items, durations):
         key = item.nodeid.split('::')[0] if shared else item.nodeid
         by_key.setdefault(key, []).append(item)
     def seconds(item):
-        return durations.get(item.nodeid, UNKNOWN_SLOW if item.get_closest_marker('slow') else UNKNOWN)
+        slow = item.get_closest_marker('slow') or item.get_closest_marker('assignments')
+        return durations.get(item.nodeid, UNKNOWN_SLOW if slow else UNKNOWN)
     return [(sum(seconds(i) for i in members), members) for members in by_key.values()]
 
 
@@ -86,7 +96,7 @@ class Shards:
     @pytest.hookimpl(trylast=True)  # after -m / -k have deselected and conftest has marked and reordered
     def pytest_collection_modifyitems(self, config, items):
         given = config.getoption('--shard')
-        if given:  # a child: its share only
+        if given:  # a child (started with one thread): its share only
             index, count = (int(x) for x in given.split('/'))
             items[:] = assign(items, count, read_durations())[index - 1][1]
             return
@@ -97,6 +107,7 @@ class Shards:
         if sum(seconds for seconds, _ in shards) < MIN_SECONDS or sum(1 for _, m in shards if m) < 2:
             return
         items[:] = shards[0][1]
+        os.environ.update(SSL_TEST_THREADS='1', OMP_NUM_THREADS='1')  # this process's tests and the children
         record = config.getoption('--record-durations')
         argv = [a for a in config.invocation_params.args if a != '--record-durations']
         for index in range(2, count + 1):

@@ -148,11 +148,7 @@ def test_ctrl_z_stops_the_process_and_its_stopped_time_is_not_counted(tmp_path):
     child = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline() == 'ready\n'
     child.send_signal(signal.SIGTSTP)
-    for _ in range(500):  # until it is stopped: state T in /proc/PID/stat
-        with open(f'/proc/{child.pid}/stat') as f:
-            if f.read().rsplit(')', 1)[1].split()[0] == 'T':
-                break
-        time.sleep(0.01)
+    assert wait_for(lambda: _state(child.pid) == 'T', timeout=30)
     time.sleep(1.5)
     child.send_signal(signal.SIGCONT)
     wall, active = map(float, child.stdout.readline().split())
@@ -182,15 +178,27 @@ def test_a_stuck_process_under_torchrun_times_out_with_one_line(tmp_path):
     try:
         assert wait_for(lambda: 'epoch 1/50 step 10/' in open(tmp_path / 'stdout').read()), open(tmp_path / 'stderr').read()
         ranks = [pid for pid in os.listdir('/proc') if pid.isdigit() and _is_rank(pid, '1')]
-        assert len(ranks) == 1
+        first = [pid for pid in os.listdir('/proc') if pid.isdigit() and _is_rank(pid, '0')]
+        assert len(ranks) == 1 and len(first) == 1
         os.kill(int(ranks[0]), signal.SIGSTOP)  # rank 1 stops answering
-        assert process.wait(timeout=120) != 0
+        # rank 0 says so and exits; torchrun itself then waits ~30 s for the stopped rank to take its SIGTERM
+        assert wait_for(lambda: not _is_rank(first[0], '0') or _state(first[0]) == 'Z', timeout=120)
+        assert wait_for(lambda: 'error: ' in open(tmp_path / 'stderr').read(), timeout=10)
     finally:
         for pid in [pid for pid in os.listdir('/proc') if pid.isdigit() and _is_rank(pid, '1')]:
             os.kill(int(pid), signal.SIGKILL)
         process.kill()
     errors = [line for line in open(tmp_path / 'stderr').read().splitlines() if line.startswith('error: ')]
     assert errors and 'a collective operation timed out in ' in errors[0] and 'another process is stuck or gone' in errors[0]
+
+
+def _state(pid):
+    """The state letter of /proc/pid (R, S, T, Z, ...), or '' if it is gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return ''
 
 
 def _is_rank(pid, rank):
