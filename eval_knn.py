@@ -16,6 +16,10 @@ Run:
   python eval_knn.py runs/dino-cifar10-vit_tiny/checkpoint.pth --attention-image img.jpg \
       --attention-out maps.png
 
+Did training help? `--compare-random-init` also scores the same network untrained (the one the checkpoint's
+run started from: same architecture and seed), row by row beside the checkpoint's:
+  python eval_knn.py CKPT --temperature 0.1 --compare-random-init
+
 Pictures (docs/gallery.md), drawn from the features the kNN uses, next to the evaluation:
   python eval_knn.py CKPT --neighbours neighbours.png --compare-random-init   # test images, their top-k
   python eval_knn.py CKPT --feature-map map.png --compare-random-init         # PCA map, class similarities
@@ -50,9 +54,9 @@ pictures.add_argument('--queries', type=int, default=8,
 pictures.add_argument('--feature-map', default=None, metavar='PNG',
                       help='draw the test features projected on their first 2 principal components, coloured '
                            "by class, and the classes' mean cosine similarity matrix")
-pictures.add_argument('--compare-random-init', action='store_true',
-                      help='draw the same pictures for the untrained network of the same seed (the one the '
-                           "checkpoint's run started from), below")
+evaluation.add_argument('--compare-random-init', action='store_true',
+                        help='also score the untrained network of the same seed (the one the checkpoint\'s '
+                             'run started from), and draw its pictures below')
 
 
 # -----------------------------------------------------------------------------
@@ -66,9 +70,6 @@ def check_picture_args(args):
     if (args.neighbours or args.feature_map) and args.attention_image:
         raise common.UsageError('--attention-image draws instead of evaluating; run --neighbours / '
                                 '--feature-map in another command')
-    if args.compare_random_init and not (args.neighbours or args.feature_map):
-        raise common.UsageError('--compare-random-init adds a row to --neighbours or --feature-map; '
-                                'give one of them')
     if args.compare_random_init and args.random_init:
         raise common.UsageError('--compare-random-init compares a checkpoint with its untrained network; '
                                 'with --random-init there is no checkpoint: drop one of the two')
@@ -184,22 +185,19 @@ def plot_feature_map(blocks, names, path):
     plt.close(fig)
 
 
-def draw_pictures(args, state, features, eval_loaders, device):
-    """--neighbours and --feature-map, from the features of the kNN (and, with --compare-random-init, those
-    of the untrained network of the same seed). Returns what the JSON record keeps of them."""
-    name = f"{state['method']} epoch {state['epoch']}" if state else 'random-init'
-    networks = [(name, features)]
-    if args.compare_random_init:
-        untrained = common.load_untrained_backbone(args, state, device)
-        networks.append(('untrained (same seed)',
-                         common.extract_train_test_features(untrained, eval_loaders, device, args)))
+def draw_pictures(args, networks, eval_loaders):
+    """--neighbours and --feature-map, from the kNN's features of each of `networks` ([(title, features)]: the
+    checkpoint's and, with --compare-random-init, the untrained network's). Returns what the JSON record keeps
+    of them."""
+    if not (args.neighbours or args.feature_map):
+        return {}
     num_classes = args.dataset_info['num_classes']
     train_base = common.base_dataset(args, common.labelled_split(args))
     test_base = common.base_dataset(args, 'test')
     names = common.class_names(args, train_base)
     record = {}
     if args.neighbours:
-        queries = query_indices(len(features[2]), args.queries, args.seed)
+        queries = query_indices(len(networks[0][1][2]), args.queries, args.seed)
         blocks = []
         for title, (train_x, train_y, test_x, test_y) in networks:
             similarities, indices = nearest_neighbours(train_x, test_x, queries, args.neighbours_k)
@@ -276,15 +274,29 @@ def main():
 
     features = common.extract_train_test_features(backbone, eval_loaders, device, args)
     results = common.knn_accuracy(*features, args.dataset_info['num_classes'], args.k, args.temperature)
+    networks = [(f"{state['method']} epoch {state['epoch']}" if state else 'random-init', features)]
+    untrained_results = {}
+    if args.compare_random_init:
+        untrained = common.load_untrained_backbone(args, state, device)
+        networks.append(('untrained (same seed)',
+                         common.extract_train_test_features(untrained, eval_loaders, device, args)))
+        untrained_results = common.knn_accuracy(*networks[1][1], args.dataset_info['num_classes'], args.k,
+                                                args.temperature)
     for k, (top1, top5) in results.items():
-        common.print0(f'kNN k={k:<4d} T={args.temperature}: top-1 {top1:6.2f}  top-5 {top5:6.2f}')
-    pictures_record = draw_pictures(args, state, features, eval_loaders, device)
+        beside = ''
+        if untrained_results:
+            top1_0, top5_0 = untrained_results[k]
+            beside = (f'   untrained (same seed): top-1 {top1_0:6.2f}  top-5 {top5_0:6.2f}   '
+                      f'gain {top1 - top1_0:+6.2f}')
+        common.print0(f'kNN k={k:<4d} T={args.temperature}: top-1 {top1:6.2f}  top-5 {top5:6.2f}{beside}')
+    pictures_record = draw_pictures(args, networks, eval_loaders)
     if args.json and is_main:
+        scored = lambda found: {str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in found.items()}  # noqa: E731
         common.write_json(args.json, dict(**pictures_record,
             checkpoint=args.checkpoint, method=state['method'] if state else 'random-init',
             epoch=state['epoch'] if state else 0, data=args.data, arch=args.arch, image_size=args.image_size,
-            temperature=args.temperature,
-            results={str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in results.items()}))
+            temperature=args.temperature, results=scored(results),
+            **(dict(untrained_results=scored(untrained_results)) if untrained_results else {})))
 
 
 if __name__ == '__main__':

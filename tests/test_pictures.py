@@ -154,6 +154,12 @@ def test_neighbours_are_a_brute_force_cosine_search_and_the_rate_is_the_labels(t
         same = (train_y.numpy()[indices] == test_y.numpy()[queries][:, None]).mean() * 100
         assert block['same_class_percent'] == pytest.approx(same)
         assert f"{block['network']}: {same:.1f}% of the 5 nearest" in result.stdout
+    # the untrained network's kNN beside the checkpoint's, from the same features
+    train_x, train_y, test_x, test_y = references[1]
+    untrained = common.knn_accuracy(torch.nn.functional.normalize(train_x, dim=1), train_y,
+                                    torch.nn.functional.normalize(test_x, dim=1), test_y, 10, [20], 0.07)[20]
+    assert json.load(open(record))['untrained_results']['20']['top1'] == pytest.approx(untrained[0])
+    assert f'untrained (same seed): top-1 {untrained[0]:6.2f}' in result.stdout
     width, height = Image.open(picture).size
     import eval_knn
     inches = eval_knn.neighbours_figsize(12, 5)
