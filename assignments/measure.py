@@ -21,11 +21,13 @@ REPO = os.path.dirname(HERE)
 
 
 def solution_copy(name, root):
-    """Copy the repository's *.py files and assignments/ into root; apply handout.patch, then solution.patch."""
+    """Copy the repository's *.py files, assignments/ and tools/ into root; apply handout.patch, then solution.patch."""
     for file in os.listdir(REPO):
         if file.endswith('.py'):
             shutil.copy(os.path.join(REPO, file), root)
-    shutil.copytree(HERE, os.path.join(root, 'assignments'), ignore=shutil.ignore_patterns('__pycache__'))
+    for folder in (HERE, os.path.join(REPO, 'tools')):  # tools/: eval_knn.py and eval_linear.py import it
+        shutil.copytree(folder, os.path.join(root, os.path.basename(folder)),
+                        ignore=shutil.ignore_patterns('__pycache__'))
     for patch in ('handout.patch', 'solution.patch'):
         path = os.path.join(HERE, name, patch)
         if os.path.exists(path):
