@@ -874,6 +874,10 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# How the test suite and the checkers start their 2-process (gloo) checks: forked from the process that has
+# torch imported already where that is safe (Linux), spawned elsewhere (macOS, Windows).
+WORKER_START_METHOD = 'fork' if sys.platform.startswith('linux') else 'spawn'
+
 _INTERPRETER_WARNINGS = warnings.filters[:]  # as a script run alone has them (a test runner changes them)
 
 

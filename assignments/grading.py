@@ -181,11 +181,11 @@ def _worker(rank, world_size, port, fn, args, out_dir):
 
 def run_distributed(fn, *args, tmp_path, world_size=2):
     """fn(rank, world_size, *args) on `world_size` gloo processes; returns their results by rank.
-    fn must be a module-level function of the checker (it is pickled to the processes). What a process
-    raises fails the test with one line."""
+    fn must be a module-level function of the checker (pickled to the processes where they are spawned; on
+    Linux they are forked, common.WORKER_START_METHOD). What a process raises fails the test with one line."""
     try:
-        mp.spawn(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size,
-                 join=True)
+        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size,
+                           join=True, start_method=common.WORKER_START_METHOD)
     except mp.ProcessRaisedException as error:
         fail(one_line(error))
     except mp.ProcessExitedException as error:

@@ -103,8 +103,11 @@ def _worker(rank, world_size, port, fn, args, out_dir):
 
 def run_distributed(fn, *args, world_size=2, tmp_path):
     """Run fn(rank, world_size, *args) on `world_size` gloo processes; return their results by rank.
-    fn must be a module-level function (it is pickled to the workers)."""
-    mp.spawn(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size, join=True)
+    fn must be a module-level function (pickled to the workers where they are spawned). On Linux the workers
+    are forked from this process, which has imported torch already: a test takes under a second instead of
+    the ~4 s of two fresh interpreters' start-up."""
+    mp.start_processes(_worker, args=(world_size, free_port(), fn, args, str(tmp_path)), nprocs=world_size, join=True,
+                       start_method=common.WORKER_START_METHOD)
     return [torch.load(os.path.join(tmp_path, f'rank{r}.pt'), weights_only=False) for r in range(world_size)]
 
 
