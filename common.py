@@ -1252,7 +1252,7 @@ RANGES = dict(
 # given", and os.path.join('', 'checkpoint.pth') writes into the current folder. check_declared_ranges refuses
 # it, in every entry point's parser.
 PATHS = ('output_dir', 'show_views', 'pretrained', 'json', 'plot', 'neighbours', 'feature_map',
-         'attention_image', 'attention_out')
+         'attention_image', 'attention_out', 'data_dir')
 
 
 def check_path_given(path, flag):
@@ -1287,6 +1287,13 @@ def check_declared_ranges(parser, args):
             listed = isinstance(value, (list, tuple))
             which = f'{flag} {" ".join(map(str, values))}: value {n + 1} ({v})' if listed else f'{flag} {v}'
             raise UsageError(f'{which} is outside {i}; see --help for what it sets')
+        if action.dest in INCREASING and list(value) != sorted(set(value)):
+            increasing = ' '.join(map(str, sorted(set(value))))
+            raise UsageError(f'{action.option_strings[0]} {" ".join(map(str, value))}: give increasing '
+                             f'epochs, e.g. {increasing} (each is a step of the schedule)')
+
+
+INCREASING = ('lr_steps',)  # milestone lists: a step schedule counts the milestones already passed
 
 
 def apply_arch_preset(parser, args, presets, small_image_preset, argv=None):

@@ -190,6 +190,9 @@ def check_curve_args(args):
         if value != 'all' and not (value.isdigit() and int(value) > 0):
             raise common.UsageError(f"--labels-per-class takes whole numbers >= 1 and 'all', not '{value}'")
         counts.append(value if value == 'all' else int(value))
+    if len(set(counts)) < len(counts):  # each point is fitted once: say so rather than merge them silently
+        raise common.UsageError(f'--labels-per-class {" ".join(args.labels_per_class)} names a count twice; '
+                                'name each once')
     args.labels_per_class = sorted(set(counts), key=lambda n: math.inf if n == 'all' else n)
     if args.plot:
         common.check_writable_file(args.plot, '--plot')
@@ -459,6 +462,9 @@ def main():
         common.check_writable_file(args.json, '--json')
     if args.augment:
         check_resume_source(args)
+    if args.dataset_info['num_classes'] < 2:
+        raise common.UsageError(f"--data {args.data} has {args.dataset_info['num_classes']} class: a linear "
+                                'probe needs at least 2 classes (with one, every prediction is right)')
     device, rank, world_size, is_main = common.setup(args)
     backbone = common.load_eval_backbone(args, state, device)
     features = ProbeFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens)

@@ -32,6 +32,7 @@ Run:
       swav.py --data /imagenet                                 # 4 nodes x 8 GPUs, the same command on each
 """
 
+import math
 import sys
 
 import torch
@@ -293,6 +294,12 @@ def check_crops_and_queue(args):
                                 f'--batch-size {args.batch_size}; use e.g. '
                                 f'{max(1, round(args.queue_length / args.batch_size)) * args.batch_size} '
                                 'or 0 (no queue)')
+    steps = args.dataset_info['num_train'] // args.batch_size  # per epoch, each storing the global batch
+    filled = max(0, math.ceil(args.epochs - args.epoch_queue_starts)) * steps * args.batch_size
+    if args.queue_length > filled:  # the queue is used once full (the authors' use_the_queue)
+        common.print0(f'  note: --queue-length {args.queue_length} is more than the {filled} embeddings '
+                      f'this run stores from epoch {args.epoch_queue_starts:g} on: the queue never fills, so '
+                      'it is never used (it still takes its memory)')
     if args.epsilon <= 0 or args.temperature <= 0 or args.sinkhorn_iterations < 1 or args.nmb_prototypes < 1:
         raise common.UsageError('--epsilon and --temperature must be positive, --sinkhorn-iterations and '
                                 '--nmb-prototypes at least 1')

@@ -180,6 +180,8 @@ def test_class_folders_empty_hidden_or_alone(tmp_path):
     os.rmdir(tmp_path / 'data' / 'train' / 'c')
     expect_error('eval_knn.py', '--random-init', '--data', tmp_path / 'data', *TINY_BACKBONE, '--k', '1',
                  match='the kNN evaluation needs at least 2 classes')
+    expect_error('eval_linear.py', '--random-init', '--data', tmp_path / 'data', *TINY_BACKBONE,
+                 '--val-fraction', '0.625', match='a linear probe needs at least 2 classes')
 
 
 @pytest.mark.parametrize('script', ENTRY_POINTS)
@@ -245,6 +247,23 @@ def test_moco_lr_steps_with_the_cosine_schedule_are_refused(monkeypatch):
     moco.apply_version(args)
     moco.check_args(args)  # the step schedule takes them
     assert not args.cos and args.lr_steps == [1]
+
+
+def test_milestones_out_of_order_and_repeated_counts_are_refused(tmp_path):
+    # a step schedule counts the milestones passed: --lr-steps 5 3 gave lr x0.01 after epoch 3, never x0.1
+    for script, extra in (('instdisc.py', []), ('moco.py', ['--no-cos'])):
+        expect_error(script, *RUN, *extra, '--lr-steps', '5', '3', '--output-dir', tmp_path / 'out',
+                     match='--lr-steps 5 3: give increasing epochs, e.g. 3 5')
+    assert not (tmp_path / 'out').exists()
+    expect_error('eval_linear.py', '--random-init', '--data', 'procedural:64', *TINY_BACKBONE,
+                 '--labels-per-class', '1', '1', 'all', match='--labels-per-class 1 1 all names a count twice')
+
+
+def test_a_dry_run_checks_its_folders_as_a_run_does(tmp_path):
+    (tmp_path / 'file').write_text('')
+    expect_error('tools/benchmark.py', '--data', 'procedural:64', '--dry-run', '--results', tmp_path / 'file',
+                 match='is a file, not a folder')
+    assert os.listdir(tmp_path) == ['file']
 
 
 def test_dino_local_crops_no_larger_than_the_global_ones(tmp_path):

@@ -991,7 +991,14 @@ def dry_run(args, extra):
     each, 9,700 together: the scaling is right within ~30% and optimistic for fewer runs at once);
     plus the kNN passes still to come at the measured seconds per pass. Checkpoints and start-up are
     not included. The total is the time until the last run ends, runs starting in --methods order
-    whenever a slot is free; a run fits the budget if it ends within it."""
+    whenever a slot is free; a run fits the budget if it ends within it. --results and --runs are checked as
+    a real run checks them, without creating anything."""
+    for path, flag in ((os.path.join(args.results, args.name), '--results'), (os.path.join(args.runs, args.name), '--runs')):
+        existing = path
+        while existing and not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if existing and not os.path.isdir(existing):
+            raise common.UsageError(f'{flag} {path}: {existing} is a file, not a folder; choose a folder')
     num_train = args.dataset_info['num_train']
     if args.preset == 'cpu':  # the estimates below are of GPU time
         print(f"benchmark {args.name} (dry run): the untrained row, then {' '.join(args.methods)}, one at a time:")

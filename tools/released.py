@@ -408,8 +408,8 @@ def export(checkpoint, out):
     common.check_writable_file(out, 'OUT')
     try:
         common.save_atomically(sd, out)
-    except OSError as e:
-        raise common.UsageError(f'could not write {out} ({e.strerror})') from None
+    except OSError as e:  # a full disk: a fault, not bad input (exit 1, as a checkpoint's write)
+        raise common.TrainingError(f'could not write {out} ({e.strerror}); {out} was left as it was') from None
     return [f"wrote {out}: {len(sd)} tensors, the {state.get('method', '?')} backbone of {checkpoint} "
             f"(epoch {state.get('epoch', '?')})"] + [line.replace('OUT', out) for line in lines]
 
