@@ -8,8 +8,9 @@ changing a setting or a margin, measure:
   python tools/measure_learning.py --methods byol swav --seeds 0 1 2 3 4 --variants 2t 1t 2t-avx2 --jobs 2
   python tools/measure_learning.py --report          # the table in docs/results.md, between its markers
 
-Variants: `1t` / `2t` are OMP_NUM_THREADS=1 / 2 (tests run with 2, as on CI's machine); `-avx2` also limits
-ATen, oneDNN and MKL to AVX2 kernels, which round as an older or an AMD CPU's do. Every run appends one record
+Variants: `1t` / `2t` are OMP_NUM_THREADS=1 / 2 (the suite's two shards run with 1 thread each, one process
+with 2); `-avx2` also limits ATen, oneDNN and MKL to AVX2 kernels, which round as an older or an AMD CPU's do.
+Every run appends one record
 (command, variant, seed, trained and untrained kNN, the gain, seconds, CPU, torch, commit) to
 results/cpu-learning/records.jsonl; a (method, variant, seed) already recorded with the same flags is skipped.
 """
