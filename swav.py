@@ -270,7 +270,8 @@ def crops_follow_image_size(args):
 
 def check_crops_and_queue(args):
     """Bad input, refused before anything is written: crop lists that do not match, scales outside
-    (0, 1], a queue that is not a whole number of global batches."""
+    (0, 1], a queue that is not a whole number of global batches; and a note for a queue this run cannot
+    fill (never used)."""
     lists = dict(size_crops=args.size_crops, min_scale_crops=args.min_scale_crops,
                  max_scale_crops=args.max_scale_crops)
     def flag(name):  # e.g. '--size-crops 224 96', as typed
