@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import threading
@@ -765,6 +766,28 @@ def active_time():
     use it, so a run paused to free the machine (`kill -TSTP PID`, later `kill -CONT PID`) still records
     its own speed."""
     return time.time() - PAUSED['seconds']
+
+
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo, else what platform knows (records name the hardware)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        name = None
+    return name or platform.processor() or platform.machine()
+
+
+def busy_cpu_seconds():
+    """CPU seconds every process on the machine has used since boot (/proc/stat; None without it): the
+    difference over a run, less the run's own CPU time, is what other processes took from it."""
+    try:
+        with open('/proc/stat') as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _, _, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf('SC_CLK_TCK')
 
 
 def check_stop():

@@ -496,3 +496,33 @@ def test_speed_tables_give_the_median_of_the_rounds_and_the_ratios(tmp_path):
     assert '| BYOL | 85 (80-90, 2 rounds) |  |  |' in text
     assert '| bf16 autocast | 20 (20-20, 1 rounds) | 0.10 |' in text
     assert 'SimCLR, torch.compile, round 1: failed (error: no compiler)' in text and '2.0 to 3.0' in text
+
+
+def test_record_try_keeps_what_a_try_measured_and_the_report_shows_it(tmp_path):
+    """tools/record_try.py: one fresh run of a method file, its epochs and kNN, its time and the CPU other
+    processes used meanwhile, appended to a tries file that tries_table renders with the command; a second
+    try with the same tag, a run folder in use, or no command is refused in one line before anything runs."""
+    tries, out = tmp_path / 'tries.jsonl', tmp_path / 'run'
+    tool = [sys.executable, os.path.join(ROOT, 'tools', 'record_try.py')]
+    command = [sys.executable, 'simclr.py', '--data', 'procedural:64', *TINY, '--batch-size', '32', '--epochs', '1',
+               '--knn-every', '1', '--knn-k', '20', '--output-dir', str(out)]
+    done = subprocess.run([*tool, 'tiny-1ep', '--tries', str(tries), '--', *command], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [t] = [json.loads(line) for line in tries.read_text().splitlines()]
+    assert t['tag'] == 'tiny-1ep' and t['exit_code'] == 0 and t['command'] == ' '.join(command)
+    assert t['epochs'][0]['epoch'] == 1 and t['epochs'][0]['epoch_images_per_s'] > 0 and t['first_loss'] > 0
+    assert 0 <= t['knn'][-1]['knn_top1'] <= 100 and t['process_wall_seconds'] > 0 and t['others_cpu_seconds'] >= 0
+    assert t['threads'] == '1' and t['cores'] == os.cpu_count() and t['cpu']
+    table = '\n'.join(benchmark.tries_table(str(tries)))
+    assert f"| tiny-1ep | {t['epochs'][0]['epoch_images_per_s']:,.1f} |" in table and '# tiny-1ep' in table
+    assert f"{t['knn'][-1]['knn_top1']:.2f} | {t['others_cpu_seconds']:.0f} s |" in table
+    for argv, message in ((['tiny-1ep', '--tries', str(tries), '--', *command[:-1], str(tmp_path / 'other')],
+                           "already has a try tagged 'tiny-1ep'"),
+                          (['again', '--tries', str(tries), '--', *command], 'already holds a run'),
+                          (['again', '--tries', str(tries)], 'give the command to run after `--`'),
+                          (['again', '--tries', str(tries), '--', 'ls'], 'must be `python METHOD.py ...`')):
+        refused = subprocess.run([*tool, *argv], capture_output=True, text=True, env=ENV, timeout=60)
+        assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1, \
+            refused.stderr
+    assert len(tries.read_text().splitlines()) == 1 and not (tmp_path / 'other').exists()

@@ -362,19 +362,9 @@ def git_state():
         return None, None
 
 
-def cpu_name():
-    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
-    except OSError:
-        name = None
-    return name or platform.processor() or platform.machine()
-
-
 def cpu_model():
     """'<model name> (<n> cores)'."""
-    return f'{cpu_name()} ({os.cpu_count()} cores)'
+    return f'{common.cpu_name()} ({os.cpu_count()} cores)'
 
 
 SEGMENT_START, SEGMENT_END = '# benchmark ', '# benchmark-end '
@@ -758,7 +748,7 @@ def make_record(args, extra, method, folder):
                                'common.process_cpu_seconds); against train_seconds x threads it shows how much of the '
                                'machine the run had',
         preset=args.preset, threads=int(last['threads']) if last.get('threads') else None,
-        cpu_model=cpu_name(), cores=os.cpu_count(),
+        cpu_model=common.cpu_name(), cores=os.cpu_count(),
         load_average=max((s['load_average'] for s in segments if 'load_average' in s), default=None),
         load_average_note="the machine's 1-minute load average while the run trained (the mean of one sample a "
                           'minute; the highest over its invocations)',
@@ -829,7 +819,7 @@ def baseline(args, extra):
         benchmark=dict(data=args.data, epochs=0, knn_every=args.knn_every, extra=extra),
         git_commit=commit, git_dirty=dirty,
         python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-        device=cpu_model(), device_type='cpu', cpu_model=cpu_name(), cores=os.cpu_count(),
+        device=cpu_model(), device_type='cpu', cpu_model=common.cpu_name(), cores=os.cpu_count(),
         threads=int(child_environment(args)['OMP_NUM_THREADS']), world_size=1, concurrency=1, epochs=0,
         dataset=args.dataset_info and {k: args.dataset_info.get(k) for k in
                                        ('kind', 'num_train', 'num_test', 'num_classes', 'image_size')},
@@ -906,7 +896,7 @@ def speed(args, extra):
                               images_per_s=timed.get('epoch_images_per_s'), epoch_seconds=timed.get('epoch_seconds'),
                               epoch_cpu_seconds=timed.get('epoch_cpu_seconds'),
                               error=last_error_line(log_path) if code else None,
-                              load_average=round((load + os.getloadavg()[0]) / 2, 2), cpu_model=cpu_name(),
+                              load_average=round((load + os.getloadavg()[0]) / 2, 2), cpu_model=common.cpu_name(),
                               cores=os.cpu_count(), git_commit=commit, git_dirty=dirty,
                               recorded_at=datetime.datetime.now().astimezone().isoformat(timespec='seconds'))
                 with open(path, 'a') as f:
@@ -1432,16 +1422,20 @@ def tries_table(path):
     tries = common.read_metrics(path)
     if not tries:
         return []
-    lines = wrap('What was tried to choose the settings (short runs on subsets of the training images, kNN on a '
-                 'subset of the test images; `tries.jsonl`, the commands below the table): images/s of the epoch, its '
-                 "wall-clock and CPU time, the kNN after it, and the machine's load average.") + [
-        '', '| try | images/s | epoch wall-clock / CPU time (s) | kNN top-1 | load | recorded |', '|---|---|---|---|---|---|']
+    lines = wrap('What was tried to choose the settings (short runs, each on the data its command names: a subset '
+                 'of the training and test images, or all of them; `tries.jsonl`, written by tools/record_try.py, '
+                 'the commands below the table): images/s of the last epoch, its wall-clock and CPU time, the kNN '
+                 "after it, and how busy the machine was: its load average, or the CPU seconds other processes "
+                 'used during the try (0: otherwise idle).') + [
+        '', '| try | images/s | epoch wall-clock / CPU time (s) | kNN top-1 | load / others\' CPU s | recorded |',
+        '|---|---|---|---|---|---|']
     for t in tries:
         epoch = (t.get('epochs') or [{}])[-1]
         knn = (t.get('knn') or [{}])[-1]
         rate = f"{epoch['epoch_images_per_s']:,.1f}" if 'epoch_images_per_s' in epoch else f"exit {t['exit_code']}"
         times = f"{epoch['epoch_seconds']:.0f} / {epoch['epoch_cpu_seconds']:.0f}" if 'epoch_cpu_seconds' in epoch else ''
-        load = f"{t['load_average']:.1f}" if t.get('load_average') is not None else ''
+        load = (f"{t['load_average']:.1f}" if t.get('load_average') is not None else
+                f"{t['others_cpu_seconds']:.0f} s" if t.get('others_cpu_seconds') is not None else '')
         top1 = f"{knn['knn_top1']:.2f}" if 'knn_top1' in knn else ''
         lines.append(f"| {t['tag']} | {rate} | {times} | {top1} | {load} | {t['recorded_at'][:16]} |")
     lines += ['', '```bash']
