@@ -19,7 +19,6 @@ renders each README's block (the commands, the measured table and the picture) f
 import importlib.util
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -34,11 +33,20 @@ if REPO not in sys.path:  # not this folder: its conftest.py would hide the test
     sys.path.insert(0, REPO)
 import common  # noqa: E402 (after the path): its one-line argparse errors
 
-_spec = importlib.util.spec_from_file_location('assignments_measure', os.path.join(HERE, 'measure.py'))
-thresholds = importlib.util.module_from_spec(_spec)  # assignments/measure.py: the reference solution in a copy
-_spec.loader.exec_module(thresholds)
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+thresholds = _load('assignments_measure', os.path.join(HERE, 'measure.py'))  # the reference solution in a copy
+benchmark = _load('tools_benchmark', os.path.join(REPO, 'tools', 'benchmark.py'))  # the CPU benchmark's recipes
 RECORDS = os.path.join(REPO, 'results', 'assignments', 'payoff.jsonl')
-START, END = '<!-- payoff:start -->', '<!-- payoff:end -->'
+MARKERS = {'textures': ('<!-- payoff:start -->', '<!-- payoff:end -->'),
+           'cifar10': ('<!-- payoff-cifar10:start -->', '<!-- payoff-cifar10:end -->')}
 
 # The learning tests' settings (tests/conftest.py LEARN and each test module's LEARNING): 600 steps of batch 32
 # on 960 textures at 16 px, with the margins over the untrained network measured for 5 seeds at 1 and 2 threads
@@ -55,13 +63,33 @@ RUNS = {  # assignment: (method file, its flags beyond COMMON, the run's folder 
                              'runs/bank-600'),
 }
 
+# On photographs (optional): one epoch of CIFAR-10 with the CPU benchmark's settings for the method (tools/
+# benchmark.py CPU_SETTINGS and CPU_RECIPES: ResNet-18 with the CIFAR stem at width 16, batch 256, no warm-up),
+# scored as the benchmark scores (kNN k=200, T=0.1, all 10,000 test images) and by the fast probe.
+CIFAR10 = {'simclr-nt-xent': 'runs/ntxent-cifar10', 'moco-queue': 'runs/queue-cifar10',
+           'instdisc-memory-bank': 'runs/bank-cifar10'}
+CIFAR10_EPOCHS = 1
+CIFAR10_GAINS = {'simclr-nt-xent'}  # whose one epoch beats the untrained network (the others' READMEs say why not)
+KNN = {'textures': '20', 'cifar10': '200'}  # k of each track's kNN
 
-def commands(name, seed, folder):
-    """The three commands of an assignment's payoff run: [(what, argv)], relative to the repository's root."""
+
+def train_flags(name, track, seed):
+    """The training flags of an assignment's payoff run on a track (without the script and --output-dir)."""
     script, flags, _ = RUNS[name]
+    if track == 'textures':
+        return [*COMMON, *flags, '--seed', str(seed)]
+    recipe = benchmark.cpu_flags(script.removesuffix('.py'))
+    i = recipe.index('--seed')
+    recipe[i + 1] = str(seed)
+    return ['--data', 'cifar10', *recipe, '--epochs', str(CIFAR10_EPOCHS), '--knn-every', '-1']
+
+
+def commands(name, seed, folder, track='textures'):
+    """The three commands of an assignment's payoff run: [(what, argv)], relative to the repository's root."""
+    script = RUNS[name][0]
     checkpoint = f'{folder}/checkpoint.pth'
-    return [('train', [script, *COMMON, *flags, '--seed', str(seed), '--output-dir', folder]),
-            ('knn', ['eval_knn.py', checkpoint, '--k', '20', '--temperature', '0.1', '--compare-random-init']),
+    return [('train', [script, *train_flags(name, track, seed), '--output-dir', folder]),
+            ('knn', ['eval_knn.py', checkpoint, '--k', KNN[track], '--temperature', '0.1', '--compare-random-init']),
             ('probe', ['eval_linear.py', checkpoint, '--labels-per-class', '1', '10', 'all', '--compare-random-init',
                        '--plot', f'{folder}/probe.png'])]
 
@@ -82,31 +110,28 @@ def children_cpu():
     return usage.ru_utime + usage.ru_stime
 
 
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure(name, seed, threads):
-    """Run the payoff commands on the reference solution; one record."""
+def measure(name, seed, threads, track='textures', cifar10=None):
+    """Run the payoff commands on the reference solution; one record. cifar10: the CIFAR-10 folder that stands
+    for `--data cifar10` (the record keeps both)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
     root = tempfile.mkdtemp(prefix='payoff-')
     try:
         thresholds.solution_copy(name, root)
-        record = dict(assignment=name, seed=seed, threads=threads, cpu=f'{cpu_name()} ({os.cpu_count()} cores)',
+        record = dict(assignment=name, track=track, seed=seed, threads=threads, cpu=f'{common.cpu_name()} ({os.cpu_count()} cores)',
                       torch=__import__('torch').__version__, commit=commit(), commands={}, seconds={},
                       cpu_seconds={})
-        for what, argv in commands(name, seed, 'run'):
+        if track == 'cifar10':
+            record['data'] = os.path.abspath(cifar10)
+        for what, argv in commands(name, seed, 'run', track):
             json_path = os.path.join(root, f'{what}.json')
             extra = [] if what == 'train' else ['--json', json_path]
+            if track == 'cifar10' and what == 'train':
+                argv_run = [cifar10 if a == 'cifar10' and argv[i - 1] == '--data' else a for i, a in enumerate(argv)]
+            else:
+                argv_run = argv
             started, cpu_started = time.time(), children_cpu()
-            done = subprocess.run([sys.executable, *argv, *extra], cwd=root, env=env, capture_output=True, text=True)
+            done = subprocess.run([sys.executable, *argv_run, *extra], cwd=root, env=env, capture_output=True,
+                                  text=True)
             if done.returncode:
                 raise SystemExit(f'error: {" ".join(argv)} exited {done.returncode}: '
                                  f'{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""}')
@@ -115,15 +140,16 @@ def measure(name, seed, threads):
             record['cpu_seconds'][what] = round(children_cpu() - cpu_started, 1)
             if what == 'knn':
                 knn = json.load(open(json_path))
-                record.update(knn_trained=knn['results']['20']['top1'],
-                              knn_untrained=knn['untrained_results']['20']['top1'])
+                record.update(knn_trained=knn['results'][KNN[track]]['top1'],
+                              knn_untrained=knn['untrained_results'][KNN[track]]['top1'])
             elif what == 'probe':
                 curves = json.load(open(json_path))['label_efficiency']
                 top1 = {network: next(p['top1'] for p in points if p['labels_per_class'] == 'all')
                         for network, points in curves.items()}
                 record.update(probe_untrained=top1.pop('untrained (same seed)'), probe_trained=top1.popitem()[1])
         if seed == 0:
-            shutil.copy(os.path.join(root, 'run', 'probe.png'), os.path.join(HERE, name, 'probe.png'))
+            shutil.copy(os.path.join(root, 'run', 'probe.png'),
+                        os.path.join(HERE, name, 'probe.png' if track == 'textures' else f'probe-{track}.png'))
         record['recorded_at'] = time.strftime('%Y-%m-%dT%H:%M:%S%z')
         return record
     finally:
@@ -142,16 +168,17 @@ def read_records(path=RECORDS):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def block(name, records):
-    """The README's payoff block: the commands (seed 0) and the table of the records made with them."""
-    _, _, folder = RUNS[name]
-    mine = sorted((r for r in records if r['assignment'] == name
-                   and all(r['commands'].get(w) == argv for w, argv in commands(name, r['seed'], 'run'))),
+def block(name, records, track='textures'):
+    """The README's payoff block of a track: the commands (seed 0) and the table of the records made with them."""
+    folder = RUNS[name][2] if track == 'textures' else CIFAR10[name]
+    mine = sorted((r for r in records if r['assignment'] == name and r.get('track', 'textures') == track
+                   and all(r['commands'].get(w) == argv for w, argv in commands(name, r['seed'], 'run', track))),
                   key=lambda r: (r['threads'], r['seed']))
-    lines = ['```bash'] + [shell(argv) for _, argv in commands(name, 0, folder)] + ['```', '']
+    lines = ['```bash'] + [shell(argv) for _, argv in commands(name, 0, folder, track)] + ['```', '']
+    option = '' if track == 'textures' else f' --track {track} --cifar10 FOLDER'
     if not mine:
-        return '\n'.join(lines + ['Not measured yet: `python assignments/payoff.py ' + name + '`.'])
-    lines += ['| seed | threads | kNN top-1 (k=20): trained | untrained | gain | linear probe top-1: trained | '
+        return '\n'.join(lines + [f'Not measured yet: `python assignments/payoff.py {name}{option}`.'])
+    lines += [f'| seed | threads | kNN top-1 (k={KNN[track]}): trained | untrained | gain | linear probe top-1: trained | '
               'untrained | gain | training: wall-clock, CPU time |', '|---|---|---|---|---|---|---|---|---|']
     for r in mine:
         lines.append(f"| {r['seed']} | {r['threads']} | {r['knn_trained']:.1f} | {r['knn_untrained']:.1f} | "
@@ -159,37 +186,48 @@ def block(name, records):
                      f"{r['probe_untrained']:.1f} | **{r['probe_trained'] - r['probe_untrained']:+.1f}** | "
                      f"{r['seconds']['train']:.0f} s, {r['cpu_seconds']['train']:.0f} s |")
     evals = max(r['seconds']['knn'] + r['seconds']['probe'] for r in mine)
+    data = ('' if track == 'textures' else ', on the CIFAR-10 images stored as JPEG folders (`--data FOLDER` in '
+            "place of `--data cifar10`: JPEG costs a little accuracy against torchvision's download)")
     lines += ['', f"Measured with the reference solution on {'; '.join(sorted({r['cpu'] for r in mine}))}, torch "
-                  f"{', '.join(sorted({r['torch'] for r in mine}))} (`python assignments/payoff.py {name}`, records in "
-                  f"`results/assignments/payoff.jsonl`); the two evaluations took {evals:.0f} s at most. Chance is "
-                  '10%.']
-    if os.path.exists(os.path.join(HERE, name, 'probe.png')):
+                  f"{', '.join(sorted({r['torch'] for r in mine}))}{data} (`python assignments/payoff.py {name}"
+                  f"{option}`, records in `results/assignments/payoff.jsonl`); the two evaluations took {evals:.0f} s "
+                  'at most. Chance is 10%.']
+    picture = 'probe.png' if track == 'textures' else f'probe-{track}.png'
+    if os.path.exists(os.path.join(HERE, name, picture)):
         lines += ['', '![the fast linear probe of the trained and the untrained network, against labels per class]'
-                      '(probe.png)', '', 'The probe of seed 0 fitted on 1, 10 and all labelled images per class (the picture '
-                      'the last command draws).']
+                      f'({picture})', '', 'The probe of seed 0 fitted on 1, 10 and all labelled images per class (the '
+                      'picture the last command draws).']
     return '\n'.join(lines)
 
 
-def rendered(readme, name, records):
-    """The README's text with its payoff block replaced (None if it has no markers)."""
-    start = re.search(f'^{re.escape(START)}$', readme, re.M)
-    end = re.search(f'^{re.escape(END)}$', readme, re.M)
-    if not start or not end or end.start() < start.start():
-        return None
-    return (readme[:start.start()] + START + '\n<!-- written by `python assignments/payoff.py --report` from '
-            'results/assignments/payoff.jsonl -->\n' + block(name, records) + '\n' + readme[end.start():])
+def rendered(readme, name, records, tracks=('textures',)):
+    """The README's text with the payoff blocks of `tracks` replaced (None if one has no markers)."""
+    for track in tracks:
+        start_marker, end_marker = MARKERS[track]
+        start = re.search(f'^{re.escape(start_marker)}$', readme, re.M)
+        end = re.search(f'^{re.escape(end_marker)}$', readme, re.M)
+        if not start or not end or end.start() < start.start():
+            return None
+        readme = (readme[:start.start()] + start_marker + '\n<!-- written by `python assignments/payoff.py --report` '
+                  'from results/assignments/payoff.jsonl -->\n' + block(name, records, track) + '\n' +
+                  readme[end.start():])
+    return readme
+
+
+def tracks_of(name):
+    return ('textures', 'cifar10') if name in CIFAR10 else ('textures',)
 
 
 def report(records):
     for name in RUNS:
         path = os.path.join(HERE, name, 'README.md')
-        text = rendered(open(path).read(), name, records)
+        text = rendered(open(path).read(), name, records, tracks_of(name))
         if text is None:
-            raise SystemExit(f'error: {path} has no {START} ... {END} block')
+            raise SystemExit(f'error: {path} lacks a block of ' + ' or '.join(MARKERS[t][0] for t in tracks_of(name)))
         with open(path + '.tmp', 'w') as f:
             f.write(text)
         os.replace(path + '.tmp', path)
-        print(f'{path}: payoff block rendered')
+        print(f'{path}: payoff blocks rendered')
 
 
 def main():
@@ -197,6 +235,10 @@ def main():
     parser.add_argument('names', nargs='*', metavar='ASSIGNMENT', help=f'any of {", ".join(RUNS)}')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0])
     parser.add_argument('--threads', type=int, nargs='+', default=[2])
+    parser.add_argument('--track', choices=list(MARKERS), default='textures',
+                        help='textures: 600 steps on the procedural textures; cifar10: one epoch of CIFAR-10')
+    parser.add_argument('--cifar10', metavar='FOLDER', default=None,
+                        help='with --track cifar10: the CIFAR-10 folder (train/ and test/) standing for `--data cifar10`')
     parser.add_argument('--report', action='store_true', help="render the READMEs' payoff blocks and exit")
     args = parser.parse_args()
     unknown = [n for n in args.names if n not in RUNS]
@@ -205,6 +247,11 @@ def main():
                      else 'name an assignment to measure, or --report')
     if any(s < 0 for s in args.seeds) or any(t < 1 for t in args.threads):
         parser.error('--seeds must be >= 0 and --threads >= 1')
+    if args.track == 'cifar10' and not args.report:
+        if not args.cifar10 or not all(os.path.isdir(os.path.join(args.cifar10, s)) for s in ('train', 'test')):
+            parser.error('--track cifar10 needs --cifar10 FOLDER, a folder with train/ and test/ (CIFAR-10 as images)')
+        if any(n not in CIFAR10 for n in args.names):
+            parser.error(f'--track cifar10 is for {", ".join(CIFAR10)}')
     if args.report:
         report(read_records())
         return
@@ -212,7 +259,7 @@ def main():
     for name in args.names:
         for threads in args.threads:
             for seed in args.seeds:
-                record = measure(name, seed, threads)
+                record = measure(name, seed, threads, args.track, args.cifar10)
                 with open(RECORDS, 'a') as f:
                     f.write(json.dumps(record) + '\n')
                 print(f"{name} seed {seed}, {threads} thread(s): kNN {record['knn_trained']:.1f} vs "

@@ -217,9 +217,58 @@ def test_payoff_runs_are_the_learning_tests_and_the_readmes_show_their_records()
         assert payoff.COMMON + flags == expected + learning, name
         path = os.path.join(ASSIGNMENTS, name, 'README.md')
         text = open(path).read()
-        assert payoff.rendered(text, name, records) == text, f'{path}: run python assignments/payoff.py --report'
+        assert payoff.rendered(text, name, records, payoff.tracks_of(name)) == text, \
+            f'{path}: run python assignments/payoff.py --report'
         mine = [r for r in records if r['assignment'] == name and r['commands']['train'][1:] ==
                 payoff.commands(name, r['seed'], 'run')[0][1][1:]]
         assert any(r['seed'] == 0 for r in mine), f'{name}: no record of seed 0 with the current flags'
         for r in mine:
             assert r['knn_trained'] > r['knn_untrained'] + 10 and r['probe_trained'] > r['probe_untrained'] + 5, r
+
+
+def test_payoff_on_photographs_uses_the_cpu_benchmark_recipe_and_shows_its_records():
+    """The optional CIFAR-10 track: one epoch with the CPU benchmark's settings for the method (read from
+    tools/benchmark.py, not retyped), scored like the benchmark (k=200); every record of the methods said to
+    gain in one epoch shows the gain, and the others' READMEs say that one epoch does not show it."""
+    payoff = load(None, 'payoff.py')
+    records = payoff.read_records()
+    for name, folder in payoff.CIFAR10.items():
+        script = payoff.RUNS[name][0]
+        train = payoff.commands(name, 0, folder, 'cifar10')[0][1]
+        assert train[:3] == [script, '--data', 'cifar10'] and train[-2:] == ['--output-dir', folder]
+        assert train[3:-6] == payoff.benchmark.cpu_flags(script.removesuffix('.py')), name
+        mine = [r for r in records if r['assignment'] == name and r.get('track') == 'cifar10'
+                and r['commands']['train'] == payoff.commands(name, r['seed'], 'run', 'cifar10')[0][1]]
+        assert any(r['seed'] == 0 for r in mine), f'{name}: no CIFAR-10 record of seed 0 with the current flags'
+        for r in mine:
+            gains = r['knn_trained'] > r['knn_untrained'] + 3 and r['probe_trained'] > r['probe_untrained']
+            assert gains == (name in payoff.CIFAR10_GAINS), r
+        text = open(os.path.join(ASSIGNMENTS, name, 'README.md')).read()
+        assert (name in payoff.CIFAR10_GAINS) == ('One epoch of photographs is not enough' not in text), name
+
+
+def test_suggested_runs_are_measured_and_the_readmes_show_their_records():
+    """assignments/runs.py: every assignment's suggested runs (the commands its README shows, rendered from
+    RUNS) have a record made with exactly those commands, and the README shows what the records say."""
+    runs = load(None, 'runs.py')
+    records = runs.payoff.read_records(runs.RECORDS)
+    assert sorted(runs.RUNS) == sorted(NAMES)
+    for name in runs.RUNS:
+        path = os.path.join(ASSIGNMENTS, name, 'README.md')
+        text = open(path).read()
+        assert runs.rendered(text, name, records) == text, f'{path}: run python assignments/runs.py --report'
+        missing = [run[0] for run, r in zip(runs.RUNS[name]['runs'], runs.current(name, records)) if r is None]
+        assert not missing, f'{name}: {missing} not measured with the current command: python assignments/runs.py {name}'
+        for _, _, picture in runs.RUNS[name]['plots']:
+            assert os.path.isfile(os.path.join(ASSIGNMENTS, name, picture)) and f']({picture})' in text, picture
+
+
+def test_suggested_runs_make_the_files_the_readme_asks_for(tmp_path):
+    """byol-to-simsiam's runs need the original byol.py and the solution without its .detach()."""
+    runs = load(None, 'runs.py')
+    runs.payoff.thresholds.solution_copy('byol-to-simsiam', str(tmp_path))
+    runs.prepare('byol-to-simsiam', str(tmp_path))
+    original, solution, no_detach = (open(tmp_path / f).read() for f in ('byol_original.py', 'byol.py',
+                                                                          'byol_no_detach.py'))
+    assert original == open(os.path.join(ROOT, "byol.py")).read() and 'self.target' not in solution
+    assert no_detach.replace('z.float()', 'z.detach().float()') == solution and no_detach != solution
