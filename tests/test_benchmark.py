@@ -526,3 +526,13 @@ def test_record_try_keeps_what_a_try_measured_and_the_report_shows_it(tmp_path):
         assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1, \
             refused.stderr
     assert len(tries.read_text().splitlines()) == 1 and not (tmp_path / 'other').exists()
+
+
+def test_the_load_note_tells_a_runs_own_threads_from_other_work():
+    """A 2-thread row loads a 2-core machine by about 2 on its own: only a load beyond its threads is other work."""
+    quiet = dict(label='BYOL', threads=2, cores=2, load_average=2.05)
+    busy = dict(label='SimCLR', threads=2, cores=2, load_average=3.9)
+    assert 'their own 2 threads' in benchmark.load_note([quiet], [2.05])
+    note = benchmark.load_note([quiet, busy], [2.05, 3.9])
+    assert note.startswith('SimCLR shared the machine with other work') and 'BYOL' not in note
+    assert benchmark.load_note([quiet], []) == ''

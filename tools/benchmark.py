@@ -1353,9 +1353,7 @@ def render_cpu(records, page_dir, results_dir):
                       'training process and its workers over the same epochs. A run that had its threads to itself '
                       'keeps them busy (CPU time / wall-clock near the thread count); less means it waited for other '
                       'processes. '
-                      + (f'These runs shared the machine with other work: its 1-minute load average while they '
-                         f'trained was {min(loads):.1f} to {max(loads):.1f} on {example["cores"]} cores, so their '
-                         'wall-clock minutes are longer than on an idle machine.' if loads else '')) + ['']
+                      + load_note(trained, loads)) + ['']
         owed = [m for m in (BASELINE,) + RUN_ORDER if m not in by_method]
         data = example['benchmark']['data'] if example else '/path/to/cifar10'
         lines += wrap('The whole table, on any CPU, resuming where it stopped (CIFAR-10 as JPEG class folders '
@@ -1417,6 +1415,21 @@ def speed_tables(path):
     return lines + ['']
 
 
+def load_note(trained, loads):
+    """What the machine's load average says about the rows' wall-clock: a run's own threads load it by their
+    number; more than half a thread beyond that, on some run, means other processes took CPU time from it."""
+    if not loads:
+        return ''
+    threads = max(r.get('threads') or 1 for r in trained)
+    where = f'{min(loads):.1f} to {max(loads):.1f} on {trained[0]["cores"]} cores'
+    busy = [r['label'] for r in trained if (r.get('load_average') or 0) > (r.get('threads') or 1) + 0.5]
+    if busy:
+        return (f"{', '.join(busy)} shared the machine with other work (the 1-minute load average while the rows "
+                f'trained: {where}), so their wall-clock minutes are longer than on an idle machine.')
+    return (f'The 1-minute load average while the rows trained was {where}: their own {threads} threads, nothing '
+            'else of note.')
+
+
 def tries_table(path):
     """The short runs that chose the settings (RESULTS/NAME/tries.jsonl: one line per run, with its command)."""
     tries = common.read_metrics(path)
@@ -1425,18 +1438,17 @@ def tries_table(path):
     lines = wrap('What was tried to choose the settings (short runs, each on the data its command names: a subset '
                  'of the training and test images, or all of them; `tries.jsonl`, written by tools/record_try.py, '
                  'the commands below the table): images/s of the last epoch, its wall-clock and CPU time, the kNN '
-                 "after it, and how busy the machine was: its load average, or the CPU seconds other processes "
+                 "after each epoch, and how busy the machine was: its load average, or the CPU seconds other processes "
                  'used during the try (0: otherwise idle).') + [
         '', '| try | images/s | epoch wall-clock / CPU time (s) | kNN top-1 | load / others\' CPU s | recorded |',
         '|---|---|---|---|---|---|']
     for t in tries:
         epoch = (t.get('epochs') or [{}])[-1]
-        knn = (t.get('knn') or [{}])[-1]
         rate = f"{epoch['epoch_images_per_s']:,.1f}" if 'epoch_images_per_s' in epoch else f"exit {t['exit_code']}"
         times = f"{epoch['epoch_seconds']:.0f} / {epoch['epoch_cpu_seconds']:.0f}" if 'epoch_cpu_seconds' in epoch else ''
         load = (f"{t['load_average']:.1f}" if t.get('load_average') is not None else
                 f"{t['others_cpu_seconds']:.0f} s" if t.get('others_cpu_seconds') is not None else '')
-        top1 = f"{knn['knn_top1']:.2f}" if 'knn_top1' in knn else ''
+        top1 = ' / '.join(f"{k['knn_top1']:.2f}" for k in t.get('knn') or [] if 'knn_top1' in k)  # each epoch
         lines.append(f"| {t['tag']} | {rate} | {times} | {top1} | {load} | {t['recorded_at'][:16]} |")
     lines += ['', '```bash']
     for t in tries:
