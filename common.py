@@ -717,7 +717,11 @@ def knn_monitor(backbone, eval_loaders, device, args):
     if eval_loaders is None:
         return {}
     start = active_time()
-    features = extract_train_test_features(backbone, eval_loaders, device, args)
+    HOLD_STOP['active'] = True  # Ctrl-C / SIGTERM now: the epoch's checkpoint comes first (the loader's next
+    try:                        # check_stop() raises); a second one stops at once
+        features = extract_train_test_features(backbone, eval_loaders, device, args)
+    finally:
+        HOLD_STOP['active'] = False
     k20 = min(20, len(features[0]))
     results = knn_accuracy(*features, args.dataset_info['num_classes'], sorted({args.knn_k, k20}), args.knn_t)
     top1, top5 = results[args.knn_k]
@@ -743,9 +747,15 @@ class Interrupted(Exception):
     last checkpoint is, as for Ctrl-C."""
 
 STOP = {}  # the signal that asked this process to stop: set by the handler, checked at every step
+HOLD_STOP = {'active': False}  # set during a kNN pass: a first stop waits for it and the epoch's checkpoint
 
 
 def _raise_interrupted(signum, frame):
+    if HOLD_STOP['active'] and not STOP:  # the epoch is trained: finish its kNN pass, write its checkpoint
+        STOP['signal'] = signum
+        print0('  stop requested: finishing the kNN pass, then the checkpoint of the epoch just trained; '
+               'send it again to stop at once')
+        return
     STOP['signal'] = signum
     raise Interrupted() if signum == signal.SIGTERM else KeyboardInterrupt()
 
@@ -793,7 +803,7 @@ def busy_cpu_seconds():
 def check_stop():
     """Raise again the stop a signal asked for: its first exception can be swallowed where Python ignores
     exceptions (a DataLoader iterator's __del__ at an epoch's end prints "Exception ignored" and goes on)."""
-    if STOP:
+    if STOP and not HOLD_STOP['active']:  # held during a kNN pass (knn_monitor)
         raise Interrupted() if STOP['signal'] == signal.SIGTERM else KeyboardInterrupt()
 
 

@@ -261,3 +261,32 @@ def test_a_stop_signal_whose_exception_was_swallowed_still_stops(tmp_path):
             common.check_stop()
     finally:
         common.STOP.clear()
+
+
+def test_a_stop_during_the_knn_pass_waits_for_the_checkpoint_of_the_epoch_just_trained(monkeypatch, capsys):
+    """SIGTERM or Ctrl-C during the kNN monitor's pass (after an epoch's training, before its checkpoint) lets
+    the pass finish, so the epoch is checkpointed, then stops at the loader's next check; a second signal
+    during a pass stops at once. (Stopped inside the pass, a whole epoch of training was lost.)"""
+    from types import SimpleNamespace
+    monkeypatch.setattr(common, 'STOP', {})
+    features = torch.nn.functional.normalize(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+
+    def extract(backbone, eval_loaders, device, args):  # the pass: a signal arrives, the loader checks for stops
+        os.kill(os.getpid(), signal.SIGTERM)
+        common.check_stop()
+        return features, torch.arange(20) % 2, features, torch.arange(20) % 2
+
+    monkeypatch.setattr(common, 'extract_train_test_features', extract)
+    args = SimpleNamespace(knn_k=5, knn_t=0.1, dataset_info={'num_classes': 2})
+    previous = signal.signal(signal.SIGTERM, common._raise_interrupted)
+    try:
+        result = common.knn_monitor(None, object(), 'cpu', args)
+        assert result['knn_top1'] == 100.0 and common.STOP['signal'] == signal.SIGTERM
+        assert 'stop requested: finishing the kNN pass' in capsys.readouterr().out
+        with pytest.raises(common.Interrupted):
+            common.check_stop()  # the next step's check, once the checkpoint is written
+        with pytest.raises(common.Interrupted):  # asked again during a pass: at once
+            common.knn_monitor(None, object(), 'cpu', args)
+        assert not common.HOLD_STOP['active']
+    finally:
+        signal.signal(signal.SIGTERM, previous)
