@@ -224,10 +224,15 @@ def report(records):
         text = rendered(open(path).read(), name, records, tracks_of(name))
         if text is None:
             raise SystemExit(f'error: {path} lacks a block of ' + ' or '.join(MARKERS[t][0] for t in tracks_of(name)))
-        with open(path + '.tmp', 'w') as f:
-            f.write(text)
-        os.replace(path + '.tmp', path)
+        write_atomically(path, text)
         print(f'{path}: payoff blocks rendered')
+
+
+def write_atomically(path, text):
+    """A README rewritten whole or not at all (runs.py renders its blocks with it too)."""
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
 
 
 def main():

@@ -36,7 +36,7 @@ def _load(file):
     return module
 
 
-payoff = _load('payoff.py')  # children_cpu(), commit(), read_records(); the solution in a copy
+payoff = _load('payoff.py')  # children_cpu(), commit(), read_records(), write_atomically(); solution copies
 plot = _load('plot.py')
 RECORDS = os.path.join(REPO, 'results', 'assignments', 'runs.jsonl')
 BLOCKS = {'commands': ('<!-- runs:start -->', '<!-- runs:end -->'),
@@ -255,9 +255,7 @@ def report(records):
         text = rendered(open(path).read(), name, records)
         if text is None:
             raise SystemExit(f'error: {path} lacks a {" or ".join(s for s, _ in BLOCKS.values())} block')
-        with open(path + '.tmp', 'w') as f:
-            f.write(text)
-        os.replace(path + '.tmp', path)
+        payoff.write_atomically(path, text)
         print(f'{path}: runs and measured blocks rendered')
 
 
