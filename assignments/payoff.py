@@ -235,6 +235,14 @@ def write_atomically(path, text):
     os.replace(path + '.tmp', path)
 
 
+def check_names(parser, args, known):
+    """Refuse, in one line, an assignment name not in `known`, or neither a name nor --report (runs.py too)."""
+    unknown = [n for n in args.names if n not in known]
+    if unknown or not (args.names or args.report):
+        parser.error(f'name one or more of {", ".join(known)} (not {" ".join(unknown)})' if unknown
+                     else 'name an assignment to measure, or --report')
+
+
 def main():
     parser = common.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('names', nargs='*', metavar='ASSIGNMENT', help=f'any of {", ".join(RUNS)}')
@@ -246,10 +254,7 @@ def main():
                         help='with --track cifar10: the CIFAR-10 folder (train/ and test/) standing for `--data cifar10`')
     parser.add_argument('--report', action='store_true', help="render the READMEs' payoff blocks and exit")
     args = parser.parse_args()
-    unknown = [n for n in args.names if n not in RUNS]
-    if unknown or not (args.names or args.report):
-        parser.error(f'name one or more of {", ".join(RUNS)} (not {" ".join(unknown)})' if unknown
-                     else 'name an assignment to measure, or --report')
+    check_names(parser, args, RUNS)
     if any(s < 0 for s in args.seeds) or any(t < 1 for t in args.threads):
         parser.error('--seeds must be >= 0 and --threads >= 1')
     if args.track == 'cifar10' and not args.report:

@@ -265,10 +265,7 @@ def main():
     parser.add_argument('--threads', type=int, default=2, help='OMP_NUM_THREADS of every run')
     parser.add_argument('--report', action='store_true', help="render the READMEs' blocks and exit")
     args = parser.parse_args()
-    unknown = [n for n in args.names if n not in RUNS]
-    if unknown or not (args.names or args.report):
-        parser.error(f'name one or more of {", ".join(RUNS)} (not {" ".join(unknown)})' if unknown
-                     else 'name an assignment to measure, or --report')
+    payoff.check_names(parser, args, RUNS)
     if args.threads < 1:
         parser.error('--threads must be >= 1')
     if args.report:
