@@ -148,10 +148,13 @@ CPU_RECIPES = {  # method: (epochs, flags, why)
              'multi-crop (2 x 32 + 6 x 16 px) takes about twice the CPU time per image of two views (the tries '
              'below), so half the epochs; prototypes frozen for 0.2 epoch, not 1'),
     'mocov3': (4, {}, 'no warm-up (the preset: 10 epochs)'),
-    'dino': (2, {'--warmup-teacher-temp-epochs': '1', '--momentum-teacher': '0.99', '--freeze-last-layer': '0'},
+    'dino': (2, {'--warmup-teacher-temp-epochs': '1', '--momentum-teacher': '0.99', '--freeze-last-layer': '0',
+                 '--use-bn-in-head': None, '--no-norm-last-layer': None},
              'multi-crop (2 x 32 + 6 x 16 px) and the teacher take at least twice the CPU time per image of two views, '
              'so half the epochs; teacher temperature warmed up over 1 epoch, not 30; teacher EMA from 0.99, not '
-             '0.996; last layer not frozen'),
+             "0.996; last layer not frozen; BatchNorm in the head and a last layer free of weight normalisation "
+             "(both options of the authors' code): without them the teacher's entropy reached ln K within 20 "
+             'steps and stayed there, the features fell below the untrained ones after one epoch (the tries below)'),
 }
 # Speed (--speed): images/s of whole training steps, each variant's flags added to the preset's, measured side by
 # side: every round runs every variant once, in this order, so that a change in the machine's load hits all alike.
