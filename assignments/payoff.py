@@ -243,6 +243,14 @@ def check_names(parser, args, known):
                      else 'name an assignment to measure, or --report')
 
 
+def check_cifar10(parser, args, known):
+    """Refuse, in one line, --track cifar10 without a CIFAR-10 folder, or for a name without that track."""
+    if not args.cifar10 or not all(os.path.isdir(os.path.join(args.cifar10, s)) for s in ('train', 'test')):
+        parser.error('--track cifar10 needs --cifar10 FOLDER, a folder with train/ and test/ (CIFAR-10 as images)')
+    if any(n not in known for n in args.names):
+        parser.error(f'--track cifar10 is for {", ".join(known)}')
+
+
 def main():
     parser = common.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('names', nargs='*', metavar='ASSIGNMENT', help=f'any of {", ".join(RUNS)}')
@@ -258,10 +266,7 @@ def main():
     if any(s < 0 for s in args.seeds) or any(t < 1 for t in args.threads):
         parser.error('--seeds must be >= 0 and --threads >= 1')
     if args.track == 'cifar10' and not args.report:
-        if not args.cifar10 or not all(os.path.isdir(os.path.join(args.cifar10, s)) for s in ('train', 'test')):
-            parser.error('--track cifar10 needs --cifar10 FOLDER, a folder with train/ and test/ (CIFAR-10 as images)')
-        if any(n not in CIFAR10 for n in args.names):
-            parser.error(f'--track cifar10 is for {", ".join(CIFAR10)}')
+        check_cifar10(parser, args, CIFAR10)
     if args.report:
         report(read_records())
         return

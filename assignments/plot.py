@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 
 def read_curve(folder, measure):
@@ -66,7 +67,7 @@ def main(argv=None):
         axes.axhline(args.reference, color='gray', linestyle='--', label=f'{args.reference:g}')
     axes.set_xlabel('step')
     axes.set_ylabel(args.measure)
-    axes.set_title(args.title or f'{args.measure}: ' + ' vs '.join(found))
+    axes.set_title('\n'.join(textwrap.wrap(args.title or f'{args.measure}: ' + ' vs '.join(found), 60)))
     axes.legend()
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -256,11 +256,13 @@ def test_suggested_runs_are_measured_and_the_readmes_show_their_records():
     for name in runs.RUNS:
         path = os.path.join(ASSIGNMENTS, name, 'README.md')
         text = open(path).read()
-        assert runs.rendered(text, name, records) == text, f'{path}: run python assignments/runs.py --report'
-        missing = [run[0] for run, r in zip(runs.RUNS[name]['runs'], runs.current(name, records)) if r is None]
-        assert not missing, f'{name}: {missing} not measured with the current command: python assignments/runs.py {name}'
-        for _, _, picture in runs.RUNS[name]['plots']:
-            assert os.path.isfile(os.path.join(ASSIGNMENTS, name, picture)) and f']({picture})' in text, picture
+        for track in runs.tracks_of(name):
+            assert runs.rendered(text, name, records, track) == text, f'{path}: run python assignments/runs.py --report'
+            spec = runs.spec(name, track)
+            missing = [run[0] for run, r in zip(spec['runs'], runs.current(name, records, track)) if r is None]
+            assert not missing, f'{name}: {missing} not measured with the current command ({track})'
+            for _, _, picture in spec['plots']:
+                assert os.path.isfile(os.path.join(ASSIGNMENTS, name, picture)) and f']({picture})' in text, picture
 
 
 def test_suggested_runs_make_the_files_the_readme_asks_for(tmp_path):
@@ -272,3 +274,56 @@ def test_suggested_runs_make_the_files_the_readme_asks_for(tmp_path):
                                                                           'byol_no_detach.py'))
     assert original == open(os.path.join(ROOT, "byol.py")).read() and 'self.target' not in solution
     assert no_detach.replace('z.float()', 'z.detach().float()') == solution and no_detach != solution
+
+
+def test_runs_on_photographs_use_the_cpu_benchmark_recipe():
+    """The CIFAR-10 track of the suggested runs: the method's CPU benchmark flags (read from tools/benchmark.py,
+    not retyped), then one epoch and the benchmark's kNN, then the assignment's own additions."""
+    runs = load(None, 'runs.py')
+    for name, spec in runs.CIFAR10.items():
+        for run in spec['runs']:
+            command = runs.argv(name, run, 'cifar10')
+            recipe = runs.payoff.benchmark.cpu_flags(spec['method'])
+            assert command[1:3] == ['--data', 'cifar10'] and command[3:3 + len(recipe)] == recipe, name
+            rest = ' '.join(command[3 + len(recipe):])
+            assert rest.startswith(runs.CIFAR10_MONITOR) and '--knn-k 200 --knn-t 0.1' in rest, name
+
+
+def test_runs_on_photographs_show_the_collapse_in_the_knn():
+    """Each collapse assignment's CIFAR-10 track, as its README says: the method's run ends more than a point
+    above the untrained network of the same seed (the CPU benchmark's untrained row) in kNN top-1; every run that
+    collapses ends below the method's and no better than the untrained network (within half a point)."""
+    runs = load(None, 'runs.py')
+    records = runs.payoff.read_records(runs.RECORDS)
+    with open(os.path.join(ROOT, 'results', runs.payoff.benchmark.CPU_NAME, 'random-init.json')) as f:
+        untrained = json.load(f)['knn_top1']
+    for name in runs.CIFAR10:
+        method, *collapsed = runs.current(name, records, 'cifar10')
+        assert method and method['measures']['knn_top1']['final'] > untrained + 1, (name, method)
+        for r in collapsed:
+            knn = r['measures']['knn_top1']['final']
+            assert knn < method['measures']['knn_top1']['final'] and knn < untrained + 0.5, (name, r)
+
+
+@pytest.mark.parametrize('script, argv', [
+    ('runs.py', []), ('runs.py', ['no-such-assignment']), ('runs.py', ['simsiam-stop-gradient', '--threads', '0']),
+    ('runs.py', ['simsiam-stop-gradient', '--track', 'cifar10']),
+    ('runs.py', ['simsiam-stop-gradient', '--track', 'cifar10', '--cifar10', 'EMPTY']),
+    ('runs.py', ['mocov3-patch-projection', '--track', 'cifar10', '--cifar10', 'CIFAR']),
+    ('payoff.py', []), ('payoff.py', ['simsiam-stop-gradient']), ('payoff.py', ['moco-queue', '--seeds', '-1']),
+    ('payoff.py', ['moco-queue', '--track', 'cifar10', '--cifar10', 'EMPTY']),
+])
+def test_measuring_scripts_refuse_bad_input_in_one_line(script, argv, tmp_path):
+    """runs.py and payoff.py: a bad name, no name, a bad number, the CIFAR-10 track without a CIFAR-10 folder
+    or for an assignment without that track: one line, exit 2, no record written."""
+    (tmp_path / 'EMPTY').mkdir()
+    for split in ('train', 'test'):
+        (tmp_path / 'CIFAR' / split).mkdir(parents=True)
+    argv = [str(tmp_path / a) if a in ('EMPTY', 'CIFAR') else a for a in argv]
+    records = [os.path.join(ROOT, 'results', 'assignments', f) for f in ('runs.jsonl', 'payoff.jsonl')]
+    before = [os.path.getmtime(f) for f in records]
+    done = subprocess.run([sys.executable, os.path.join(ASSIGNMENTS, script), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith('error: ') and len(done.stderr.splitlines()) == 1, \
+        done.stderr
+    assert [os.path.getmtime(f) for f in records] == before
