@@ -258,6 +258,11 @@ def number(value):
     return '-' if value is None else f'{value:.3g}' if abs(value) < 100 else f'{value:.0f}'
 
 
+def knn(value):
+    """A kNN top-1 with one decimal, as the untrained row beside it is given."""
+    return '-' if value is None else f'{value:.1f}'
+
+
 def measured_block(name, records, track='textures'):
     runs = spec(name, track)
     mine = current(name, records, track)
@@ -274,7 +279,7 @@ def measured_block(name, records, track='textures'):
         cells = [f"`{r['run']}`", f"{r['seconds']:.0f} s", f"{r['cpu_seconds']:.0f} s"]
         for key in runs['measures']:
             value = r['measures'].get(key) or {}
-            cells += ([number(value.get('final'))] if key == 'knn_top1' else
+            cells += ([knn(value.get('final'))] if key == 'knn_top1' else
                       [number(value.get('first')), number(value.get('smallest')), number(value.get('last5'))])
         lines.append('| ' + ' | '.join(cells) + ' |')
     others = [r['others_cpu_seconds'] for r in mine if r.get('others_cpu_seconds') is not None]
