@@ -284,6 +284,11 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_written(tmp_path):
              (['--epochs', '10'], '--data is required'),
              (['--data', 'procedural', '--threads', '0'], '--threads must be at least 1'),
              (['--data', 'procedural', '--preset', 'cpu', '--concurrent', '2'], '--preset cpu trains one run at a time'),
+             (['--data', 'procedural', '--seed', '1'], '--seed is for the CPU benchmark'),
+             (['--data', 'procedural', '--rerun'], '--rerun is for the CPU benchmark'),
+             (['--data', 'procedural', '--preset', 'cpu', '--seed', '-1'], '--seed must be >= 0'),
+             (['--data', 'procedural', '--preset', 'cpu', '--seed', '1', '--rerun'], 'not with --rerun'),
+             (['--data', 'procedural', '--preset', 'cpu', '--seed', '1', '--', '--seed', '2'], 'given once'),
              # the flags after `--`, read by each method file's own parser before any run starts
              (['--data', 'procedural', '--methods', 'simclr', 'instdisc', '--', '--proj-hidden-dim', '32'],
               'instdisc.py refuses the flags after `--`: unrecognized arguments: --proj-hidden-dim 32; see python '
@@ -453,6 +458,40 @@ def test_every_short_row_says_what_was_tried_and_no_row_that_meets_keeps_a_note(
     page = ' '.join(line.strip() for line in open(os.path.join(ROOT, 'docs', 'results.md')))
     for key, note in benchmark.CPU_SHORTFALLS.items():
         assert note in page, f'{key}: python tools/benchmark.py --report'
+
+
+def test_another_seed_and_a_rerun_have_their_own_records_and_tables_beside_the_first(tmp_path):
+    """--seed S trains every row and the untrained one with seed S into NAME-seedS; --rerun trains the rows
+    again into NAME-rerun (no untrained row). The report shows both as tables in the first one's section."""
+    args, extra = benchmark.parse_args(['--preset', 'cpu', '--data', 'procedural', '--seed', '1'] + folders(tmp_path))
+    assert args.name == f'{benchmark.CPU_NAME}-seed1' and extra[-2:] == ['--seed', '1']
+    command = benchmark.method_command(args, extra, 'simsiam')
+    assert [command[i + 1] for i, word in enumerate(command) if word == '--seed'][-1] == '1'  # the last one wins
+    assert benchmark.backbone_flags(list(benchmark.settings_flags()) + extra)[-2:] == ['--seed', '1']
+    args, extra = benchmark.parse_args(['--preset', 'cpu', '--data', 'procedural', '--rerun'] + folders(tmp_path))
+    assert args.name == f'{benchmark.CPU_NAME}-rerun' and '--seed' not in extra
+    records = []
+    for name, seed, knn in ((benchmark.CPU_NAME, 0, [30.0, 40.0]), (f'{benchmark.CPU_NAME}-seed1', 1, [31.0, 39.5]),
+                            (f'{benchmark.CPU_NAME}-rerun', 0, [30.0, 40.0])):
+        settings = ['--arch', 'resnet18', '--seed', str(seed)]
+        common_fields = dict(preset='cpu', name=name, settings=settings, cpu_model='CPU', cores=2, threads=2,
+                             recorded_at='2026-12-05T00:00:00', benchmark=dict(data='/d'), args=dict(width=16),
+                             dataset=dict(num_train=50000, num_test=10000), linear_top1=None)
+        records.append(dict(common_fields, method='simsiam', label='SimSiam', knn_top1=knn[-1], epochs=2,
+                            knn_curve=[dict(epoch=i + 1, knn_top1=v, train_seconds=60.0 * (i + 1))
+                                       for i, v in enumerate(knn)],
+                            train_seconds=120.0, train_cpu_seconds=240.0, images_per_s=200.0, command='python x'))
+        if not name.endswith('rerun'):
+            records.append(dict(common_fields, method=benchmark.BASELINE, label='untrained', knn_top1=32.0 - seed,
+                                knn_curve=[dict(epoch=0, knn_top1=32.0 - seed)], command='python e',
+                                linear_command='python l'))
+    block = benchmark.render_cpu(records, str(tmp_path), str(tmp_path))
+    assert block.count('self-supervised training on') == 1  # one section; the seed and the rerun are tables in it
+    assert '| method | seed 0 | seed 1 | range |' in block
+    assert '| untrained | 32.00 | 31.00 | 1.00 |' in block and '| SimSiam | 40.00 (+8.0) | 39.50 (+8.5) | 0.50 |' in block
+    assert '| SimSiam | 30.00 / 40.00 | 30.00 / 40.00 | yes, to the last digit |' in block
+    records[-1]['knn_curve'][-1]['knn_top1'] = 40.25
+    assert 'no: 0.25 apart at most' in benchmark.render_cpu(records, str(tmp_path), str(tmp_path))
 
 
 def test_backbone_flags_take_the_last_value_of_each_flag():

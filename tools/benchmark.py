@@ -22,6 +22,8 @@ each epoch's CPU time beside its wall-clock; --speed measures the images/s of bo
   python tools/benchmark.py --preset cpu --data /tmp/cifar10                   # all eight and the untrained row
   python tools/benchmark.py --preset cpu --data /tmp/cifar10 --methods simclr  # one row
   python tools/benchmark.py --preset cpu --data /tmp/cifar10 --speed           # images/s, both input paths
+  python tools/benchmark.py --preset cpu --data /tmp/cifar10 --seed 1 --methods simsiam   # another seed's row
+  python tools/benchmark.py --preset cpu --data /tmp/cifar10 --rerun --methods simsiam    # the row again
   python tools/benchmark.py --report     # docs/results.md (GPU and CPU blocks) and README.md's summary line
 
 Everything after `--` is passed to every method file. What a run is:
@@ -226,6 +228,12 @@ def get_parser():
                    f'of both input paths of every method (and, on SimCLR, {", ".join(CPU_SPEED_OPTIONS)}), side by side, '
                    f'in --speed-rounds rounds, each run 2 epochs of {SPEED_IMAGES} training images, the second timed')
     g.add_argument('--speed-rounds', type=int, default=3, help='rounds of --speed')
+    g.add_argument('--seed', type=int, default=None,
+                   help=f'with --preset cpu: the seed of every run and of the untrained row (None: 0, as CPU_SETTINGS); '
+                        f'another seed writes its own table, NAME {CPU_NAME}-seedS, shown beside the first as the spread')
+    g.add_argument('--rerun', action='store_true',
+                   help=f'with --preset cpu: train the rows again as NAME {CPU_NAME}-rerun (no untrained row), to show '
+                        'that a rerun on the same machine and thread count gives the same numbers')
     g = parser.add_argument_group('report')
     g.add_argument('--report', action='store_true', help='render the tables and the figures from the records')
     g.add_argument('--page', default=os.path.join('docs', 'results.md'),
@@ -258,6 +266,14 @@ def parse_args(argv=None):
         raise common.UsageError('--speed measures the CPU benchmark: add --preset cpu')
     if args.speed_rounds < 1:
         raise common.UsageError(f'--speed-rounds must be at least 1, not {args.speed_rounds}')
+    if (args.seed is not None or args.rerun) and not cpu:
+        raise common.UsageError(f"{'--seed' if args.seed is not None else '--rerun'} is for the CPU benchmark: add "
+                                '--preset cpu (other benchmarks take a seed after `--`)')
+    if args.seed is not None and (args.seed < 0 or '--seed' in extra or args.rerun):
+        raise common.UsageError(f'--seed must be >= 0, given once (not also after `--`) and not with --rerun, '
+                                f'not {args.seed}')
+    if args.seed is not None and args.seed != 0:
+        extra = extra + ['--seed', str(args.seed)]  # after the preset's --seed 0: the last one wins
     if cpu and args.concurrent != 1:
         raise common.UsageError('--preset cpu trains one run at a time (its times are those of a whole CPU); '
                                 'drop --concurrent')
@@ -284,7 +300,7 @@ def parse_args(argv=None):
     data_dir = flag_value(extra, '--data-dir', os.environ.get('SSL_DATA_DIR', os.path.expanduser('~/.cache/ssl-datasets')))
     args.dataset_info = common.inspect_dataset(args.data, data_dir)  # one-line error for a missing or empty folder
     if args.name is None and cpu:
-        args.name = CPU_NAME
+        args.name = (f'{CPU_NAME}-rerun' if args.rerun else f'{CPU_NAME}-seed{args.seed}' if args.seed else CPU_NAME)
     if args.name is None:
         args.name = f"{os.path.basename(os.path.normpath(args.data)).replace(':', '')}-{args.epochs}ep"
     if not re.fullmatch(r'[A-Za-z0-9._-]+', args.name):
@@ -521,7 +537,7 @@ def train(args, extra):
     print(f"benchmark {args.name}: {' '.join(args.methods)}; {planned} epochs on {args.data}, at most "
           f'{args.concurrent} at once; logs in {os.path.join(args.runs, args.name)}/<method>/train.log', flush=True)
     pending, failed, unfinished = [], [], []
-    if args.preset == 'cpu' and baseline(args, extra) == 'failed':
+    if args.preset == 'cpu' and not args.rerun and baseline(args, extra) == 'failed':
         failed.append(BASELINE)
     for method in args.methods:
         folder = run_folder(args, method)
@@ -1292,6 +1308,64 @@ def cpu_row(method, r, untrained):
             busy, f"{r['images_per_s']:,.0f}", r['recorded_at'][:10]]
 
 
+def variant_of(name):
+    """(table name, 'seed S' or 'rerun') of a --seed / --rerun table's name (NAME-seedS, NAME-rerun); else None."""
+    found = re.fullmatch(r'(.+)-(?:seed(\d+)|(rerun))', name)
+    return None if not found else (found[1], f'seed {found[2]}' if found[2] else 'rerun')
+
+
+def seeds_table(name, groups):
+    """The rows trained with other seeds (--seed S: NAME-seedS) beside this table's: kNN and gain per seed."""
+    seeds = {int(variant_of(n)[1].split()[1]): g for n, g in groups.items()
+             if variant_of(n) and variant_of(n)[0] == name and variant_of(n)[1] != 'rerun'}
+    if not seeds:
+        return []
+    seeds[int(flag_value(next(iter(groups[name].values()))['settings'], '--seed', '0'))
+          if groups[name] else 0] = groups[name]
+    order = sorted(seeds)
+    methods = [m for m in METHODS if sum(m in seeds[s] for s in order) > 1]
+    lines = wrap("Spread over seeds: the same settings with another seed (`python tools/benchmark.py --preset cpu "
+                 "--data D --seed S --methods ...`), each beside the untrained network of its own seed; kNN top-1 "
+                 "after the final epoch and its gain, and the range over the seeds:") + ['']
+    lines += ['| method | ' + ' | '.join(f'seed {s}' for s in order) + ' | range |', '|---' * (len(order) + 2) + '|']
+    for method in (BASELINE, *methods):
+        cells, values = [], []
+        for s in order:
+            r, untrained = seeds[s].get(method), seeds[s].get(BASELINE)
+            if r is None:
+                cells.append('')
+                continue
+            values.append(r['knn_top1'])
+            gain = f" ({signed(r['knn_top1'] - untrained['knn_top1'])})" if untrained and method != BASELINE else ''
+            cells.append(f"{r['knn_top1']:.2f}{gain}")
+        label = 'untrained' if method == BASELINE else LABELS[method]
+        spread = f'{max(values) - min(values):.2f}' if len(values) > 1 else ''
+        lines.append(f'| {label} | ' + ' | '.join(cells) + f' | {spread} |')
+    return lines + ['']
+
+
+def rerun_table(name, groups):
+    """The rows trained again (--rerun: NAME-rerun) beside the first: the kNN after every epoch, equal or not."""
+    again = groups.get(f'{name}-rerun')
+    if not again:
+        return []
+    lines = wrap('Rerun (`--rerun`): the same command again, on the same machine and thread count; the kNN top-1 '
+                 'after every epoch, first run and rerun:') + ['', '| method | first run | rerun | the same |',
+                                                               '|---|---|---|---|']
+    for method in METHODS:
+        first, second = groups[name].get(method), again.get(method)
+        if not first or not second:
+            continue
+        curves = [[p['knn_top1'] for p in r['knn_curve']] for r in (first, second)]
+        differences = [abs(a - b) for a, b in zip(*curves)]
+        same = ('yes, to the last digit' if curves[0] == curves[1] else
+                f'no: {max(differences):.2f} apart at most' if len(curves[0]) == len(curves[1]) else
+                'no: a different number of epochs')
+        lines.append(f'| {LABELS[method]} | ' + ' / '.join(f'{v:.2f}' for v in curves[0]) + ' | '
+                     + ' / '.join(f'{v:.2f}' for v in curves[1]) + f' | {same} |')
+    return lines + ['']
+
+
 def shortfalls(by_method, untrained, best):
     """The keys of CPU_SHORTFALLS the measured rows call for: each row short of the gain, 'best' if short of 60%."""
     short = [m for m in METHODS if m in by_method and untrained is not None
@@ -1350,6 +1424,8 @@ def render_cpu(records, page_dir, results_dir):
              'edit those, not this block -->', '']
     groups = cpu_groups(records) or {CPU_NAME: {}}
     for name, by_method in sorted(groups.items()):
+        if variant_of(name) and variant_of(name)[0] in groups:
+            continue  # another seed or a rerun: shown in its table's section
         untrained = by_method.get(BASELINE)
         trained = [r for m, r in by_method.items() if m != BASELINE]
         example = next(iter(by_method.values()), None)
@@ -1381,6 +1457,7 @@ def render_cpu(records, page_dir, results_dir):
                           f"Longest training: {slowest['label']}, {minutes(slowest['train_seconds'])} min "
                           f'(budget {CPU_BUDGET_MINUTES} min).') + ['']
             lines += shortfall_notes(by_method, untrained, best)
+            lines += seeds_table(name, groups) + rerun_table(name, groups)
             figure = os.path.relpath(os.path.join(results_dir, name, 'knn-vs-minutes.png'), page_dir)
             lines += [f'![kNN top-1 against training minutes]({figure})', '']
             lines += wrap("How the time is measured: training wall-clock is the sum of the epochs' loading and training "
@@ -1395,6 +1472,8 @@ def render_cpu(records, page_dir, results_dir):
                       '`train/<class>/*.jpg`, `test/<class>/*.jpg`):') + ['', '```bash',
                   f'python tools/benchmark.py --preset cpu --data {data}',
                   f'python tools/benchmark.py --preset cpu --data {data} --methods simclr   # one row',
+                  f'python tools/benchmark.py --preset cpu --data {data} --methods simclr --seed 1   # another seed',
+                  f'python tools/benchmark.py --preset cpu --data {data} --methods simclr --rerun    # the row again',
                   'python tools/benchmark.py --report                                      # this page', '```', '']
         if owed:
             lines += [f"Owed rows: {', '.join(owed)}.", '']
@@ -1515,7 +1594,10 @@ def plot_cpu(records, results_dir):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     written = []
-    for name, by_method in sorted(cpu_groups(records).items()):
+    groups = cpu_groups(records)
+    for name, by_method in sorted(groups.items()):
+        if variant_of(name) and variant_of(name)[0] in groups:
+            continue  # drawn in its table's section, not as a figure of its own
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method in METHODS:
             r = by_method.get(method)
