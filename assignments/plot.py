@@ -57,24 +57,30 @@ def main(argv=None):
     except ValueError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
+    draw(found, args.measure, args.output, args.reference, args.title)
+    print(f'wrote {args.output}')
+    return 0
+
+
+def draw(found, measure, output, reference=None, title=None):
+    """The picture of {label: (steps, values)}: one curve per run, a dashed line at `reference`."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(6, 3.6))
     for label, (steps, values) in found.items():
         axes.plot(steps, values, marker='.', label=label)
-    if args.reference is not None:
-        axes.axhline(args.reference, color='gray', linestyle='--', label=f'{args.reference:g}')
+    if reference is not None:
+        axes.axhline(reference, color='gray', linestyle='--', label=f'{reference:g}')
     axes.set_xlabel('step')
-    axes.set_ylabel(args.measure)
-    axes.set_title('\n'.join(textwrap.wrap(args.title or f'{args.measure}: ' + ' vs '.join(found), 60)))
+    axes.set_ylabel(measure)
+    axes.set_title('\n'.join(textwrap.wrap(title or f'{measure}: ' + ' vs '.join(found), 60)))
     axes.legend()
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    figure.savefig(args.output + '.tmp.png', dpi=100)
-    os.replace(args.output + '.tmp.png', args.output)  # no half-written picture
-    print(f'wrote {args.output}')
-    return 0
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    figure.savefig(output + '.tmp.png', dpi=100)
+    os.replace(output + '.tmp.png', output)  # no half-written picture
+    plt.close(figure)
 
 
 if __name__ == '__main__':

@@ -206,19 +206,29 @@ def measure(name, threads, track='textures', cifar10=None):
                 commit=payoff.commit(), seconds=round(time.time() - started, 1),
                 cpu_seconds=round(cpu_seconds, 1), others_cpu_seconds=None if others is None else round(others, 1),
                 measures=summary(os.path.join(root, run[0]), runs['measures']),
+                curves={key: list(zip(*plot.read_curve(os.path.join(root, run[0]), key)))
+                        for key, _, _ in runs['plots']},
                 recorded_at=time.strftime('%Y-%m-%dT%H:%M:%S%z')))
             if track == 'cifar10':
                 records[-1]['data'] = os.path.abspath(cifar10)
             print(f"{name} {run[0]}: {records[-1]['seconds']:.0f} s wall-clock, {cpu_seconds:.0f} s CPU "
                   f"(other processes: {others if others is None else round(others)} s CPU meanwhile)", flush=True)
-        folders = [os.path.join(root, folder) for folder, _, _ in runs['runs']]
-        for key, reference, picture in runs['plots']:
-            flags = ['--reference', str(reference)] if reference is not None else []
-            if plot.main([*folders, '--measure', key, *flags, '--output', os.path.join(HERE, name, picture)]):
-                raise SystemExit(f'error: {name}: could not draw {picture}')
+        draw(name, track, records)
         return records
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def draw(name, track, records):
+    """Draw a track's pictures from its runs' records (the curves they keep), as the README's plot.py command
+    draws them from the run folders; False if a record keeps no curves (made before records kept them)."""
+    runs = spec(name, track)
+    if not all(r and 'curves' in r for r in records):
+        return False
+    for key, reference, picture in runs['plots']:
+        found = {os.path.basename(r['run']): tuple(map(list, zip(*r['curves'][key]))) for r in records}
+        plot.draw(found, key, os.path.join(HERE, name, picture), reference)
+    return True
 
 
 def current(name, records, track='textures'):
@@ -330,6 +340,7 @@ def report(records):
         path = os.path.join(HERE, name, 'README.md')
         text = open(path).read()
         for track in tracks_of(name):
+            draw(name, track, current(name, records, track))
             text = rendered(text, name, records, track)
             if text is None:
                 raise SystemExit(f'error: {path} lacks a {" or ".join(s for s, _ in BLOCKS[track].values())} block')

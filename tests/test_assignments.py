@@ -276,6 +276,22 @@ def test_suggested_runs_make_the_files_the_readme_asks_for(tmp_path):
     assert no_detach.replace('z.float()', 'z.detach().float()') == solution and no_detach != solution
 
 
+def test_pictures_are_drawn_from_the_curves_the_records_keep(tmp_path, monkeypatch):
+    """runs.py keeps each run's plotted curve in its record and draws the pictures from the records (so --report
+    redraws them); records made before they kept curves leave the picture as it is."""
+    runs = load(None, 'runs.py')
+    monkeypatch.setattr(runs, 'HERE', str(tmp_path))
+    name = 'simsiam-stop-gradient'
+    (tmp_path / name).mkdir()
+    records = [dict(run=folder, curves={'output_std': [[4, 0.17], [8, value]]})
+               for (folder, _, _), value in zip(runs.RUNS[name]['runs'], (0.16, 0.07))]
+    assert runs.draw(name, 'textures', records)
+    picture = tmp_path / name / runs.RUNS[name]['plots'][0][2]
+    assert picture.read_bytes().startswith(b'\x89PNG')
+    picture.unlink()
+    assert not runs.draw(name, 'textures', [dict(run='runs/sg')]) and not picture.exists()
+
+
 def test_runs_on_photographs_use_the_cpu_benchmark_recipe():
     """The CIFAR-10 track of the suggested runs: the method's CPU benchmark flags (read from tools/benchmark.py,
     not retyped), then one epoch and the benchmark's kNN, then the assignment's own additions."""
