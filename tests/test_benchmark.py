@@ -535,7 +535,8 @@ def test_speed_runs_both_input_paths_side_by_side_and_goes_on_where_it_stopped(t
 def test_speed_tables_give_the_median_of_the_rounds_and_the_ratios(tmp_path):
     path = tmp_path / 'speed.jsonl'
     rates = {('simclr', 'device'): [100, 300, 200], ('simclr', 'cpu'): [50, 60, 70], ('simclr', 'bf16 autocast'): [20],
-             ('byol', 'device'): [80, 90]}
+             ('byol', 'device'): [80, 90], ('simclr', 'Lightly, 0 workers'): [150, 160, 170],
+             ('simclr', 'Lightly, 2 workers'): [240, 250, 260]}
     with open(path, 'w') as f:
         for (method, variant), values in rates.items():
             for i, v in enumerate(values, 1):
@@ -548,6 +549,30 @@ def test_speed_tables_give_the_median_of_the_rounds_and_the_ratios(tmp_path):
     assert '| BYOL | 85 (80-90, 2 rounds) |  |  |' in text
     assert '| bf16 autocast | 20 (20-20, 1 rounds) | 0.10 |' in text
     assert 'SimCLR, torch.compile, round 1: failed (error: no compiler)' in text and '2.0 to 3.0' in text
+    # the peer (--peer): each against its fastest, and the verdict on the target
+    assert '| simclr.py, device path | 200 (100-300, 3 rounds) | 0.80 |' in text
+    assert '| Lightly, 0 workers | 160 (150-170, 3 rounds) | 0.64 |' in text
+    assert '| Lightly, 2 workers | 250 (240-260, 3 rounds) | 1.00 |' in text
+    assert "simclr.py's faster path against the peer's fastest: 0.80 (target 1.00: short)." in text
+
+
+def test_the_peer_is_refused_in_one_line_without_lightly_or_without_speed(tmp_path):
+    """--peer needs --speed and a Python that can run; tools/peer_lightly.py without lightly stops in one line."""
+    for argv, message in (([], '--peer times the peer beside --speed: add --speed'),
+                          (['--speed'], 'give --speed and the path of a Python that has lightly')):
+        with pytest.raises(common.UsageError, match=re.escape(message)):
+            benchmark.parse_args(['--preset', 'cpu', '--data', 'procedural', '--peer', str(tmp_path / 'none')] + argv
+                                 + folders(tmp_path))
+    (tmp_path / 'data' / 'train' / 'a').mkdir(parents=True)
+    try:
+        import lightly  # noqa: F401
+        pytest.skip('lightly is installed here: this test is of its absence')
+    except ImportError:
+        pass
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'peer_lightly.py'), '--data',
+                           str(tmp_path / 'data'), '--output-dir', str(tmp_path / 'out')], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith('error: lightly is not importable')
+    assert len(done.stderr.splitlines()) == 1 and not (tmp_path / 'out').exists()
 
 
 def test_record_try_keeps_what_a_try_measured_and_the_report_shows_it(tmp_path):

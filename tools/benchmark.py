@@ -164,6 +164,7 @@ CPU_SPEED_OPTIONS = {  # the cheap wins torch offers on a CPU, measured on SimCL
     'channels-first': (['--no-channels-last'], None), 'bf16 autocast': (['--precision', 'bf16'], None),
     'torch.compile': (['--compile'], None), '1 thread': ([], 1),
 }
+PEER_WORKERS = (0, 1, 2)  # --peer: Lightly's SimCLR with each of these DataLoader worker counts
 SPEED_IMAGES = 2560  # training images per speed run (10 steps of 256); 2 epochs, the second one timed
 CPU_START, CPU_END = '<!-- cpu-benchmark:start -->', '<!-- cpu-benchmark:end -->'
 SUMMARY_START, SUMMARY_END = '<!-- cpu-summary:start -->', '<!-- cpu-summary:end -->'
@@ -228,6 +229,9 @@ def get_parser():
                    f'of both input paths of every method (and, on SimCLR, {", ".join(CPU_SPEED_OPTIONS)}), side by side, '
                    f'in --speed-rounds rounds, each run 2 epochs of {SPEED_IMAGES} training images, the second timed')
     g.add_argument('--speed-rounds', type=int, default=3, help='rounds of --speed')
+    g.add_argument('--peer', metavar='PYTHON', default=None,
+                   help="with --speed: also time Lightly's SimCLR (tools/peer_lightly.py, run by PYTHON, a Python that "
+                        f"has lightly) with {', '.join(map(str, PEER_WORKERS))} DataLoader workers, in the same rounds")
     g.add_argument('--seed', type=int, default=None,
                    help=f'with --preset cpu: the seed of every run and of the untrained row (None: 0, as CPU_SETTINGS); '
                         f'another seed writes its own table, NAME {CPU_NAME}-seedS, shown beside the first as the spread')
@@ -264,6 +268,10 @@ def parse_args(argv=None):
         raise common.UsageError(f'--threads must be at least 1, not {args.threads}')
     if args.speed and not cpu:
         raise common.UsageError('--speed measures the CPU benchmark: add --preset cpu')
+    if args.peer is not None and not (args.speed and os.access(args.peer, os.X_OK) and os.path.isfile(args.peer)):
+        raise common.UsageError(f'--peer {args.peer}: give --speed and the path of a Python that has lightly '
+                                '(e.g. a virtual environment\'s bin/python)' if args.speed else
+                                '--peer times the peer beside --speed: add --speed')
     if args.speed_rounds < 1:
         raise common.UsageError(f'--speed-rounds must be at least 1, not {args.speed_rounds}')
     if (args.seed is not None or args.rerun) and not cpu:
@@ -856,11 +864,19 @@ def baseline(args, extra):
     return 'finished'
 
 
-def speed_variants(method):
-    """{variant: (flags added to the preset's, threads or None)}: both input paths; on SimCLR also the options."""
+def speed_variants(method, peer=False):
+    """{variant: (flags added to the preset's, threads or None)}: both input paths; on SimCLR also the options,
+    and with `peer` Lightly's SimCLR (variants 'Lightly, W workers': the flags of tools/peer_lightly.py)."""
     variants = {'device': ([], None),
                 'cpu': (['--augment', 'cpu', '--workers', str(max(1, (os.cpu_count() or 2) - 1))], None)}
-    return {**variants, **CPU_SPEED_OPTIONS} if method == 'simclr' else variants
+    if method != 'simclr':
+        return variants
+    peers = {peer_variant(w): (['--workers', str(w)], None) for w in PEER_WORKERS} if peer else {}
+    return {**variants, **CPU_SPEED_OPTIONS, **peers}
+
+
+def peer_variant(workers):
+    return f"Lightly, {workers} worker{'' if workers == 1 else 's'}"
 
 
 def speed_data(args):
@@ -893,7 +909,7 @@ def speed(args, extra):
     commit, dirty = git_state()
     for round_ in range(1, args.speed_rounds + 1):
         for method in args.methods:
-            for variant, (flags, threads) in speed_variants(method).items():
+            for variant, (flags, threads) in speed_variants(method, args.peer is not None).items():
                 if (method, variant, round_) in done:
                     continue
                 folder = os.path.join(args.runs, args.name, 'speed', f"{method}-{variant.replace(' ', '-')}-{round_}")
@@ -901,14 +917,19 @@ def speed(args, extra):
                 os.makedirs(folder)
                 command = ['python', os.path.relpath(os.path.join(ROOT, f'{method}.py')), '--data', data, '--epochs',
                            '2', '--output-dir', folder, '--knn-every', '-1'] + cpu_flags(method) + extra + flags
+                if variant.startswith('Lightly'):  # the peer: its own loop, the preset's network, batch and lr
+                    command = [args.peer, os.path.relpath(os.path.join(ROOT, 'tools', 'peer_lightly.py')), '--data', data,
+                               '--epochs', '2', '--output-dir', folder, '--width', CPU_SETTINGS['--width'],
+                               '--batch-size', CPU_SETTINGS['--batch-size'],
+                               '--lr', CPU_RECIPES['simclr'][1]['--lr']] + flags
                 env = child_environment(args)
                 if threads:
                     env['OMP_NUM_THREADS'] = str(threads)
                 load = os.getloadavg()[0]
                 log_path = os.path.join(folder, 'train.log')
                 with open(log_path, 'w') as log:
-                    code = subprocess.run([sys.executable] + command[1:], stdout=log, stderr=subprocess.STDOUT,
-                                          env=env).returncode
+                    code = subprocess.run([command[0] if variant.startswith('Lightly') else sys.executable]
+                                          + command[1:], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
                 epochs = [m for m in common.read_metrics(os.path.join(folder, 'metrics.jsonl')) if 'epoch_seconds' in m]
                 timed = epochs[1] if code == 0 and len(epochs) == 2 else {}
                 record = dict(method=method, variant=variant, round=round_, command=shlex.join(command),
@@ -1524,8 +1545,23 @@ def speed_tables(path):
         lines += ['', '| SimCLR, the preset with | images/s | against the preset |', '|---|---|---|',
                   f'| nothing (the preset) | {base[0]} | 1.00 |']
         lines += [f"| {v} | {c[0]} | {c[1] / base[1]:.2f} |" for v, c in options if c[1]]
+    peers = [(w, cell('simclr', peer_variant(w))) for w in PEER_WORKERS]
+    peers = [(w, c) for w, c in peers if c[1]]
+    ours = [(v, cell('simclr', v)) for v in ('device', 'cpu') if cell('simclr', v)[1]]
+    if peers and ours:
+        fastest_peer = max(c[1] for _, c in peers)
+        fastest = max(c[1] for _, c in ours)
+        lines += [''] + wrap("Against the peer, Lightly's SimCLR (tools/peer_lightly.py: its SimCLRTransform in "
+                             'DataLoader workers, projection head and NT-Xent loss, this network, batch and lr), in the '
+                             "same rounds; each against the peer's fastest:") + [
+                  '', '| SimCLR | images/s | against the fastest peer |', '|---|---|---|']
+        lines += [f'| simclr.py, {v} path | {c[0]} | {c[1] / fastest_peer:.2f} |' for v, c in ours]
+        lines += [f'| {peer_variant(w)} | {c[0]} | {c[1] / fastest_peer:.2f} |' for w, c in peers]
+        lines += [''] + wrap(f"simclr.py's faster path against the peer's fastest: {fastest / fastest_peer:.2f} "
+                             f"(target 1.00: {'met' if fastest >= fastest_peer else 'short'}).")
     for r in failed:
-        lines += [''] + wrap(f"{LABELS[r['method']]}, {r['variant']}, round {r['round']}: failed ({r['error']})")
+        label = LABELS[r['method']] if r['method'] in LABELS else r['method']
+        lines += [''] + wrap(f"{label}, {r['variant']}, round {r['round']}: failed ({r['error']})")
     return lines + ['']
 
 
