@@ -1293,6 +1293,11 @@ CPU_SHORTFALLS = {
             'lr 1.0 with tau from 0.9 (try byol-lr1.0-tau0.9-e1of4), ended its first epoch below the first epoch '
             "of the row, with the collapse indicator `output_std` dipping on the way: BYOL's lr, which lifted "
             "SimSiam's row above the target (SimSiam's tries), has not been found for BYOL between the two",
+    'swav': 'trained at its CPU recipe, multi-crop (2 x 32 + 6 x 16 px) for 2 epochs, the only SwAV setting measured '
+            "on all of CIFAR-10 for this table. One epoch with the two 32-px crops only (the swav-sinkhorn "
+            "assignment's CIFAR-10 run, in results/assignments/runs.jsonl, same recipe otherwise) ended above this "
+            "row's two epochs, at about a third of the time: within 20 minutes, more epochs of two crops may beat "
+            'fewer of multi-crop',
     'best': "the best row's kNN rose after every epoch (its curve): on this CPU the 20 minutes buy 4 epochs of two "
             '32-px views of the width-16 ResNet-18, and no method reached 60% within them',
 }
