@@ -13,6 +13,9 @@ from conftest import ROOT
 # torchvision, which needs it; it is imported directly for image files.
 IMPORT_NAMES = {'torch': 'torch', 'torchvision': 'torchvision', 'numpy': 'numpy', 'matplotlib': 'matplotlib',
                 'pytest': 'pytest', 'PIL': 'torchvision'}
+# Optional extras, by the files allowed to import them: each stops with one line where it is missing (tested).
+OPTIONAL = {'lightly': {'tools/peer_lightly.py',  # the speed target's peer (test_benchmark: ..._without_lightly_...)
+                        'tests/test_benchmark.py'}}  # that test, which skips where lightly is installed
 
 
 def repository_files(suffix):
@@ -38,7 +41,7 @@ def test_every_import_is_the_standard_library_the_repository_or_a_requirement():
                        [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for module in modules:
                 top = module.split('.')[0]
-                if top in sys.stdlib_module_names or top in local:
+                if top in sys.stdlib_module_names or top in local or name in OPTIONAL.get(top, ()):
                     continue
                 if IMPORT_NAMES.get(top, top).lower() not in requirements:
                     missing.add(f'{name}: {module}')
