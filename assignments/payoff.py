@@ -125,10 +125,7 @@ def measure(name, seed, threads, track='textures', cifar10=None):
         for what, argv in commands(name, seed, 'run', track):
             json_path = os.path.join(root, f'{what}.json')
             extra = [] if what == 'train' else ['--json', json_path]
-            if track == 'cifar10' and what == 'train':
-                argv_run = [cifar10 if a == 'cifar10' and argv[i - 1] == '--data' else a for i, a in enumerate(argv)]
-            else:
-                argv_run = argv
+            argv_run = on_folder(argv, cifar10) if track == 'cifar10' and what == 'train' else argv
             started, cpu_started = time.time(), children_cpu()
             done = subprocess.run([sys.executable, *argv_run, *extra], cwd=root, env=env, capture_output=True,
                                   text=True)
@@ -154,6 +151,11 @@ def measure(name, seed, threads, track='textures', cifar10=None):
         return record
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def on_folder(argv, folder):
+    """A command with `--data cifar10` pointing at the CIFAR-10 folder given with --cifar10 (runs.py too)."""
+    return [folder if a == 'cifar10' and i and argv[i - 1] == '--data' else a for i, a in enumerate(argv)]
 
 
 def commit():

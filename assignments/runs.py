@@ -111,11 +111,14 @@ CIFAR10 = {
     'simsiam-stop-gradient': dict(
         method='simsiam', flags='', why='',
         runs=[('runs/sg-cifar10', 'simsiam.py', ''), ('runs/no-sg-cifar10', 'simsiam.py', '--no-stop-gradient')],
-        plots=[('output_std', round(2048 ** -0.5, 4), 'fig2-cifar10.png')], measures=['output_std', 'loss', 'knn_top1']),
+        plots=[('output_std', round(2048 ** -0.5, 4), 'fig2-cifar10.png')],
+        measures=['output_std', 'loss', 'knn_top1']),
     'byol-to-simsiam': dict(
         method='byol', flags='', why='',  # BYOL's recipe: at SimSiam's lr 0.5 the solution fell below untrained
-        runs=[('runs/simsiam-from-byol-cifar10', 'byol.py', ''), ('runs/no-detach-cifar10', 'byol_no_detach.py', '')],
-        plots=[('output_std', round(256 ** -0.5, 4), 'output_std-cifar10.png')], measures=['output_std', 'knn_top1']),
+        runs=[('runs/simsiam-from-byol-cifar10', 'byol.py', ''),
+              ('runs/no-detach-cifar10', 'byol_no_detach.py', '')],
+        plots=[('output_std', round(256 ** -0.5, 4), 'output_std-cifar10.png')],
+        measures=['output_std', 'knn_top1']),
     'swav-sinkhorn': dict(
         method='swav', flags='--nmb-crops 2 --size-crops 32 --min-scale-crops 0.14 --max-scale-crops 1',
         why='only the two 32-px crops (the six 16-px ones would make an epoch take about twice as long)',
@@ -126,7 +129,8 @@ CIFAR10 = {
         why='only the two 32-px crops (the six 16-px ones would make an epoch take about twice as long)',
         runs=[('runs/dino-cifar10', 'dino.py', ''), ('runs/no-centering-cifar10', 'dino.py', '--no-centering'),
               ('runs/no-sharpening-cifar10', 'dino.py', '--no-sharpening')],
-        plots=[('teacher_entropy', round(math.log(4096), 3), 'fig7-cifar10.png')], measures=['teacher_entropy', 'loss', 'knn_top1']),
+        plots=[('teacher_entropy', round(math.log(4096), 3), 'fig7-cifar10.png')],
+        measures=['teacher_entropy', 'loss', 'knn_top1']),
 }
 CIFAR10_MONITOR = '--epochs 1 --log-every 10 --knn-every 1 --knn-k 200 --knn-t 0.1'
 
@@ -191,7 +195,7 @@ def measure(name, threads, track='textures', cifar10=None):
         prepare(name, root)
         for run in runs['runs']:
             command = argv(name, run, track)
-            argv_run = [cifar10 if a == 'cifar10' and command[i - 1] == '--data' else a for i, a in enumerate(command)]
+            argv_run = payoff.on_folder(command, cifar10) if track == 'cifar10' else command
             busy = common.busy_cpu_seconds()
             started, cpu_started = time.time(), payoff.children_cpu()
             done = subprocess.run([sys.executable, *argv_run], cwd=root, env=env, capture_output=True, text=True)
