@@ -536,7 +536,7 @@ def test_speed_tables_give_the_median_of_the_rounds_and_the_ratios(tmp_path):
     path = tmp_path / 'speed.jsonl'
     rates = {('simclr', 'device'): [100, 300, 200], ('simclr', 'cpu'): [50, 60, 70], ('simclr', 'bf16 autocast'): [20],
              ('byol', 'device'): [80, 90], ('simclr', 'Lightly, 0 workers'): [150, 160, 170],
-             ('simclr', 'Lightly, 2 workers'): [240, 250, 260]}
+             ('simclr', 'Lightly, 2 workers'): [240, 250, 260], ('simclr', 'channels-first'): [125]}
     with open(path, 'w') as f:
         for (method, variant), values in rates.items():
             for i, v in enumerate(values, 1):
@@ -547,10 +547,11 @@ def test_speed_tables_give_the_median_of_the_rounds_and_the_ratios(tmp_path):
     text = '\n'.join(benchmark.speed_tables(str(path)))
     assert '| SimCLR | 200 (100-300, 3 rounds) | 60 (50-70, 3 rounds) | 0.30 |' in text
     assert '| BYOL | 85 (80-90, 2 rounds) |  |  |' in text
-    assert '| bf16 autocast | 20 (20-20, 1 rounds) | 0.10 |' in text
+    assert '| bf16 autocast | 20 (20-20, 1 round) | 0.10 |' in text
     assert 'SimCLR, torch.compile, round 1: failed (error: no compiler)' in text and '2.0 to 3.0' in text
     # the peer (--peer): each against its fastest, and the verdict on the target
     assert '| simclr.py, device path | 200 (100-300, 3 rounds) | 0.80 |' in text
+    assert '| simclr.py, device path, channels-first (as the peer) | 125 (125-125, 1 round) | 0.50 |' in text
     assert '| Lightly, 0 workers | 160 (150-170, 3 rounds) | 0.64 |' in text
     assert '| Lightly, 2 workers | 250 (240-260, 3 rounds) | 1.00 |' in text
     assert "simclr.py's faster path against the peer's fastest: 0.80 (target 1.00: short)." in text

@@ -1536,7 +1536,8 @@ def speed_tables(path):
         if not rates:
             return '', None
         median = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1:len(rates) // 2 + 1]) / 2
-        return f'{median:,.0f} ({rates[0]:,.0f}-{rates[-1]:,.0f}, {len(rates)} rounds)', median
+        rounds = f"{len(rates)} round{'' if len(rates) == 1 else 's'}"
+        return f'{median:,.0f} ({rates[0]:,.0f}-{rates[-1]:,.0f}, {rounds})', median
 
     example = (rows or failed)[0]
     loads = [r['load_average'] for r in rows + failed]
@@ -1569,6 +1570,10 @@ def speed_tables(path):
                              "same rounds; each against the peer's fastest:") + [
                   '', '| SimCLR | images/s | against the fastest peer |', '|---|---|---|']
         lines += [f'| simclr.py, {v} path | {c[0]} | {c[1] / fastest_peer:.2f} |' for v, c in ours]
+        first = cell('simclr', 'channels-first')  # the peer's loop keeps PyTorch's default memory format
+        if first[1]:
+            lines.append(f'| simclr.py, device path, channels-first (as the peer) | {first[0]} | '
+                         f'{first[1] / fastest_peer:.2f} |')
         lines += [f'| {peer_variant(w)} | {c[0]} | {c[1] / fastest_peer:.2f} |' for w, c in peers]
         lines += [''] + wrap(f"simclr.py's faster path against the peer's fastest: {fastest / fastest_peer:.2f} "
                              f"(target 1.00: {'met' if fastest >= fastest_peer else 'short'}).")
