@@ -148,9 +148,12 @@ CPU_RECIPES = {  # method: (epochs, flags, why)
     'byol': (4, {}, 'the preset as it is'),
     'simsiam': (4, {'--lr': '0.5'}, 'lr 0.5 per 256 instead of 0.03: at 0.06 the row fell short of +10 (commit '
                 '14b1f2a), and the first of 4 epochs at 0.5 scored above the first at 0.06 (the tries below)'),
-    'swav': (2, {'--freeze-prototypes-epochs': '0.2'},
-             'multi-crop (2 x 32 + 6 x 16 px) takes about twice the CPU time per image of two views (the tries '
-             'below), so half the epochs; prototypes frozen for 0.2 epoch, not 1'),
+    'swav': (4, {'--freeze-prototypes-epochs': '0.2', '--nmb-crops': '2', '--size-crops': '32',
+                 '--min-scale-crops': '0.14', '--max-scale-crops': '1'},
+             "two 32-px crops (the authors' --nmb-crops 2, the paper's rows without multi-crop), not multi-crop "
+             '(2 x 32 + 6 x 16 px): the six small crops about double the CPU time per image, and the multi-crop row '
+             '(2 epochs, 33.5, commit 20c1e74) ended below one epoch of two crops (34.6, the swav-sinkhorn '
+             "assignment's CIFAR-10 run); prototypes frozen for 0.2 epoch, not 1"),
     'mocov3': (4, {}, 'no warm-up (the preset: 10 epochs)'),
     'dino': (2, {'--warmup-teacher-temp-epochs': '1', '--momentum-teacher': '0.99', '--freeze-last-layer': '0',
                  '--use-bn-in-head': None, '--no-norm-last-layer': None},
