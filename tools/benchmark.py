@@ -1607,7 +1607,8 @@ def load_note(trained, loads):
     busy = [r['label'] for r in trained if (r.get('load_average') or 0) > (r.get('threads') or 1) + 0.5]
     if busy:
         return (f"{', '.join(busy)} shared the machine with other work (the 1-minute load average while the rows "
-                f'trained: {where}), so their wall-clock minutes are longer than on an idle machine.')
+                f"trained: {where}), so {'their' if len(busy) > 1 else 'its'} wall-clock minutes are longer than "
+                'on an idle machine.')
     return (f'The 1-minute load average while the rows trained was {where}: their own {threads} threads, nothing '
             'else of note.')
 
